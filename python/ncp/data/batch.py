@@ -1,0 +1,36 @@
+"""The backend-neutral batch every loader yields (torch Dataset, Rust loader, latent cache)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs; every two-image tensor is stacked winners first, then losers.
+
+    Exactly one of (winners, losers) or latents is set. Pixels are uint8; the
+    trainer normalizes them on the device.
+    """
+
+    captions: list[str]
+    winners: Tensor | None = None  # uint8 (B, 3, H, W)
+    losers: Tensor | None = None  # uint8 (B, 3, H, W)
+    latents: Tensor | None = None  # float (2B, 2, C, h, w): posterior (mean, logvar), winners then losers
+    prompt_embeds: Tensor | None = None  # float (B, L, D) cached text hidden states (after dropout)
+    pooled_prompt_embeds: Tensor | None = None  # float (B, D2), SDXL only
+    original_sizes: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) h, w
+    crop_top_left: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) top, left
+    indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (B,) pair ids
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __post_init__(self) -> None:
+        has_pixels = self.winners is not None and self.losers is not None
+        if has_pixels == (self.latents is not None):
+            raise ValueError("PairBatch needs either winners and losers pixels or cached latents, not both")
+        if has_pixels and self.winners.shape != self.losers.shape:
+            raise ValueError(f"winners {tuple(self.winners.shape)} and losers {tuple(self.losers.shape)} differ")
