@@ -1,0 +1,279 @@
+"""Typed configuration: one dataclass per concern, a YAML file, dotted ``key=value`` overrides.
+
+Every field carries its help text (``python -m ncp.train --help`` prints them all).
+An unknown key or a value of the wrong type is an error that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (mutable defaults are copied)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+OBJECTIVE_NAMES = ("sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo")
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("bundle", "diffusers pipeline folder or hub id; 'bundle' is the small model shipped with ncp")
+    kind: Literal["auto", "sd15", "sdxl"] = opt("auto", "model family; 'auto' reads model_index.json")
+    weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "dtype of the frozen weights (auto: bf16 on GPU, fp32 on CPU)")
+    vae_path: str | None = opt(None, "a separate VAE folder (e.g. an fp16-safe SDXL VAE)")
+    gradient_checkpointing: bool = opt(False, "recompute U-Net activations in backward to save memory")
+    compile_unet: bool = opt(False, "torch.compile the U-Net forward")
+    channels_last: bool = opt(False, "channels-last memory format for the U-Net and VAE")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(64, "LoRA rank (paper: 64)")
+    alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank")
+    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "U-Net modules that get adapters")
+    dropout: float = opt(0.0, "LoRA dropout")
+    init_from: str | None = opt(None, "start from this diffusers-format LoRA folder instead of a fresh adapter")
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["torch", "rust"] = opt(
+        "rust", "loader: 'rust' (ncp_dataloader, fast) or 'torch' (PyTorch Dataset + PIL, the baseline)")
+    sources: list[str] = opt(["bundle"], "parquet paths or globs, or one JSONL file; 'bundle' is the shipped data")
+    resolution: int = opt(512, "square training resolution in pixels (shorter side resized, then cropped)")
+    batch_size: int = opt(8, "pairs per device per micro-step")
+    random_crop: bool = opt(False, "random instead of center crop (one box per pair)")
+    random_flip: bool = opt(True, "horizontal flip with p=0.5 (one decision per pair)")
+    absolute_winners: bool = opt(False, "keep only 'absolute winners' pairs (NCP paper filter)")
+    drop_ties: bool = opt(True, "drop tied pairs (label_0 == label_1)")
+    empty_prompt_prob: float = opt(0.2, "probability of training a pair on the empty prompt (Diffusion-DPO: 0.2)")
+    columns: dict[str, str] = opt({}, "column renames, logical -> actual: caption, jpg_0, jpg_1, label_0, label_1, "
+                                      "image_0_uid, image_1_uid")
+    num_workers: int = opt(2, "decoding workers (torch) or threads (rust; 0 = all cores)")
+    cache_dir: str | None = opt(None, "latent cache folder written by `python -m ncp.cache` (skips decoding and VAE)")
+    strict: bool = opt(False, "a corrupt image is an error instead of a counted, reported skip")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"] = opt(
+        "ncp-dpo", "objective; 'ncp-*' compares in the U-Net encoder's perceptual space")
+    beta: float = opt(5000.0, "DPO beta in -logsigmoid(-beta/2 (d_theta - d_ref)) (Diffusion-DPO: 5000)")
+    beta_cpo: float = opt(5000.0, "CPO beta in -logsigmoid(-beta_cpo/2 d_theta)")
+    cpo_lambda: float = opt(1.0, "weight of the CPO likelihood term ERR_theta(winner)")
+    taps: list[str] = opt(["auto"], "encoder taps: a preset (auto, paper, mid, multiscale) or a list of down block "
+                                    "indices and/or 'mid'; auto = mid for SD1.5, paper for SDXL")
+    tap_weights: list[float] | None = opt(None, "one weight per tap (default 1 / number of taps)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-5, "peak learning rate")
+    warmup_steps: int = opt(500, "linear warmup steps of the constant-with-warmup schedule")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    use_8bit: Literal["auto", "on", "off"] = opt("auto", "bitsandbytes 8-bit AdamW (auto: on CUDA only)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(2000, "optimizer steps")
+    grad_accum: int = opt(1, "micro-steps per optimizer step")
+    seed: int = opt(0, "seed of data order, noise, timesteps and LoRA init")
+    output_dir: str = opt("outputs/ncp", "run folder: checkpoints, final LoRA, metrics")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "autocast dtype (auto: bf16 on GPU, no on CPU)")
+    checkpoint_every: int = opt(500, "write a checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = opt(3, "keep the last K checkpoints")
+    resume: str | None = opt(None, "'latest' or a checkpoint folder to resume from")
+    max_nonfinite: int = opt(10, "stop after this many non-finite losses in a row (each is skipped)")
+    report: bool = opt(False, "after training on the bundled world: image grid, curves and judge rewards")
+    device: str = opt("auto", "torch device (auto: cuda when available)")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "also log to TensorBoard when it is installed")
+    log_every: int = opt(1, "write metrics every N optimizer steps")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            ("data.resolution", self.data.resolution > 0 and self.data.resolution % 8 == 0, "a positive multiple of 8"),
+            ("data.batch_size", self.data.batch_size > 0, "positive"),
+            ("data.empty_prompt_prob", 0.0 <= self.data.empty_prompt_prob <= 1.0, "in [0, 1]"),
+            ("lora.rank", self.lora.rank > 0, "positive"),
+            ("optim.lr", self.optim.lr > 0, "positive"),
+            ("optim.betas", len(self.optim.betas) == 2, "two numbers"),
+            ("train.max_steps", self.train.max_steps > 0, "positive"),
+            ("train.grad_accum", self.train.grad_accum > 0, "positive"),
+            ("train.keep_checkpoints", self.train.keep_checkpoints > 0, "positive"),
+            ("train.max_nonfinite", self.train.max_nonfinite > 0, "positive"),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {what}")
+        weights = self.objective.tap_weights
+        if weights is not None and len(weights) != len(self.objective.taps):
+            raise ConfigError(f"objective.tap_weights has {len(weights)} values for {len(self.objective.taps)} taps")
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _check(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: unexpected value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        return [_check(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return {_check(f"{key} key", k, args[0]): _check(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if tp in (str, float) and not isinstance(value, tp):
+        raise ConfigError(f"{key} must be a {tp.__name__}; got {value!r}")
+    return value
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def build_config(values: dict[str, dict[str, Any]]) -> Config:
+    """Build a validated Config from ``{section: {key: value}}``; unknown keys are errors."""
+    sections = _sections()
+    built = {}
+    for section, entries in values.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; known: {', '.join(sections)}")
+        if entries is None:
+            entries = {}
+        if not isinstance(entries, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
+        cls = sections[section]
+        hints = typing.get_type_hints(cls)
+        for key, value in entries.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(hints)}")
+            entries[key] = _check(f"{section}.{key}", value, hints[key])
+        built[section] = cls(**entries)
+    return Config(**built)
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def apply_overrides(values: dict[str, dict[str, Any]], overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``lr=1e-5``, ``taps=[0,mid]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        if key.count(".") != 1:
+            raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr)")
+        section, name = key.split(".")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_str_field(section, name):
+            value = raw  # a numeric-looking string (a path, a column name)
+        if isinstance(value, list) and name == "taps":
+            value = [str(v) for v in value]
+        values.setdefault(section, {})
+        if values[section] is None:
+            values[section] = {}
+        values[section][name] = value
+    return values
+
+
+def _is_str_field(section: str, name: str) -> bool:
+    cls = _sections().get(section)
+    if cls is None:
+        return False
+    tp = typing.get_type_hints(cls).get(name)
+    return tp is str or tp == (str | None)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values = load_yaml(path) if path else {}
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    return build_config(apply_overrides(values, list(overrides or [])))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    """Every option with its type, default and help, grouped by section."""
+    lines = []
+    for section, cls in _sections().items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = str(hints[f.name]).replace("typing.", "")
+            lines.append(f"  {section}.{f.name} = {default!r}  [{tp}]\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""DDPM schedule quantities for one training step (METHOD.md, steps 1-3)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class NoiseSchedule:
+    """The base model's DDPM schedule as fp32 tensors on the training device."""
+
+    betas: Tensor  # (T,)
+    alphas_cumprod: Tensor  # (T,)
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+    @classmethod
+    def from_scheduler(cls, scheduler, device: torch.device) -> "NoiseSchedule":
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+        return cls(
+            betas=scheduler.betas.to(device=device, dtype=torch.float32),
+            alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+            prediction_type=prediction_type,
+        )
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def _bcast(self, values: Tensor, like: Tensor) -> Tensor:
+        return values.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        abar = self._bcast(self.alphas_cumprod[t], x0)
+        return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * eps.float()).to(x0.dtype)
+
+    def velocity(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (the v-prediction target)."""
+        abar = self._bcast(self.alphas_cumprod[t], x0)
+        return (abar.sqrt() * eps.float() - (1 - abar).sqrt() * x0.float()).to(x0.dtype)
+
+    def to_epsilon(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The model output as a noise estimate (v-prediction: eps = sqrt(abar) v + sqrt(1 - abar) x_t)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        abar = self._bcast(self.alphas_cumprod[t], pred)
+        return (abar.sqrt() * pred.float() + (1 - abar).sqrt() * x_t.float()).to(pred.dtype)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the model predicts (Diffusion-DPO compares predictions to this in latent space)."""
+        return eps if self.prediction_type == "epsilon" else self.velocity(x0, eps, t)
+
+    def reverse_coefficients(self, t: Tensor) -> Tensor:
+        """(N, 3) fp32 ``[c_x, c_e, sigma]`` of the DDPM posterior step t -> t-1, "fixed_small" variance.
+
+        ``x_{t-1} = c_x x_t - c_e eps + sigma z`` with ``c_x = 1/sqrt(alpha_t)``,
+        ``c_e = beta_t / (sqrt(1 - abar_t) sqrt(alpha_t))`` and
+        ``sigma^2 = (1 - abar_{t-1}) / (1 - abar_t) beta_t`` (t >= 1).
+        """
+        if bool((t < 1).any()):
+            raise ValueError("the reverse step needs t >= 1")
+        beta = self.betas[t]
+        alpha = 1 - beta
+        abar = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[t - 1]
+        c_x = alpha.rsqrt()
+        c_e = beta / ((1 - abar).sqrt() * alpha.sqrt())
+        variance = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20)  # as diffusers' _get_variance
+        return torch.stack([c_x, c_e, variance.sqrt()], dim=1)
