@@ -1,0 +1,281 @@
+"""Model loading (SD1.5 family and SDXL), LoRA adapters, text conditioning and the perceptual encoder.
+
+The reference model and the perceptual encoder are the policy U-Net with its
+adapters disabled: no second copy of the weights is ever made.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+Tap = Union[int, str]  # a down block index, or "mid"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TAP_PRESETS = ("auto", "paper", "mid", "multiscale")
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder or hub id cannot be loaded; the message names it."""
+
+
+def bundle_dir() -> Path:
+    """The small text-to-image world shipped inside the package (`python -m ncp.world build`)."""
+    return Path(__file__).resolve().parent / "bundle"
+
+
+def resolve_model_path(path: str) -> str:
+    if path == "bundle":
+        folder = bundle_dir() / "model"
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"the bundled model is missing at {folder}; rebuild it with `python -m ncp.world build`")
+        return str(folder)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "unet").is_dir():
+            raise ModelLoadError(f"model.path {local} is not a diffusers pipeline folder (no unet/ subfolder)")
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model.path {path} does not exist (and is not a hub id of the form org/name)")
+    return path  # a hub id: from_pretrained reads the cache or the network
+
+
+def detect_kind(path: str) -> str:
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text())
+        return "sdxl" if "text_encoder_2" in spec or "XL" in spec.get("_class_name", "") else "sd15"
+    return "sdxl" if "xl" in path.lower() else "sd15"
+
+
+@dataclass
+class Conditioning:
+    """What the U-Net is conditioned on, for B prompts (SDXL adds pooled embeddings and time ids)."""
+
+    hidden_states: Tensor  # (B, L, D)
+    pooled: Tensor | None = None  # (B, D2), SDXL
+    time_ids: Tensor | None = None  # (B, 6), SDXL
+
+    def added_cond_kwargs(self) -> dict[str, Tensor] | None:
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+    def repeat(self, n: int) -> "Conditioning":
+        """The condition for ``n`` stacked copies of the batch (winners then losers, ...)."""
+        rep = lambda x: None if x is None else x.repeat(n, *([1] * (x.dim() - 1)))  # noqa: E731
+        return Conditioning(rep(self.hidden_states), rep(self.pooled), rep(self.time_ids))
+
+
+@dataclass
+class Models:
+    kind: str  # "sd15" or "sdxl"
+    unet: nn.Module  # with LoRA adapters (the policy)
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list
+    scheduler: object  # diffusers DDPMScheduler
+    weight_dtype: torch.dtype
+    device: torch.device
+
+
+def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(f"cannot load {subfolder}/ of model {path}: {err}") from err
+
+
+def load_models(
+    path: str, kind: str, device: torch.device, weight_dtype: torch.dtype, vae_path: str | None = None
+) -> Models:
+    """Load a diffusers-format pipeline: frozen VAE and text encoder(s), U-Net, DDPM scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = resolve_model_path(path)
+    kind = detect_kind(path) if kind == "auto" else kind
+    scheduler = _from_pretrained(DDPMScheduler, path, "scheduler")
+    unet = _from_pretrained(UNet2DConditionModel, path, "unet")
+    vae = _from_pretrained(AutoencoderKL, vae_path or path, None if vae_path else "vae")
+    tokenizers = [_from_pretrained(AutoTokenizer, path, "tokenizer")]
+    text_encoders = [_from_pretrained(CLIPTextModel, path, "text_encoder")]
+    if kind == "sdxl":
+        tokenizers.append(_from_pretrained(AutoTokenizer, path, "tokenizer_2"))
+        text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2"))
+    for module in [unet, vae, *text_encoders]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=device, dtype=weight_dtype)
+    if vae_path is None and kind == "sdxl" and weight_dtype == torch.float16:
+        logger.warning("SDXL's VAE overflows in fp16; set model.vae_path to an fp16-safe VAE")
+    return Models(kind, unet, vae, text_encoders, tokenizers, scheduler, weight_dtype, device)
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float,
+             init_from: str | None = None) -> list[nn.Parameter]:
+    """Add a peft LoRA adapter to the U-Net; return its trainable parameters (kept in fp32)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
+                                lora_dropout=dropout, init_lora_weights=True))
+    if init_from is not None:
+        load_lora_into(unet, init_from)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ModelLoadError(f"lora.target_modules {target_modules} matched no module of the U-Net")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights in the diffusers LoRA format (keys ``unet.…lora.down/up.weight``-style)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: nn.Module, out_dir: str | Path, kind: str) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    metadata = unet.peft_config["default"].to_dict()
+    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
+                                   unet_lora_adapter_metadata=metadata)
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def load_lora_into(unet: nn.Module, lora_dir: str | Path) -> None:
+    """Load a diffusers-format LoRA (as written by :func:`save_lora`) into the existing adapter."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+    if not file.is_file():
+        raise ModelLoadError(f"no LoRA weights at {file}")
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelLoadError(f"LoRA {file} does not fit this U-Net: unexpected keys {unexpected[:3]}...")
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: nn.Module) -> Iterator[None]:
+    """Run the base weights (the reference / perceptual encoder); adapters come back on exit."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@contextlib.contextmanager
+def no_checkpointing(unet: nn.Module) -> Iterator[None]:
+    """Switch gradient checkpointing off inside: a recomputation in backward would see the
+    adapters re-enabled and compute the encoder with the policy's weights."""
+    flagged = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
+# ---------------------------------------------------------------- text conditioning
+
+
+def _token_ids(tokenizer, captions: list[str], device: torch.device) -> Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(models: Models, captions: list[str]) -> Conditioning:
+    """Text hidden states (SD1.5: last layer; SDXL: penultimate layers of both encoders, concatenated,
+    plus the pooled embedding of the second)."""
+    if models.kind == "sd15":
+        ids = _token_ids(models.tokenizers[0], captions, models.device)
+        return Conditioning(models.text_encoders[0](ids)[0])
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+        out = encoder(_token_ids(tokenizer, captions, models.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the projected text embedding of the last encoder
+    return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+
+def sdxl_time_ids(original_sizes: Tensor, crop_top_left: Tensor, resolution: int) -> Tensor:
+    """(B, 6): original (h, w), crop (top, left), target (h, w), as SDXL was trained."""
+    target = torch.tensor([resolution, resolution], dtype=original_sizes.dtype).expand_as(original_sizes)
+    return torch.cat([original_sizes, crop_top_left, target], dim=1).float()
+
+
+# ---------------------------------------------------------------- perceptual encoder
+
+
+def resolve_taps(spec: list[str], kind: str, num_down_blocks: int) -> list[Tap]:
+    """Expand a preset or explicit list into down block indices and/or "mid", in forward order."""
+    if len(spec) == 1 and spec[0] in TAP_PRESETS:
+        preset = spec[0] if spec[0] != "auto" else ("paper" if kind == "sdxl" else "mid")
+        return {"paper": [num_down_blocks - 1], "mid": ["mid"],
+                "multiscale": [*range(num_down_blocks), "mid"]}[preset]
+    taps: list[Tap] = []
+    for item in spec:
+        if item == "mid":
+            taps.append("mid")
+        elif str(item).lstrip("-").isdigit() and 0 <= int(item) < num_down_blocks:
+            taps.append(int(item))
+        else:
+            raise ValueError(f"objective.taps: {item!r} is neither a preset ({', '.join(TAP_PRESETS)}), "
+                             f"'mid', nor a down block index in 0..{num_down_blocks - 1}")
+    if len(set(taps)) != len(taps):
+        raise ValueError(f"objective.taps lists a tap twice: {spec}")
+    return sorted(taps, key=lambda t: num_down_blocks if t == "mid" else t)
+
+
+def encoder_features(unet: nn.Module, sample: Tensor, timestep: Tensor, cond: Conditioning,
+                     taps: list[Tap]) -> list[Tensor]:
+    """E(x, t, c): the U-Net's conv_in, time/added embeddings, down blocks and (if tapped) mid block.
+
+    Mirrors ``UNet2DConditionModel.forward`` and stops after the last tap. Returns
+    the tapped activations in the order of ``taps``. Call it with adapters
+    disabled to get the frozen base encoder.
+    """
+    ehs = cond.hidden_states
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=cond.added_cond_kwargs())
+    emb = emb + aug if aug is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=cond.added_cond_kwargs())
+    h = unet.conv_in(sample)
+    found: dict[Tap, Tensor] = {}
+    last = max(len(unet.down_blocks) if t == "mid" else t for t in taps)
+    for i, block in enumerate(unet.down_blocks[: last + 1]):
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+        found[i] = h
+    if "mid" in taps:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            found["mid"] = unet.mid_block(h, emb, encoder_hidden_states=ehs)
+        else:
+            found["mid"] = unet.mid_block(h, emb)
+    return [found[t] for t in taps]

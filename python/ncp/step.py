@@ -1,0 +1,121 @@
+"""One preference step: noise the pairs, run policy / reference, measure errors, apply the objective.
+
+This is METHOD.md's "One training step" as code. Every objective goes through
+``preference_step``; they differ only in the pure loss function and in which
+branches they need (``ncp.objectives.OBJECTIVES``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ncp import ops
+from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, no_checkpointing
+from ncp.objectives import Objective
+from ncp.schedule import NoiseSchedule
+
+
+@dataclass
+class StepNoise:
+    """The randomness of one step, shared by the winner and the loser of each pair."""
+
+    t: Tensor  # (B,) long in [1, T-1]
+    eps: Tensor  # (B, C, h, w)
+    z: Tensor  # (B, C, h, w) the reverse step's noise
+
+
+def sample_noise(batch: int, latent_shape: tuple[int, ...], num_timesteps: int,
+                 generator: torch.Generator, device: torch.device) -> StepNoise:
+    t = torch.randint(1, num_timesteps, (batch,), generator=generator, device=device)
+    eps = torch.randn((batch, *latent_shape), generator=generator, device=device)
+    z = torch.randn((batch, *latent_shape), generator=generator, device=device)
+    return StepNoise(t, eps, z)
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar
+    metrics: dict[str, Tensor]  # detached scalars
+
+
+def _pair(x: Tensor, n: int) -> Tensor:
+    """Repeat per-pair values for the n stacked images (winners, losers)."""
+    return x.repeat(n, *([1] * (x.dim() - 1)))
+
+
+def branch_errors(
+    unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, x0: Tensor,
+    cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
+) -> tuple[Tensor, Tensor | None]:
+    """Per-image errors of the policy and (if the objective needs it) the reference.
+
+    ``x0``: (nB, C, h, w) latents, winners then losers (n = 1 for SFT); ``cond`` and
+    ``noise`` hold one entry per pair (B) and are shared by its images. ``unet`` is
+    the (possibly DDP-wrapped) policy; ``base`` the unwrapped module whose
+    adapters are switched off for the reference and the perceptual encoder.
+    Returns fp32 (nB,) tensors.
+    """
+    n = x0.shape[0] // noise.t.shape[0]
+    t, eps, z = _pair(noise.t, n), _pair(noise.eps, n), _pair(noise.z, n)
+    cond = cond.repeat(n)
+    x_t = schedule.add_noise(x0, eps.to(x0.dtype), t)  # (nB, C, h, w)
+    kwargs = dict(encoder_hidden_states=cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
+    pred = unet(x_t, t, **kwargs).sample  # policy, with grad
+    ref = None
+    if objective.needs_reference:
+        with torch.no_grad(), adapters_disabled(base):
+            ref = base(x_t, t, **kwargs).sample
+
+    if objective.space == "latent":
+        target = schedule.target(x0, eps.to(x0.dtype), t)
+        err, err_ref = ops.multiscale_error([pred], [ref] if ref is not None else [], [target], [1.0])
+        return err, (err_ref if ref is not None else None)
+
+    # Perceptual: reverse step of every branch to t-1, then the frozen encoder at t-1.
+    coef = schedule.reverse_coefficients(t)  # (nB, 3)
+    eps_policy = schedule.to_epsilon(pred, x_t, t)
+    others = [schedule.to_epsilon(ref, x_t, t)] if ref is not None else []
+    others = torch.stack([*others, eps.to(pred.dtype)])  # (K, nB, C, h, w): [reference,] true noise
+    prev_policy, prev_other = ops.reverse_step(x_t, eps_policy, others, z.to(x_t.dtype), coef)
+    k = prev_other.shape[0]
+    with adapters_disabled(base):
+        with torch.no_grad():
+            feats_other = encoder_features(base, prev_other.flatten(0, 1), (t - 1).repeat(k),
+                                           cond.repeat(k), taps)
+        with no_checkpointing(base):
+            feats_policy = encoder_features(base, prev_policy, t - 1, cond, taps)
+    split = [f.unflatten(0, (k, -1)) for f in feats_other]  # each (K, nB, ...)
+    target = [f[-1] for f in split]
+    reference = [f[0] for f in split] if ref is not None else []
+    err, err_ref = ops.multiscale_error(feats_policy, reference, target, tap_weights)
+    return err, (err_ref if ref is not None else None)
+
+
+def preference_step(
+    unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
+    x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
+) -> StepOutput:
+    """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
+    (objectives that do not need losers use the first B rows); ``cond``: B prompts."""
+    b = noise.t.shape[0]
+    if not objective.needs_losers:
+        x0 = x0[:b]  # SFT trains on the winners only
+    err, err_ref = branch_errors(unet, base, schedule, objective, x0, cond, noise, taps, tap_weights)
+    err_w, err_l = err[:b], (err[b:] if objective.needs_losers else None)
+    ref_w, ref_l = (err_ref[:b], err_ref[b:]) if err_ref is not None else (None, None)
+    out = objective.loss(err_w, err_l, ref_w, ref_l, **loss_kwargs)
+    loss = out.loss.mean()
+    metrics = {"loss": loss.detach(), "err/policy_winner": err_w.detach().mean()}
+    if err_l is not None:
+        metrics["err/policy_loser"] = err_l.detach().mean()
+    if ref_w is not None:
+        metrics["err/reference_winner"] = ref_w.detach().mean()
+        metrics["err/reference_loser"] = ref_l.detach().mean()
+    if out.logits is not None:
+        logits = out.logits.detach()
+        metrics["rewards/accuracy"] = ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
+        metrics["rewards/margin"] = logits.mean()
+    return StepOutput(loss, metrics)
+
