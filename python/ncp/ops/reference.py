@@ -15,18 +15,26 @@ def reverse_step(
     """DDPM posterior step ``x_{t-1} = c_x x_t - c_e eps + sigma z`` for every branch.
 
     x_t, eps_policy, z: (N, C, H, W); eps_other: (K, N, C, H, W);
-    coef: (N, 3) fp32 columns [c_x, c_e, sigma]. Computed in fp32, returned in x_t's dtype.
+    coef: (N, 3) fp32 columns [c_x, c_e, sigma]. Computed in fp32 (fp64 for fp64
+    inputs), returned in x_t's dtype.
     """
-    c = coef.float().view(-1, 3, 1, 1, 1)
+    acc = _acc_dtype(x_t, eps_policy, eps_other, z)
+    c = coef.to(acc).view(-1, 3, *([1] * (x_t.dim() - 1)))
     c_x, c_e, sigma = c[:, 0], c[:, 1], c[:, 2]  # each (N, 1, 1, 1)
-    base = c_x * x_t.float() + sigma * z.float()  # (N, C, H, W)
-    prev_policy = base - c_e * eps_policy.float()
-    prev_other = base.unsqueeze(0) - c_e.unsqueeze(0) * eps_other.float()  # (K, N, C, H, W)
+    base = c_x * x_t.to(acc) + sigma * z.to(acc)  # (N, C, H, W)
+    prev_policy = base - c_e * eps_policy.to(acc)
+    prev_other = base.unsqueeze(0) - c_e.unsqueeze(0) * eps_other.to(acc)  # (K, N, C, H, W)
     return prev_policy.to(x_t.dtype), prev_other.to(x_t.dtype)
 
 
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp32 arithmetic, fp64 when any input is fp64 (the tests' gradcheck)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
-    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)  # (N,)
+    acc = _acc_dtype(a, b)
+    return (a.to(acc) - b.to(acc)).pow(2).flatten(1).mean(dim=1)  # (N,)
 
 
 def multiscale_error(
@@ -34,8 +42,8 @@ def multiscale_error(
 ) -> tuple[Tensor, Tensor]:
     """Per-sample ``sum_s w_s * mean_{C,H,W} (x_s - target_s)^2`` for policy and reference.
 
-    Returns fp32 (N,) tensors; the reference error is an empty (0,) tensor when
-    ``reference`` is empty.
+    Returns fp32 (N,) tensors (fp64 for fp64 inputs); the reference error is an
+    empty (0,) tensor when ``reference`` is empty.
     """
     if not (len(policy) == len(target) == len(weights)) or len(policy) == 0:
         raise ValueError(
@@ -48,5 +56,5 @@ def multiscale_error(
     if reference:
         err_reference = sum(w * _per_sample_mse(r, t) for r, t, w in zip(reference, target, weights))
     else:
-        err_reference = policy[0].new_zeros(0, dtype=torch.float32)
+        err_reference = policy[0].new_zeros(0, dtype=err_policy.dtype)
     return err_policy, err_reference

@@ -1,0 +1,51 @@
+"""Metrics: one JSON object per optimizer step in ``metrics.jsonl``, TensorBoard when installed, a progress bar."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, total_steps: int, initial_step: int, enabled: bool,
+                 progress: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                        disable=not (enabled and progress), dynamic_ncols=True)
+        self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                logger.info("TensorBoard is not installed: metrics go to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def advance(self, step: int, metrics: dict[str, Any]) -> None:
+        shown = {"loss": metrics.get("loss"), "acc": metrics.get("rewards/accuracy"),
+                 "pairs/s": metrics.get("perf/pairs_per_s")}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,176 @@
+"""Python side of the fused ops ``torch.ops.ncp.*`` (kernels in ``csrc/``).
+
+Importing this module loads ``ncp._C`` (ImportError when it is not built) and
+registers, for each op, a fake kernel (shapes and strides for ``torch.compile``)
+and autograd, whose backward is the op's own ``*_backward`` op. The public
+wrappers cast mixed dtypes to one before calling the op. Contracts:
+``docs/internals.md``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ncp import _C  # noqa: F401  (loads the kernels and the schemas)
+
+_ops = torch.ops.ncp
+
+
+def _kernel_format(t: Tensor) -> torch.memory_format:
+    """The layout the kernels iterate in (same rule as ``ncp::kernel_format`` in csrc/common.h)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_stack(k, like: Tensor, fmt: torch.memory_format) -> Tensor:
+    """A (K, *like.shape) tensor whose slices are laid out in ``fmt`` (``ncp::empty_stack``)."""
+    flat = like.new_empty((k * like.shape[0], *like.shape[1:]), memory_format=fmt)
+    return flat.view(k, *like.shape)
+
+
+def _error_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels -----------------------------------------------------------
+@torch.library.register_fake("ncp::reverse_step")
+def _reverse_step_fake(x_t, eps_policy, eps_other, z, coef):
+    fmt = _kernel_format(x_t)
+    return x_t.new_empty(x_t.shape, memory_format=fmt), _empty_stack(eps_other.shape[0], x_t, fmt)
+
+
+@torch.library.register_fake("ncp::reverse_step_backward")
+def _reverse_step_backward_fake(grad_prev_policy, coef):
+    return grad_prev_policy.new_empty(grad_prev_policy.shape, memory_format=_kernel_format(grad_prev_policy))
+
+
+@torch.library.register_fake("ncp::multiscale_error")
+def _multiscale_error_fake(policy, reference, target, weights):
+    n = policy[0].shape[0]
+    dtype = _error_dtype(policy[0].dtype)
+    return policy[0].new_empty((n,), dtype=dtype), policy[0].new_empty((n if reference else 0,), dtype=dtype)
+
+
+@torch.library.register_fake("ncp::multiscale_error_backward")
+def _multiscale_error_backward_fake(grad_err_policy, policy, target, weights):
+    return [p.new_empty(p.shape, memory_format=_kernel_format(p)) for p in policy]
+
+
+# ---- autograd -----------------------------------------------------------------
+def _per_sample(c: Tensor, like: Tensor) -> Tensor:
+    """(N,) -> (N, 1, ..., 1) broadcastable against ``like`` (N, ...)."""
+    return c.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _reverse_step_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[4])
+
+
+def _reverse_step_backward(ctx, grad_policy: Tensor | None, grad_other: Tensor | None):
+    (coef,) = ctx.saved_tensors
+    need_x, need_eps, need_other, need_z, _ = ctx.needs_input_grad
+    grad_eps = None
+    if need_eps and grad_policy is not None:
+        grad_eps = _ops.reverse_step_backward(grad_policy, coef)
+    grad_x = grad_z = grad_eps_other = None
+    if need_x or need_z or need_other:  # not used by training (x_t, z, eps_other carry no grad): plain PyTorch
+        like = grad_policy if grad_policy is not None else grad_other[0]
+        total = torch.zeros_like(like, dtype=torch.float32 if like.dtype != torch.float64 else like.dtype)
+        if grad_policy is not None:
+            total = total + grad_policy
+        if grad_other is not None:
+            total = total + grad_other.sum(0)
+        c = coef.to(total.dtype)
+        grad_x = (_per_sample(c[:, 0], total) * total).to(like.dtype) if need_x else None
+        grad_z = (_per_sample(c[:, 2], total) * total).to(like.dtype) if need_z else None
+        if need_other and grad_other is not None:
+            grad_eps_other = (-_per_sample(c[:, 1], grad_other[0]).unsqueeze(0) * grad_other).to(grad_other.dtype)
+    return grad_x, grad_eps, grad_eps_other, grad_z, None
+
+
+torch.library.register_autograd("ncp::reverse_step", _reverse_step_backward, setup_context=_reverse_step_setup)
+
+
+def _multiscale_setup(ctx, inputs, output) -> None:
+    policy, reference, target, weights = inputs
+    ctx.weights = list(weights)
+    ctx.n_scales = len(policy)
+    # The reference features are kept only when they need a gradient (never in training).
+    ctx.keep_reference = any(r.requires_grad for r in reference)
+    ctx.n_reference = len(reference)
+    ctx.save_for_backward(*policy, *target, *(reference if ctx.keep_reference else ()))
+
+
+def _multiscale_backward(ctx, grad_p: Tensor | None, grad_r: Tensor | None):
+    s = ctx.n_scales
+    saved = ctx.saved_tensors
+    policy, target, reference = list(saved[:s]), list(saved[s : 2 * s]), list(saved[2 * s :])
+    need_p, need_r, need_t, _ = ctx.needs_input_grad
+    grads_p = [None] * s
+    grads_r = [None] * ctx.n_reference
+    grads_t = [None] * s
+    from_policy = None
+    if grad_p is not None and (any(need_p) or any(need_t)):
+        from_policy = _ops.multiscale_error_backward(grad_p, policy, target, ctx.weights)
+        grads_p = [g if need else None for g, need in zip(from_policy, need_p)]
+    if any(need_t) or any(need_r):  # not used by training: plain PyTorch
+        for i, (t, w) in enumerate(zip(target, ctx.weights)):
+            g_t = -from_policy[i] if from_policy is not None else torch.zeros_like(t)
+            if reference and grad_r is not None:
+                scale = _per_sample(grad_r * (2.0 * w / max(t[0].numel(), 1)), t)
+                g_r = (scale * (reference[i].to(scale.dtype) - t.to(scale.dtype))).to(t.dtype)
+                grads_r[i] = g_r if need_r[i] else None
+                g_t = g_t - g_r
+            grads_t[i] = g_t if need_t[i] else None
+    return grads_p, grads_r, grads_t, None
+
+
+torch.library.register_autograd(
+    "ncp::multiscale_error", _multiscale_backward, setup_context=_multiscale_setup
+)
+
+
+# ---- public wrappers ------------------------------------------------------------
+def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def reverse_step(
+    x_t: Tensor, eps_policy: Tensor, eps_other: Tensor, z: Tensor, coef: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fused ``x_{t-1} = c_x x_t - c_e eps + sigma z`` for the policy and the K no-grad branches.
+
+    Same contract as :func:`ncp.ops.reference.reverse_step`; mixed input dtypes
+    are computed in their promoted dtype and returned in ``x_t``'s.
+    """
+    dtype = _common_dtype([x_t, eps_policy, eps_other, z])
+    prev_policy, prev_other = _ops.reverse_step(
+        x_t.to(dtype), eps_policy.to(dtype), eps_other.to(dtype), z.to(dtype), coef.to(torch.float32)
+    )
+    return prev_policy.to(x_t.dtype), prev_other.to(x_t.dtype)
+
+
+def multiscale_error(
+    policy: Sequence[Tensor], reference: Sequence[Tensor], target: Sequence[Tensor], weights: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """Fused per-sample ``sum_s w_s * mean (x_s - target_s)^2`` for policy and reference.
+
+    Same contract as :func:`ncp.ops.reference.multiscale_error`, all scales and
+    both branches in one kernel launch.
+    """
+    if not (len(policy) == len(target) == len(weights)) or len(policy) == 0:
+        raise ValueError(
+            f"multiscale_error needs one policy, target and weight per scale; got "
+            f"{len(policy)}, {len(target)}, {len(weights)}"
+        )
+    if reference and len(reference) != len(policy):
+        raise ValueError(f"multiscale_error: {len(reference)} reference scales for {len(policy)} policy scales")
+    dtype = _common_dtype([*policy, *reference, *target])
+    cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    return _ops.multiscale_error(cast(policy), cast(reference), cast(target), [float(w) for w in weights])

@@ -1,0 +1,373 @@
+"""``python -m ncp.train``: LoRA preference training (DPO / CPO / SFT, latent or NCP space).
+
+Reads like a table of contents: parse the config, build the models, the data
+and the optimizer, run the one loop every objective shares, clean up.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ncp import checkpoint as ckpt
+from ncp.config import Config, ConfigError, DataConfig, OptimConfig, help_text, load_config, to_dict
+from ncp.data.batch import PairBatch
+from ncp.data.torch_source import DataError
+from ncp.metrics import MetricsLogger
+from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, encode_prompts, load_lora_into, load_models,
+                        resolve_taps, save_lora, sdxl_time_ids)
+from ncp.objectives import OBJECTIVES
+from ncp.schedule import NoiseSchedule
+from ncp.step import preference_step, sample_noise
+
+logger = logging.getLogger("ncp.train")
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
+    """The configured loader backend; every backend yields PairBatch and resumes from state()."""
+    common = dict(batch_size=cfg.batch_size, seed=seed, rank=rank, world_size=world_size)
+    if cfg.cache_dir:
+        from ncp.cache import CachedPairSource
+
+        return CachedPairSource(cfg.cache_dir, empty_prompt_prob=cfg.empty_prompt_prob, **common)
+    if cfg.backend == "rust":
+        try:
+            from ncp.data.rust import RustPairSource
+        except ImportError as err:
+            raise ImportError(f"data.backend=rust needs the ncp_dataloader wheel ({err}); build it with "
+                              f"`bash scripts/setup.sh` or choose data.backend=torch") from err
+        return RustPairSource(cfg.sources, cfg.resolution, random_crop=cfg.random_crop,
+                              random_flip=cfg.random_flip, drop_ties=cfg.drop_ties,
+                              absolute_winners=cfg.absolute_winners, columns=cfg.columns,
+                              num_threads=cfg.num_workers, strict=cfg.strict,
+                              empty_prompt_prob=cfg.empty_prompt_prob, **common)
+    from ncp.data.torch_source import PreferencePairs, TorchPairSource
+
+    dataset = PreferencePairs(cfg.sources, cfg.resolution, cfg.columns, cfg.drop_ties, cfg.absolute_winners,
+                              cfg.random_crop, cfg.random_flip, cfg.empty_prompt_prob, seed, cfg.strict)
+    return TorchPairSource(dataset, num_workers=cfg.num_workers, **common)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
+    """8-bit AdamW (bitsandbytes) on CUDA, torch AdamW otherwise; constant LR after a linear warmup."""
+    use_8bit = cfg.use_8bit == "on" or (cfg.use_8bit == "auto" and device.type == "cuda")
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("optim.use_8bit needs bitsandbytes (pip install bitsandbytes); "
+                              "or set optim.use_8bit=off") from err
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        logger.info("optimizer: torch AdamW (%s)", "8-bit AdamW needs CUDA" if device.type != "cuda" else "use_8bit=off")
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    warmup = max(1, cfg.warmup_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return optimizer, schedule
+
+
+@dataclass
+class Trainer:
+    """Everything the loop needs, built once from the config."""
+
+    cfg: Config
+    accelerator: Any
+    models: Models
+    unet: torch.nn.Module  # the prepared (possibly DDP-wrapped) policy
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    source: Any
+    schedule: NoiseSchedule
+    taps: list
+    tap_weights: list[float]
+    output_dir: Path
+    step: int = 0
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.unet)
+
+
+def setup(cfg: Config) -> Trainer:
+    from accelerate import Accelerator
+
+    device_name = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device_name.startswith("cuda")
+    precision = cfg.train.mixed_precision if cfg.train.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
+    weight_dtype = DTYPES[cfg.model.weight_dtype] if cfg.model.weight_dtype != "auto" else (
+        torch.bfloat16 if on_gpu else torch.float32)
+    models = load_models(cfg.model.path, cfg.model.kind, accelerator.device, weight_dtype, cfg.model.vae_path)
+    torch.manual_seed(cfg.train.seed)  # the LoRA init
+    params = add_lora(models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout,
+                      cfg.lora.init_from)
+    if cfg.model.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    if cfg.model.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    optimizer, lr_scheduler = build_optimizer(params, cfg.optim, accelerator.device)
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    if cfg.model.compile_unet:
+        unet = torch.compile(unet)
+    source = build_source(cfg.data, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    taps = resolve_taps(cfg.objective.taps, models.kind, len(models.unet.down_blocks))
+    weights = cfg.objective.tap_weights or [1.0 / len(taps)] * len(taps)
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, accelerator, models, unet, params, optimizer, lr_scheduler, source,
+                   NoiseSchedule.from_scheduler(models.scheduler, accelerator.device), taps, weights, output_dir)
+
+
+def resume(tr: Trainer, spec: str) -> None:
+    folder = ckpt.find_checkpoint(tr.output_dir, spec)
+    load_lora_into(tr.base, folder)
+    state = ckpt.load_trainer_state(folder, tr.optimizer, tr.lr_scheduler)
+    tr.source.resume(state["data"])
+    tr.step = state["step"]
+    logger.info("resumed from %s at step %d", folder, tr.step)
+
+
+# ---------------------------------------------------------------- one step
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """The randomness of a micro-step depends only on (seed, step, micro, rank): resumes reproduce it."""
+    return torch.Generator(device).manual_seed(hash((seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+@torch.no_grad()
+def batch_latents(batch: PairBatch, models: Models, generator: torch.Generator) -> torch.Tensor:
+    """(2B, C, h, w) scaled latents, winners then losers, sampled from the VAE posterior."""
+    vae = models.vae
+    if batch.latents is not None:
+        mean, logvar = batch.latents.to(models.device, torch.float32).unbind(1)
+    else:
+        pixels = torch.cat([batch.winners, batch.losers]).to(models.device)
+        pixels = pixels.to(models.weight_dtype) / 127.5 - 1.0  # uint8 -> [-1, 1] on the device
+        dist = vae.encode(pixels).latent_dist
+        mean, logvar = dist.mean.float(), dist.logvar.float()
+    sample = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((sample - shift) * vae.config.scaling_factor).to(models.weight_dtype)
+
+
+def batch_conditioning(batch: PairBatch, models: Models, resolution: int) -> Conditioning:
+    if batch.prompt_embeds is not None:
+        cond = Conditioning(batch.prompt_embeds.to(models.device, models.weight_dtype),
+                            None if batch.pooled_prompt_embeds is None
+                            else batch.pooled_prompt_embeds.to(models.device, models.weight_dtype))
+    else:
+        cond = encode_prompts(models, batch.captions)
+    if models.kind == "sdxl":
+        cond.time_ids = sdxl_time_ids(batch.original_sizes, batch.crop_top_left, resolution).to(
+            models.device, models.weight_dtype)
+    return cond
+
+
+def micro_step(tr: Trainer, batch: PairBatch, micro: int):
+    cfg, models = tr.cfg, tr.models
+    gen = step_generator(cfg.train.seed, tr.step, micro, tr.accelerator.process_index, models.device)
+    x0 = batch_latents(batch, models, gen)
+    cond = batch_conditioning(batch, models, cfg.data.resolution)
+    noise = sample_noise(len(batch), tuple(x0.shape[1:]), tr.schedule.num_timesteps, gen, models.device)
+    loss_kwargs = dict(beta=cfg.objective.beta, beta_cpo=cfg.objective.beta_cpo, cpo_lambda=cfg.objective.cpo_lambda)
+    with tr.accelerator.autocast():
+        return preference_step(tr.unet, tr.base, tr.schedule, OBJECTIVES[cfg.objective.name], loss_kwargs,
+                               x0, cond, noise, tr.taps, tr.tap_weights)
+
+
+def batches(source) -> Iterator[PairBatch]:
+    """Endless batches: epoch after epoch, continuing mid-epoch after a resume."""
+    while True:
+        yield from source
+        source.set_epoch(source.state()["epoch"] + 1)
+
+
+def optimizer_step(tr: Trainer, data: Iterator[PairBatch]) -> dict[str, float] | None:
+    """Accumulate grad_accum micro-steps, clip, step. Returns metrics, or None when the loss was not finite."""
+    acc, accum = tr.accelerator, tr.cfg.train.grad_accum
+    sums: dict[str, float] = {}
+    pairs = 0
+    for micro in range(accum):
+        batch = next(data)
+        out = micro_step(tr, batch, micro)
+        finite = acc.reduce(torch.isfinite(out.loss).float().reshape(1), reduction="sum").item() == acc.num_processes
+        if not finite:  # every rank skips the same step: no rank waits in an all-reduce
+            tr.optimizer.zero_grad(set_to_none=True)
+            return None
+        with acc.no_sync(tr.unet) if micro < accum - 1 else _nullcontext():
+            acc.backward(out.loss / accum)
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / accum
+        pairs += len(batch)
+    max_norm = tr.cfg.optim.max_grad_norm
+    grad_norm = acc.clip_grad_norm_(tr.params, max_norm if max_norm > 0 else math.inf)
+    sums["train/grad_norm"] = float(grad_norm)
+    sums["train/lr"] = tr.lr_scheduler.get_last_lr()[0]
+    tr.optimizer.step()
+    tr.lr_scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    sums["perf/pairs"] = pairs * acc.num_processes
+    return sums
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def write_checkpoint(tr: Trainer) -> None:
+    acc = tr.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.save_checkpoint(tr.output_dir, tr.step, lambda d: save_lora(tr.base, d, tr.models.kind),
+                             tr.optimizer, tr.lr_scheduler, tr.source.state(), to_dict(tr.cfg),
+                             tr.cfg.train.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def run_loop(tr: Trainer) -> dict[str, float]:
+    cfg, acc = tr.cfg, tr.accelerator
+    log = MetricsLogger(tr.output_dir, cfg.train.max_steps, tr.step, acc.is_main_process,
+                        cfg.logging.progress, cfg.logging.tensorboard)
+    data = batches(tr.source)
+    nonfinite_in_row, nonfinite_total, last = 0, 0, {}
+    tr.unet.train()
+    try:
+        while tr.step < cfg.train.max_steps:
+            start = time.perf_counter()
+            metrics = optimizer_step(tr, data)
+            if metrics is None:
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                logger.warning("non-finite loss at step %d: skipped (%d in a row)", tr.step + 1, nonfinite_in_row)
+                if nonfinite_in_row >= cfg.train.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_row} non-finite losses in a row (train.max_nonfinite); last good step "
+                        f"{tr.step}. Lower optim.lr or objective.beta, or check the data.")
+                continue
+            nonfinite_in_row = 0
+            tr.step += 1
+            elapsed = time.perf_counter() - start
+            metrics.update({"perf/step_s": elapsed, "perf/pairs_per_s": metrics.pop("perf/pairs") / elapsed,
+                            "perf/peak_mem_mb": peak_memory_mb(acc.device), "train/nonfinite_skipped": nonfinite_total,
+                            "data/skipped": tr.source.stats().get("skipped", 0)})
+            if tr.step % cfg.logging.log_every == 0 or tr.step == cfg.train.max_steps:
+                log.log(tr.step, metrics)
+            log.advance(tr.step, metrics)
+            last = metrics
+            every = cfg.train.checkpoint_every
+            if (every and tr.step % every == 0) or tr.step == cfg.train.max_steps:
+                write_checkpoint(tr)
+    finally:
+        log.close()
+    return last
+
+
+def export_lora(tr: Trainer) -> Path:
+    """The final adapter in ``output_dir/lora`` (written beside, then renamed into place)."""
+    final = tr.output_dir / "lora"
+    if tr.accelerator.is_main_process:
+        tmp = tr.output_dir / ".tmp-lora"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_lora(tr.base, tmp, tr.models.kind)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    tr.accelerator.wait_for_everyone()
+    return final
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train as configured; return the last step's metrics and the output paths."""
+    tr = setup(cfg)
+    if cfg.train.resume:
+        resume(tr, cfg.train.resume)
+    last = run_loop(tr)
+    lora_dir = export_lora(tr)
+    result = {"step": tr.step, "lora": str(lora_dir), "metrics": last, "output_dir": str(tr.output_dir)}
+    if cfg.train.report and tr.accelerator.is_main_process:
+        from ncp.world.report import after_training
+
+        result["report"] = after_training(
+            model_dir=str(Path(cfg.model.path) if cfg.model.path != "bundle" else _bundle("model")),
+            lora_dir=str(lora_dir), out_dir=str(tr.output_dir), metrics_path=str(tr.output_dir / "metrics.jsonl"),
+            prompts_path=str(_bundle("data/heldout_prompts.txt")), seed=cfg.train.seed)
+    tr.accelerator.end_training()
+    return result
+
+
+def _bundle(rel: str) -> Path:
+    from ncp.models import bundle_dir
+
+    return bundle_dir() / rel
+
+
+# ---------------------------------------------------------------- CLI
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="python -m ncp.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Align a text-to-image diffusion model with preference pairs (LoRA). With no arguments, "
+                    "trains NCP-DPO on the small world bundled with ncp.",
+        epilog="options (set in the YAML file or as section.key=value):\n" + help_text())
+    parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name}, the bundled world)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        sys.exit(0)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+        result = train(cfg)
+    except (ConfigError, ModelLoadError, DataError, FileNotFoundError, ImportError, FloatingPointError) as err:
+        logger.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logger.info("done: %d steps, LoRA at %s", result["step"], result["lora"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""CPU pretraining of the world's base model: the VAE, then the U-Net with the text encoder.
+
+Both stages draw fresh scenes from the grammar (never a held-out prompt), so
+the base model sees a stream of (image, caption) pairs as a real text-to-image
+model does. The U-Net and the text encoder are trained together on the usual
+epsilon-prediction loss (min-SNR weighted, 10% empty captions for
+classifier-free guidance) and the EMA weights are kept.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ncp.world.scenes import Prompt, render, sample_prompt, scene_for
+
+
+@dataclass
+class PretrainConfig:
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 4000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+
+
+class SceneStream:
+    """Deterministic stream of (captions, uint8 images (B, 3, H, W)) drawn from the grammar."""
+
+    def __init__(self, seed: int, resolution: int, exclude: set[str]):
+        self.rng = random.Random(seed)
+        self.res = resolution
+        self.exclude = exclude
+
+    def prompt(self) -> Prompt:
+        while True:
+            p = sample_prompt(self.rng)
+            if p.caption() not in self.exclude:
+                return p
+
+    def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
+        prompts = [self.prompt() for _ in range(n)]
+        imgs = np.stack([render(scene_for(p, self.rng, self.res), self.res) for p in prompts])
+        return [p.caption() for p in prompts], torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup))) * 0.9 + 0.1
+    return f
+
+
+def train_vae(vae: AutoencoderKL, stream: SceneStream, cfg: PretrainConfig, log: Callable[[str], None] = print) -> float:
+    """Reconstruction (L1 + MSE) with a small KL term; sets ``scaling_factor`` to 1 / latent std."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.vae_steps))
+    vae.train()
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        _, imgs = stream.batch(cfg.vae_batch)
+        x = to_unit(imgs)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        _, imgs = stream.batch(256)
+        z = vae.encode(to_unit(imgs)).latent_dist.mean
+    scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def _snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    abar = scheduler.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                   vae: AutoencoderKL, scheduler: DDPMScheduler, stream: SceneStream, cfg: PretrainConfig,
+                   log: Callable[[str], None] = print) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Joint U-Net + text-encoder training; returns the EMA copies."""
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.unet_steps))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    unet.train()
+    text_encoder.train()
+    vae.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(stream.rng.randrange(2**31))
+    t0 = time.time()
+    for step in range(cfg.unet_steps):
+        captions, imgs = stream.batch(cfg.unet_batch)
+        captions = ["" if stream.rng.random() < cfg.caption_dropout else c for c in captions]
+        with torch.no_grad():
+            x0 = vae.encode(to_unit(imgs)).latent_dist.sample(g) * vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        xt = scheduler.add_noise(x0, noise, t)
+        pred = unet(xt, t, encode_text(tokenizer, text_encoder, captions)).sample
+        w = _snr_weight(scheduler, t, cfg.min_snr_gamma)
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        if step % 100 == 0 or step == cfg.unet_steps - 1:
+            log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    return ema_unet, ema_text

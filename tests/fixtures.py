@@ -1,0 +1,135 @@
+"""Tiny models and datasets built from configs and saved to disk, so tests exercise the real loading code."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+
+def write_char_tokenizer(folder: Path) -> None:
+    """A real CLIPTokenizer whose vocabulary is every byte symbol (with and without ``</w>``), no merges."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    tok.save_pretrained(folder)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def _text_config(hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2,
+                          num_hidden_layers=2, vocab_size=514, max_position_embeddings=16,
+                          bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                          projection_dim=projection or hidden)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=4, norm_num_groups=4, sample_size=32)
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False, prediction_type=prediction_type, steps_offset=1)
+
+
+def build_tiny_sd15(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """An SD1.5-shaped pipeline (cross-attention U-Net, KL VAE /2, CLIP text encoder) in ``folder``."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+    write_char_tokenizer(folder / "_tok")
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(16)),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "_tok"), unet=unet,
+        scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """An SDXL-shaped pipeline: two text encoders, text_time added conditions."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    pooled = 16
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 16, attention_head_dim=4, norm_num_groups=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + pooled, transformer_layers_per_block=1)
+    write_char_tokenizer(folder / "_tok")
+    tok = CLIPTokenizer.from_pretrained(folder / "_tok")
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(16)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(16, pooled)), tokenizer=tok, tokenizer_2=tok,
+        unet=unet, scheduler=_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def jpeg_bytes(rgb: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def write_pickapic_parquet(path: Path, rows: list[dict], row_group_size: int = 4) -> Path:
+    """Write rows (caption, jpg_0, jpg_1, label_0, label_1, image_0_uid, image_1_uid) in Pick-a-Pic v2 schema."""
+    table = pa.table({
+        "caption": pa.array([r["caption"] for r in rows], pa.string()),
+        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
+        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
+        "label_0": pa.array([float(r["label_0"]) for r in rows], pa.float64()),
+        "label_1": pa.array([float(r["label_1"]) for r in rows], pa.float64()),
+        "image_0_uid": pa.array([r.get("image_0_uid", f"u{i}a") for i, r in enumerate(rows)], pa.string()),
+        "image_1_uid": pa.array([r.get("image_1_uid", f"u{i}b") for i, r in enumerate(rows)], pa.string()),
+        "has_label": pa.array([True] * len(rows)),
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def random_pairs(n: int, size: int = 40, seed: int = 0, ties: int = 1) -> list[dict]:
+    """n rows of random-colour JPEG pairs; the first ``ties`` rows are ties, the rest alternate the winner."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        imgs = [rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8) for _ in range(2)]
+        label_0 = 0.5 if i < ties else float(i % 2)
+        rows.append({"caption": f"a picture number {i}", "jpg_0": jpeg_bytes(imgs[0]), "jpg_1": jpeg_bytes(imgs[1]),
+                     "label_0": label_0, "label_1": 1.0 - label_0 if label_0 != 0.5 else 0.5})
+    return rows
