@@ -28,12 +28,14 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or cpp_extension.CUDA_HOME is not None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's build helper adds the standard its headers need
+    # (C++20 for recent torch).
+    cxx_flags = ["-O3"]
     if with_cuda and cuda_sources:
         ext = cpp_extension.CUDAExtension(
             "ncp._C",
             cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DNCP_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags + ["-DNCP_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
             py_limited_api=False,
         )
     else:
