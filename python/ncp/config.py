@@ -179,6 +179,11 @@ def _check(key: str, value: Any, tp: Any) -> Any:
         return {_check(f"{key} key", k, args[0]): _check(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false; got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

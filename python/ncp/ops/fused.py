@@ -66,7 +66,10 @@ def _per_sample(c: Tensor, like: Tensor) -> Tensor:
 
 
 def _reverse_step_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[4])
+    x_t, _, eps_other, z, coef = inputs
+    ctx.save_for_backward(coef)
+    if not (x_t.requires_grad or eps_other.requires_grad or z.requires_grad):
+        ctx.mark_non_differentiable(output[1])  # training: the no-grad branches stay out of the graph
 
 
 def _reverse_step_backward(ctx, grad_policy: Tensor | None, grad_other: Tensor | None):

@@ -31,6 +31,7 @@ class PretrainConfig:
     unet_steps: int = 4000
     unet_batch: int = 64
     unet_lr: float = 1e-3
+    latent_pool: int = 24000  # scenes encoded once by the VAE, then sampled for the U-Net
     warmup: int = 100
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -114,6 +115,19 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         pe.lerp_(pm, 1 - decay)
 
 
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, stream: SceneStream, n: int, batch: int = 256) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Captions and VAE posteriors (mean, std) of ``n`` fresh scenes."""
+    caps, means, stds = [], [], []
+    for i in range(0, n, batch):
+        c, imgs = stream.batch(min(batch, n - i))
+        post = vae.encode(to_unit(imgs)).latent_dist
+        caps += c
+        means.append(post.mean)
+        stds.append(post.std)
+    return caps, torch.cat(means), torch.cat(stds)
+
+
 def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                    vae: AutoencoderKL, scheduler: DDPMScheduler, stream: SceneStream, cfg: PretrainConfig,
                    log: Callable[[str], None] = print) -> tuple[UNet2DConditionModel, CLIPTextModel]:
@@ -126,12 +140,13 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
     text_encoder.train()
     vae.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(stream.rng.randrange(2**31))
+    pool_caps, pool_mean, pool_std = encode_pool(vae, stream, cfg.latent_pool)
     t0 = time.time()
     for step in range(cfg.unet_steps):
-        captions, imgs = stream.batch(cfg.unet_batch)
-        captions = ["" if stream.rng.random() < cfg.caption_dropout else c for c in captions]
-        with torch.no_grad():
-            x0 = vae.encode(to_unit(imgs)).latent_dist.sample(g) * vae.config.scaling_factor
+        idx = torch.randint(0, len(pool_caps), (cfg.unet_batch,), generator=g)
+        captions = ["" if stream.rng.random() < cfg.caption_dropout else pool_caps[i] for i in idx.tolist()]
+        eps0 = torch.randn(pool_mean[idx].shape, generator=g)
+        x0 = (pool_mean[idx] + pool_std[idx] * eps0) * vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
         xt = scheduler.add_noise(x0, noise, t)

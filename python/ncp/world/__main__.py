@@ -1,0 +1,32 @@
+"""``python -m ncp.world build [--out DIR] [--seed N] [--tiny]``: build the world bundle."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ncp.world import BUNDLE_DIR
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ncp.world", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="pretrain the base model and make the preference data")
+    b.add_argument("--out", default=str(BUNDLE_DIR), help=f"output folder (default: the shipped bundle, {BUNDLE_DIR})")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--tiny", action="store_true", help="toy sizes, seconds (for tests)")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps the build bit-reproducible)")
+    args = parser.parse_args(argv)
+
+    from ncp.world.build import BuildConfig, build_world, tiny_config
+
+    cfg = tiny_config(args.seed) if args.tiny else BuildConfig(seed=args.seed)
+    cfg.threads = args.threads
+    t0 = time.time()
+    world = build_world(args.out, cfg)
+    print(json.dumps(world["stats"], indent=2))
+    print(f"world built in {time.time() - t0:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Builds the bundled world: base pipeline, Pick-a-Pic-style preferences, held-out prompts.
+
+``python -m ncp.world build [--out DIR] [--seed N] [--tiny]``. The same seed
+gives the same files (single-threaded CPU math). Layout of ``DIR``::
+
+    model/                     diffusers pipeline folder (save_pretrained)
+    data/train-00000.parquet   Pick-a-Pic v2 schema
+    data/heldout_prompts.txt   evaluation prompts, never trained on
+    world.json                 the spec, seed and measured statistics
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ncp.world import judge as judge_mod
+from ncp.world.model import TINY_SPEC, ModelSpec, assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae, n_params
+from ncp.world.prefdata import AnnotatorConfig, make_rows, pair_stats, write_parquet
+from ncp.world.pretrain import PretrainConfig, SceneStream, to_unit, train_denoiser, train_vae
+from ncp.world.sampling import generate
+from ncp.world.scenes import sample_prompt
+from ncp.world.tokenizer import build_tokenizer, save_tokenizer
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    spec: ModelSpec = field(default_factory=ModelSpec)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    n_heldout: int = 64
+    n_train_prompts: int = 400
+    samples_per_prompt: int = 4
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+    eval_seeds: int = 2
+    threads: int = 1
+
+
+def tiny_config(seed: int = 0) -> BuildConfig:
+    """A seconds-long build for tests: same code paths, toy sizes."""
+    return BuildConfig(
+        seed=seed, spec=TINY_SPEC,
+        pretrain=PretrainConfig(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1, latent_pool=16),
+        n_heldout=4, n_train_prompts=6, samples_per_prompt=3, sample_steps=3, eval_seeds=1,
+    )
+
+
+def unique_prompts(rng: random.Random, n: int, exclude: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        c = sample_prompt(rng).caption()
+        if c not in exclude and c not in out:
+            out.append(c)
+    return out
+
+
+def judge_summary(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
+    js = judge_mod.judge_many(images, prompts)
+    return {"score": float(np.mean([j.score for j in js])), "alignment": float(np.mean([j.alignment for j in js])),
+            "quality": float(np.mean([j.quality for j in js])), "accuracy": float(np.mean([j.correct for j in js])),
+            "n": len(js)}
+
+
+def _vae_recon_summary(vae, stream: SceneStream, n: int) -> dict[str, float]:
+    caps, imgs = stream.batch(n)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(to_unit(imgs)).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return judge_summary(list(rec), caps)
+
+
+def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
+    """Runs every stage and writes the bundle; returns world.json's content."""
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    rng = random.Random(cfg.seed)
+    heldout = unique_prompts(rng, cfg.n_heldout, set())
+    train_prompts = unique_prompts(rng, cfg.n_train_prompts, set(heldout))
+    res = cfg.spec.resolution
+
+    t0 = time.time()
+    tokenizer = build_tokenizer(cfg.spec.max_tokens)
+    vae, unet = build_vae(cfg.spec), build_unet(cfg.spec)
+    text_encoder, scheduler = build_text_encoder(cfg.spec, tokenizer), build_scheduler()
+    train_vae(vae, SceneStream(cfg.seed + 1, res, set(heldout)), cfg.pretrain, log)
+    timings["vae_s"] = time.time() - t0
+    vae_recon = _vae_recon_summary(vae, SceneStream(cfg.seed + 2, res, set()), 64 if cfg.n_heldout > 8 else 4)
+    log(f"vae reconstructions, judge: {vae_recon}")
+
+    t0 = time.time()
+    unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler,
+                                        SceneStream(cfg.seed + 3, res, set(heldout)), cfg.pretrain, log)
+    timings["unet_s"] = time.time() - t0
+    pipe = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(out / "model")
+    save_tokenizer(tokenizer, out / "model" / "tokenizer")
+
+    t0 = time.time()
+    base = _sample_and_judge_heldout(pipe, heldout, cfg)
+    log(f"base model on held-out prompts, judge: {base}")
+    k = cfg.samples_per_prompt
+    prompts = [p for p in train_prompts for _ in range(k)]
+    seeds = [cfg.seed * 1_000_000 + i for i in range(len(prompts))]
+    imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling preference data")
+    scores = [j.score for j in judge_mod.judge_many(imgs, prompts)]
+    rows = make_rows(train_prompts, [imgs[i * k:(i + 1) * k] for i in range(len(train_prompts))],
+                     [scores[i * k:(i + 1) * k] for i in range(len(train_prompts))], cfg.seed, cfg.annotator)
+    write_parquet(rows, str(out / "data" / "train-00000.parquet"))
+    (out / "data" / "heldout_prompts.txt").write_text("\n".join(heldout) + "\n")
+    timings["data_s"] = time.time() - t0
+
+    world = {
+        "seed": cfg.seed, "spec": asdict(cfg.spec), "pretrain": asdict(cfg.pretrain),
+        "annotator": asdict(cfg.annotator), "n_heldout": cfg.n_heldout, "n_train_prompts": cfg.n_train_prompts,
+        "samples_per_prompt": k,
+        "sampling": {"steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "eval_seeds": cfg.eval_seeds},
+        "params": {"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text_encoder)},
+        "stats": {"vae_reconstruction": vae_recon, "base_heldout": base, "pairs": pair_stats(rows),
+                  "preference_samples": judge_summary(imgs, prompts)},
+        "timings": {k2: round(v, 1) for k2, v in timings.items()},
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+    return world
+
+
+def _sample_and_judge_heldout(pipe, heldout: list[str], cfg: BuildConfig) -> dict[str, float]:
+    prompts = [p for p in heldout for _ in range(cfg.eval_seeds)]
+    seeds = [s for _ in heldout for s in range(cfg.eval_seeds)]
+    imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling held-out prompts")
+    return judge_summary(imgs, prompts)
