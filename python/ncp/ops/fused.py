@@ -25,10 +25,13 @@ def _kernel_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _empty(shape, like: Tensor, fmt: torch.memory_format) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
 def _empty_stack(k, like: Tensor, fmt: torch.memory_format) -> Tensor:
     """A (K, *like.shape) tensor whose slices are laid out in ``fmt`` (``ncp::empty_stack``)."""
-    flat = like.new_empty((k * like.shape[0], *like.shape[1:]), memory_format=fmt)
-    return flat.view(k, *like.shape)
+    return _empty((k * like.shape[0], *like.shape[1:]), like, fmt).view(k, *like.shape)
 
 
 def _error_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,12 +42,12 @@ def _error_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("ncp::reverse_step")
 def _reverse_step_fake(x_t, eps_policy, eps_other, z, coef):
     fmt = _kernel_format(x_t)
-    return x_t.new_empty(x_t.shape, memory_format=fmt), _empty_stack(eps_other.shape[0], x_t, fmt)
+    return _empty(x_t.shape, x_t, fmt), _empty_stack(eps_other.shape[0], x_t, fmt)
 
 
 @torch.library.register_fake("ncp::reverse_step_backward")
 def _reverse_step_backward_fake(grad_prev_policy, coef):
-    return grad_prev_policy.new_empty(grad_prev_policy.shape, memory_format=_kernel_format(grad_prev_policy))
+    return _empty(grad_prev_policy.shape, grad_prev_policy, _kernel_format(grad_prev_policy))
 
 
 @torch.library.register_fake("ncp::multiscale_error")
@@ -56,7 +59,7 @@ def _multiscale_error_fake(policy, reference, target, weights):
 
 @torch.library.register_fake("ncp::multiscale_error_backward")
 def _multiscale_error_backward_fake(grad_err_policy, policy, target, weights):
-    return [p.new_empty(p.shape, memory_format=_kernel_format(p)) for p in policy]
+    return [_empty(p.shape, p, _kernel_format(p)) for p in policy]
 
 
 # ---- autograd -----------------------------------------------------------------
