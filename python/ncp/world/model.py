@@ -73,7 +73,7 @@ def build_scheduler() -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing",
-        variance_type="fixed_small",
+        variance_type="fixed_small", steps_offset=1,
     )
 
 
