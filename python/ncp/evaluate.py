@@ -1,0 +1,285 @@
+"""Compare a base text-to-image model with and without a LoRA on a prompt file.
+
+``python -m ncp.evaluate --model DIR [--lora DIR] --prompts FILE --scorers judge,pickscore:DIR,hps:DIR --out DIR``
+
+Both variants draw every (prompt, seed) with the same noise. Each scorer gives
+one number per image; the report holds each variant's mean with a bootstrap
+95% interval, and, with a LoRA, the mean paired difference and the win rate of
+the LoRA over the base (ties count 1/2), each with its interval. Writes
+``results.json`` and ``grid.png`` under ``--out``.
+
+Scorers:
+- ``judge``: the bundled world's programmatic judge (prompt alignment and
+  visual quality from pixels; prompts outside its grammar get quality only);
+- ``pickscore:DIR``: PickScore-style, ``logit_scale * cos(image, text)`` of a
+  ``CLIPModel`` + ``CLIPProcessor`` saved in DIR;
+- ``hps:DIR``: HPSv2-style, ``cos(image, text)`` of a CLIP model in DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class Scorer(Protocol):
+    name: str
+
+    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray: ...
+
+
+class JudgeScorer:
+    """The world's judge (``ncp.world.judge``)."""
+
+    name = "judge"
+
+    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        from ncp.world.judge import judge
+
+        return np.array([judge(im, p).score for im, p in tqdm(list(zip(images, prompts)), desc="judge", leave=False)])
+
+
+class CLIPScorer:
+    """PickScore / HPSv2-style preference score of a local CLIP model folder."""
+
+    def __init__(self, path: str, kind: str = "pickscore", batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.name = f"{kind}:{Path(path).name}"
+        self.kind = kind
+        self.model = CLIPModel.from_pretrained(path).eval()
+        self.processor = CLIPProcessor.from_pretrained(path)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        out = []
+        for i in tqdm(range(0, len(images), self.batch_size), desc=self.name, leave=False):
+            ims, ps = images[i: i + self.batch_size], prompts[i: i + self.batch_size]
+            inputs = self.processor(text=ps, images=[im for im in ims], return_tensors="pt", padding=True,
+                                    truncation=True)
+            img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            txt = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                               attention_mask=inputs.get("attention_mask"))
+            img, txt = _features(img), _features(txt)
+            cos = (torch.nn.functional.normalize(img, dim=-1) * torch.nn.functional.normalize(txt, dim=-1)).sum(-1)
+            scale = self.model.logit_scale.exp() if self.kind == "pickscore" else 1.0
+            out.append((scale * cos).float().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+def _features(x) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers 4) or an output object (5)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    for key in ("pooler_output", "image_embeds", "text_embeds"):
+        if getattr(x, key, None) is not None:
+            return getattr(x, key)
+    return x[0]
+
+
+def make_scorers(spec: str) -> list[Scorer]:
+    """Parse ``judge,pickscore:DIR,hps:DIR``."""
+    scorers: list[Scorer] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, path = item.partition(":")
+        if kind == "judge":
+            scorers.append(JudgeScorer())
+        elif kind in ("pickscore", "hps"):
+            if not path:
+                raise ValueError(f"scorer {kind!r} needs a model folder: {kind}:DIR")
+            scorers.append(CLIPScorer(path, kind))
+        else:
+            raise ValueError(f"unknown scorer {kind!r} (known: judge, pickscore:DIR, hps:DIR)")
+    if not scorers:
+        raise ValueError("no scorer given")
+    return scorers
+
+
+def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
+    """One prompt a line (.txt), or a .tsv/.csv with a prompt column (PartiPrompts: 'Prompt')."""
+    path = Path(path)
+    if path.suffix.lower() in (".tsv", ".csv"):
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            names = {n.lower(): n for n in reader.fieldnames or []}
+            if column.lower() not in names:
+                raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames})")
+            return [row[names[column.lower()]].strip() for row in reader if row[names[column.lower()]].strip()]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired_stats(base: np.ndarray, other: np.ndarray, seed: int = 0) -> dict:
+    """Mean difference (other - base) and win rate of other over base (ties 1/2), with 95% intervals."""
+    diff = np.asarray(other, np.float64) - np.asarray(base, np.float64)
+    wins = (diff > 0) + 0.5 * (diff == 0)
+    return {"mean_diff": float(diff.mean()), "mean_diff_ci95": bootstrap_ci(diff, seed=seed),
+            "win_rate": float(wins.mean()), "win_rate_ci95": bootstrap_ci(wins, seed=seed + 1)}
+
+
+def summarize(scores: np.ndarray) -> dict:
+    return {"mean": float(np.mean(scores)), "ci95": bootstrap_ci(scores), "n": int(len(scores))}
+
+
+def save_grid(path: str | Path, rows: list[tuple[str, list[np.ndarray]]], col_titles: list[str], cell: int = 96) -> None:
+    """A labelled image grid: one row per prompt, one column per (variant, seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nr, nc = len(rows), len(col_titles)
+    fig, axes = plt.subplots(nr, nc, figsize=(1.3 * nc + 2.5, 1.35 * nr + 0.4), squeeze=False)
+    for r, (prompt, imgs) in enumerate(rows):
+        for c, im in enumerate(imgs):
+            ax = axes[r][c]
+            ax.imshow(im, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=8)
+        axes[r][0].set_ylabel(_wrap(prompt), fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width and cur:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return "\n".join(lines + [cur])
+
+
+@dataclass
+class Generated:
+    prompts: list[str]  # one per image
+    seeds: list[int]
+    base: list[np.ndarray]
+    lora: list[np.ndarray] | None
+
+
+def generate_both(model_dir: str, lora_dir: str | None, prompts: list[str], n_seeds: int, seed: int,
+                  steps: int, guidance: float, batch_size: int = 64) -> Generated:
+    """Images of every (prompt, seed) from the base model, then with the LoRA, on the same noise."""
+    from ncp.world.sampling import generate, load_pipeline
+
+    ps = [p for p in prompts for _ in range(n_seeds)]
+    ss = [seed * 1000 + k for _ in prompts for k in range(n_seeds)]
+    pipe = load_pipeline(model_dir)
+    base = generate(pipe, ps, ss, steps, guidance, batch_size, desc="base")
+    lora = None
+    if lora_dir:
+        pipe.load_lora_weights(str(lora_dir))
+        lora = generate(pipe, ps, ss, steps, guidance, batch_size, desc="lora")
+    return Generated(ps, ss, base, lora)
+
+
+def score_and_report(gen: Generated, scorers: list[Scorer], seed: int = 0) -> dict:
+    results: dict = {"n_images": len(gen.base), "scorers": {}}
+    for sc in scorers:
+        b = sc(gen.base, gen.prompts)
+        entry = {"base": summarize(b)}
+        if gen.lora is not None:
+            lo = sc(gen.lora, gen.prompts)
+            entry["lora"] = summarize(lo)
+            entry["lora_vs_base"] = paired_stats(b, lo, seed)
+        results["scorers"][sc.name] = entry
+    return results
+
+
+def write_grid(gen: Generated, out: Path, n_seeds: int, max_prompts: int = 8, max_seeds: int = 3) -> Path:
+    rows, k = [], min(n_seeds, max_seeds)
+    for i in range(0, min(len(gen.prompts), max_prompts * n_seeds), n_seeds):
+        imgs = []
+        for s in range(k):
+            imgs.append(gen.base[i + s])
+            if gen.lora is not None:
+                imgs.append(gen.lora[i + s])
+        rows.append((gen.prompts[i], imgs))
+    titles = [f"{v} s{s}" for s in range(k) for v in (["base", "lora"] if gen.lora is not None else ["base"])]
+    path = out / "grid.png"
+    save_grid(path, rows, titles)
+    return path
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'scorer':<22} {'base':>20} {'lora':>20} {'lora - base':>26} {'lora win rate':>22}"]
+    for name, e in results["scorers"].items():
+        def ms(d):
+            return f"{d['mean']:.4f} [{d['ci95'][0]:.3f},{d['ci95'][1]:.3f}]"
+        row = f"{name:<22} {ms(e['base']):>20}"
+        if "lora" in e:
+            c = e["lora_vs_base"]
+            row += f" {ms(e['lora']):>20} {c['mean_diff']:+.4f} [{c['mean_diff_ci95'][0]:+.3f},{c['mean_diff_ci95'][1]:+.3f}]"
+            row += f" {100 * c['win_rate']:5.1f}% [{100 * c['win_rate_ci95'][0]:.1f},{100 * c['win_rate_ci95'][1]:.1f}]"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m ncp.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="diffusers pipeline folder of the base model")
+    parser.add_argument("--lora", default=None, help="LoRA folder (pytorch_lora_weights.safetensors)")
+    parser.add_argument("--prompts", required=True, help=".txt (one a line) or .tsv/.csv with a prompt column")
+    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--scorers", default="judge", help="comma list: judge, pickscore:DIR, hps:DIR")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, default=2, help="images per prompt (seeds seed*1000 + k)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the world's, else 20)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the world's, else 3.0)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+
+    from ncp.world.sampling import sampling_defaults
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts, args.prompt_column)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    steps, guidance = sampling_defaults(args.model)
+    steps, guidance = args.steps or steps, args.guidance if args.guidance is not None else guidance
+    scorers = make_scorers(args.scorers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = generate_both(args.model, args.lora, prompts, args.seeds, args.seed, steps, guidance, args.batch_size)
+    results = score_and_report(gen, scorers, args.seed)
+    results |= {"model": args.model, "lora": args.lora, "prompts": args.prompts, "n_prompts": len(prompts),
+                "seeds": args.seeds, "steps": steps, "guidance": guidance}
+    results["grid"] = str(write_grid(gen, out, args.seeds))
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    print(f"wrote {out / 'results.json'} and {results['grid']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
