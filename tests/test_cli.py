@@ -1,0 +1,133 @@
+"""CPU integration: the real CLI on tiny SD1.5 / SDXL models and a tiny parquet file."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ncp.config import load_config
+from ncp.train import main, optimizer_step, batches, setup
+
+OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
+
+
+def _args(model, parquet, out, *extra):
+    return [f"model.path={model}", f"data.sources=[{parquet}]", "data.backend=torch", "data.resolution=32",
+            "data.batch_size=2", "data.num_workers=0", "lora.rank=4", "train.max_steps=3", f"train.output_dir={out}",
+            "optim.lr=1e-3", "optim.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false",
+            "train.report=false", *extra]
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_cli_trains_each_objective_and_lora_loads(objective, tiny_sd15, tiny_parquet, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    assert main(_args(tiny_sd15, tiny_parquet, out, f"objective.name={objective}",
+                      "objective.taps=[multiscale]")) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    assert ("rewards/accuracy" in lines[0]) == (not objective.endswith("sft"))
+    assert ("err/reference_winner" in lines[0]) == objective.endswith("dpo")
+    assert (out / "step-000003" / "state.json").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15), safety_checker=None)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ehs = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.unet(x, 10, encoder_hidden_states=ehs).sample
+        pipe.load_lora_weights(str(out / "lora"))
+        after = pipe.unet(x, 10, encoder_hidden_states=ehs).sample
+    assert (after - before).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ncp-dpo", "ncp-cpo"])
+def test_cli_trains_sdxl(objective, tiny_sdxl, tiny_parquet, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "xl"
+    assert main(_args(tiny_sdxl, tiny_parquet, out, f"objective.name={objective}")) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.load_lora_weights(str(out / "lora"))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_one_step_changes_only_lora(tiny_sd15, tiny_parquet, tmp_path):
+    """Step 1 moves every lora_B (the B = 0 init gives lora_A no gradient yet); step 2 moves every
+    lora_A too. Weight decay is off so only gradients move weights. No base weight changes."""
+    cfg = load_config(None, _args(tiny_sd15, tiny_parquet, tmp_path, "optim.weight_decay=0", "objective.name=ncp-dpo"))
+    tr = setup(cfg)
+    named = dict(tr.base.named_parameters())
+    start = {n: p.detach().clone() for n, p in named.items()}
+    data = batches(tr.source)
+    for step in (1, 2):
+        assert optimizer_step(tr, data) is not None
+        tr.step += 1
+        moved = {n for n, p in named.items() if not torch.equal(p, start[n])}
+        lora = {n for n in named if "lora_" in n}
+        expect = {n for n in lora if "lora_B" in n} if step == 1 else lora
+        assert moved == expect, sorted(moved ^ expect)[:5]
+    assert all(p.requires_grad == ("lora_" in n) for n, p in named.items())
+
+
+def test_resume_reproduces_losses(tiny_sd15, tiny_parquet, tmp_path):
+    """Stopped after step 2 and resumed: steps 3-4 have the losses of an uninterrupted run."""
+    common = ["objective.name=ncp-dpo", "train.checkpoint_every=2", "data.empty_prompt_prob=0.5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_args(tiny_sd15, tiny_parquet, full, *common, "train.max_steps=4")) == 0
+    assert main(_args(tiny_sd15, tiny_parquet, part, *common, "train.max_steps=2")) == 0
+    assert main(_args(tiny_sd15, tiny_parquet, part, *common, "train.max_steps=4") + ["--resume", "latest"]) == 0
+    assert _losses(part) == pytest.approx(_losses(full), rel=1e-6, abs=1e-9)
+    assert sorted(p.name for p in part.glob("step-*")) == ["step-000002", "step-000004"]
+
+
+def test_keep_last_checkpoints(tiny_sd15, tiny_parquet, tmp_path):
+    out = tmp_path / "k"
+    assert main(_args(tiny_sd15, tiny_parquet, out, "objective.name=sft", "train.max_steps=4",
+                      "train.checkpoint_every=1", "train.keep_checkpoints=2")) == 0
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000003", "step-000004"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "ncp.train", *args], capture_output=True, text=True)
+
+
+def test_cli_errors_name_the_problem(tiny_sd15, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    r = _cli("optim.learnig_rate=1")
+    assert r.returncode == 2 and "unknown config key optim.learnig_rate" in r.stderr
+    r = _cli(f"model.path={tmp_path}/no-such-model", "data.backend=torch")
+    assert r.returncode == 2 and "no-such-model does not exist" in r.stderr
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"caption": ["x"], "label_0": [1.0]}), bad)
+    r = _cli(f"model.path={tiny_sd15}", f"data.sources=[{bad}]", "data.backend=torch", "data.resolution=32",
+             f"train.output_dir={tmp_path}/o")
+    assert r.returncode == 2 and "bad.parquet lacks column(s) ['jpg_0', 'jpg_1', 'label_1']" in r.stderr
+    r = _cli(f"model.path={tiny_sd15}", "data.backend=torch", f"train.output_dir={tmp_path}/none", "--resume", "latest",
+             f"data.sources=[{bad}]")
+    assert r.returncode == 2
+
+
+def test_nonfinite_losses_stop_the_run(tiny_sd15, tiny_parquet, tmp_path, monkeypatch, capsys):
+    import ncp.train as train_mod
+
+    real = train_mod.preference_step
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "preference_step", poisoned)
+    assert main(_args(tiny_sd15, tiny_parquet, tmp_path, "train.max_nonfinite=2")) == 2
+    assert "2 non-finite losses in a row" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").read_text()  # no step was taken, none logged

@@ -1,0 +1,82 @@
+"""Models: the encoder taps, the reference pass, LoRA training touches only LoRA weights."""
+import pytest
+import torch
+
+from ncp.models import (Conditioning, adapters_disabled, add_lora, encode_prompts, encoder_features, load_models,
+                        resolve_taps, sdxl_time_ids)
+
+
+def _models(folder):
+    return load_models(str(folder), "auto", torch.device("cpu"), torch.float32)
+
+
+def _inputs(models, n=2, size=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, size, size, generator=g)
+    t = torch.tensor([10, 700][:n])
+    cond = encode_prompts(models, ["a red cube", "two blue balls"][:n])
+    if models.kind == "sdxl":
+        cond.time_ids = sdxl_time_ids(torch.tensor([[40, 48]] * n), torch.tensor([[0, 4]] * n), 32)
+    return x, t, cond
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd15", "tiny_sdxl"])
+def test_encoder_taps_equal_forward_hooks(fixture, request):
+    """E's taps equal the activations that forward hooks capture in a full U-Net forward."""
+    models = _models(request.getfixturevalue(fixture))
+    unet = models.unet
+    x, t, cond = _inputs(models)
+    captured = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+             for k, b in [*enumerate(unet.down_blocks), ("mid", unet.mid_block)]]
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
+        taps = resolve_taps(["multiscale"], models.kind, len(unet.down_blocks))
+        feats = encoder_features(unet, x, t, cond, taps)
+    for h in hooks:
+        h.remove()
+    assert taps == [0, 1, "mid"]
+    for tap, f in zip(taps, feats):
+        assert torch.equal(f, captured[tap]), tap
+
+
+def test_tap_presets():
+    assert resolve_taps(["auto"], "sd15", 4) == ["mid"]
+    assert resolve_taps(["auto"], "sdxl", 3) == [2]
+    assert resolve_taps(["paper"], "sd15", 4) == [3]
+    assert resolve_taps(["multiscale"], "sd15", 4) == [0, 1, 2, 3, "mid"]
+    assert resolve_taps(["mid", "1"], "sd15", 4) == [1, "mid"]
+    with pytest.raises(ValueError, match="down block index in 0..3"):
+        resolve_taps(["7"], "sd15", 4)
+
+
+def test_reference_pass_equals_base_model(tiny_sd15):
+    """With adapters disabled the LoRA U-Net gives exactly the base model's output, even after training."""
+    models = _models(tiny_sd15)
+    x, t, cond = _inputs(models)
+    kwargs = dict(encoder_hidden_states=cond.hidden_states)
+    with torch.no_grad():
+        before = models.unet(x, t, **kwargs).sample
+    add_lora(models.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    for name, p in models.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # a trained adapter
+    with torch.no_grad():
+        policy = models.unet(x, t, **kwargs).sample
+        with adapters_disabled(models.unet):
+            reference = models.unet(x, t, **kwargs).sample
+        again = models.unet(x, t, **kwargs).sample
+    assert torch.equal(reference, before)
+    assert not torch.allclose(policy, before)
+    assert torch.equal(again, policy)  # adapters came back on
+
+
+def test_sdxl_conditioning_shapes(tiny_sdxl):
+    models = _models(tiny_sdxl)
+    cond = encode_prompts(models, ["a red cube"])
+    assert models.kind == "sdxl"
+    assert cond.hidden_states.shape == (1, 16, 32)  # both encoders' penultimate states, concatenated
+    assert cond.pooled.shape == (1, 16)
+    ids = sdxl_time_ids(torch.tensor([[40, 48]]), torch.tensor([[0, 4]]), 32)
+    assert ids.tolist() == [[40.0, 48.0, 0.0, 4.0, 32.0, 32.0]]
+    assert Conditioning(cond.hidden_states, cond.pooled, ids).repeat(2).time_ids.shape == (2, 6)
