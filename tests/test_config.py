@@ -45,3 +45,11 @@ def test_help_lists_every_option():
     for key in ("model.path", "lora.rank", "data.backend", "objective.taps", "optim.use_8bit", "train.resume",
                 "logging.tensorboard"):
         assert key in out.stdout
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the dataclasses: regenerate it with `python -m ncp.config`."""
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "ncp.config"], capture_output=True, text=True, check=True).stdout
+    assert (Path(__file__).parents[1] / "docs" / "config.md").read_text() == out

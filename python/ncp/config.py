@@ -279,6 +279,13 @@ def help_text() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = str(hints[f.name]).replace("typing.", "")
+            tp = hints[f.name]
+            tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             lines.append(f"  {section}.{f.name} = {default!r}  [{tp}]\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m ncp.config > docs/config.md
+    print("# Configuration reference\n\nGenerated from `ncp/config.py` (`python -m ncp.config > docs/config.md`); "
+          "every option can be set in the YAML file (`section: {key: value}`) or on the command line as "
+          "`section.key=value`.\n\n```\n" + help_text() + "\n```")
