@@ -36,7 +36,7 @@ class BuildConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     n_heldout: int = 64
-    n_train_prompts: int = 400
+    n_train_prompts: int = 300
     samples_per_prompt: int = 4
     sample_steps: int = 20
     guidance_scale: float = 3.0

@@ -19,9 +19,10 @@ class ModelSpec:
     """Sizes of the tiny pipeline (the defaults are the bundle's)."""
 
     resolution: int = 32
-    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 blocks: latents are resolution / 4
+    vae_channels: tuple[int, ...] = (16, 32)  # 2 blocks: latents are resolution / 2
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    first_attention_block: int = 1  # down blocks from this index on have cross-attention
     unet_layers_per_block: int = 1
     attention_head_dim: int = 8
     text_hidden: int = 64
@@ -30,7 +31,7 @@ class ModelSpec:
     max_tokens: int = 24
 
 
-TINY_SPEC = ModelSpec(vae_channels=(8, 16, 16), unet_channels=(16, 32), text_hidden=32, text_layers=1,
+TINY_SPEC = ModelSpec(vae_channels=(8, 16), unet_channels=(16, 32), text_hidden=32, text_layers=1,
                       text_heads=2)
 
 
@@ -48,10 +49,13 @@ def build_vae(spec: ModelSpec) -> AutoencoderKL:
 def build_unet(spec: ModelSpec) -> UNet2DConditionModel:
     n = len(spec.unet_channels)
     latent = spec.resolution // 2 ** (len(spec.vae_channels) - 1)
+    a = spec.first_attention_block
+    down = ["DownBlock2D"] * a + ["CrossAttnDownBlock2D"] * (n - a)
+    up = ["CrossAttnUpBlock2D"] * (n - a) + ["UpBlock2D"] * a
     return UNet2DConditionModel(
         sample_size=latent, in_channels=spec.latent_channels, out_channels=spec.latent_channels,
         block_out_channels=spec.unet_channels, layers_per_block=spec.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=tuple(down), up_block_types=tuple(up),
         cross_attention_dim=spec.text_hidden, attention_head_dim=spec.attention_head_dim,
         norm_num_groups=8,
     )
