@@ -223,6 +223,7 @@ def optimizer_step(tr: Trainer, data: Iterator[PairBatch]) -> dict[str, float] |
     tr.lr_scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
     sums["perf/pairs"] = pairs * acc.num_processes
+    sums["train/world_size"] = acc.num_processes
     return sums
 
 
