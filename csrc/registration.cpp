@@ -1,7 +1,7 @@
 // Schemas of the ncp ops and the Python module stub of ncp._C.
 //
-// Kernels register themselves per backend (reverse_step.cpp / .cu,
-// multiscale_error.cpp / .cu); fake kernels and autograd live in
+// Kernels register themselves per backend (reverse_step.cpp / reverse_step_cuda.cu,
+// multiscale_error.cpp / multiscale_error_cuda.cu); fake kernels and autograd live in
 // python/ncp/ops/fused.py. Contracts: docs/internals.md.
 #include <Python.h>
 #include <torch/library.h>

@@ -88,7 +88,9 @@ void reverse_step_backward_cpu_kernel(const T* grad, const float* coef, T* out, 
 }
 
 at::Tensor reverse_step_backward_cpu(const at::Tensor& grad_prev_policy, const at::Tensor& coef) {
-  auto [grad, c] = prepare_reverse_step_backward(grad_prev_policy, coef);
+  const auto prepared = prepare_reverse_step_backward(grad_prev_policy, coef);
+  const at::Tensor& grad = prepared.first;  // (no structured binding: lambdas capture it only in C++20)
+  const at::Tensor& c = prepared.second;
   at::Tensor out = at::empty(grad.sizes(), grad.options().memory_format(kernel_format(grad)));
   const int64_t n = grad.size(0);
   const int64_t m = n == 0 ? 0 : grad.numel() / n;

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# GPU check of ncp on a bare GPU machine (one H100/H200; Python 3.12, torch 2.11 cu130,
+# transformers, peft, accelerate, an nvcc; no network), in under 8 minutes:
+#   1. installs the wheels it is handed (folder $1, default ./wheels; see scripts/build_wheels.sh),
+#   2. builds ncp._C from source with its CUDA kernels (ninja, sm_90 by default),
+#   3. runs the `cuda` tests (pytest -m cuda),
+#   4. runs the op benchmark (benchmarks/ops.py),
+#   5. (the training-step benchmark goes here: see STEP BENCHMARK below),
+# then prints a short table. With $OUT set it writes there: gpu_check.json (steps,
+# times, status), ops.json (benchmark), pytest_cuda.xml and the logs.
+#
+# Usage: benchmarks/gpu_check.sh [WHEEL_DIR]     (run from anywhere; works in the repo root)
+# Env:   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default nproc)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=$(realpath "${1:-wheels}" 2>/dev/null || echo "${1:-wheels}")
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-$(mktemp -d)}
+mkdir -p "$OUTDIR"
+T0=$(date +%s)
+STEPS=()   # "name|status|seconds|note"
+FAILED=0
+
+now() { echo $(( $(date +%s) - T0 )); }
+# run_step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs to $OUTDIR/NAME.log, records the result.
+run_step() {
+  local name=$1 limit=$2; shift 2
+  local start; start=$(date +%s)
+  echo "== [$(now) s] $name"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local secs=$(( $(date +%s) - start ))
+  local status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="timeout(${limit}s)"; FAILED=1;
+  elif [ "$rc" -ne 0 ]; then status="failed(rc=$rc)"; FAILED=1; fi
+  STEPS+=("$name|$status|$secs|$(tail -1 "$OUTDIR/$name.log" | cut -c1-90)")
+  return "$rc"
+}
+
+install_wheels() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+  if [ ! -d "$WHEELS" ]; then echo "no wheel folder $WHEELS: installing nothing"; return 0; fi
+  # The ncp wheel carries an extension built against another torch: ncp is built from source below.
+  mapfile -t whls < <(ls "$WHEELS"/*.whl 2>/dev/null | grep -v '/ncp-[0-9]')
+  [ ${#whls[@]} -gt 0 ] || { echo "no wheels in $WHEELS"; return 0; }
+  $PY -m pip install -q --no-index --find-links "$WHEELS" "${whls[@]}" \
+    || { echo "dependency resolution failed; installing without dependencies"; \
+         $PY -m pip install -q --no-index --no-deps "${whls[@]}"; }
+}
+
+build_extension() {
+  if ! command -v nvcc >/dev/null; then
+    for d in /usr/local/cuda/bin /usr/local/cuda-13/bin; do [ -x "$d/nvcc" ] && export PATH="$d:$PATH"; done
+  fi
+  command -v nvcc && nvcc --version | tail -1
+  $PY -c "import ninja" 2>/dev/null || echo "note: ninja is not installed; the build will be serial"
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . \
+    || FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+       $PY setup.py build_ext --inplace
+  $PY -c "import ncp.ops as o; print('fused ops on', sorted(o.FUSED_DEVICES)); assert 'cuda' in o.FUSED_DEVICES"
+}
+
+run_step install_wheels 120 install_wheels
+run_step build_extension 240 build_extension
+run_step pytest_cuda 150 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
+  --junitxml="$OUTDIR/pytest_cuda.xml" tests
+run_step ops_benchmark 200 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json"
+
+# ---- STEP BENCHMARK (the training step; to be added by the lead) -------------------
+# run_step step_benchmark 120 env PYTHONPATH=python $PY benchmarks/step.py --out "$OUTDIR/step.json"
+# -------------------------------------------------------------------------------------
+
+echo
+echo "== gpu_check summary ($(now) s in all)"
+printf '%-16s %-14s %6s  %s\n' step status seconds "last line"
+for s in "${STEPS[@]}"; do IFS='|' read -r n st sec note <<<"$s"; printf '%-16s %-14s %6s  %s\n' "$n" "$st" "$sec" "$note"; done
+$PY - "$OUTDIR" "${STEPS[@]}" <<'PYEOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+steps = [dict(zip(("step", "status", "seconds", "last_line"), s.split("|", 3))) for s in sys.argv[2:]]
+summary = {"steps": steps}
+try:
+    import torch
+    summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    summary["torch"] = torch.__version__
+except Exception as err:  # noqa: BLE001
+    summary["device"] = f"unknown ({err})"
+if (out / "ops.json").exists():
+    ops = json.loads((out / "ops.json").read_text())
+    summary["copy_GBps"] = ops["copy_GBps"]
+    summary["ops"] = [{k: r[k] for k in ("op", "model", "preset", "mode", "fused_ms", "x_eager", "x_compiled", "pct_copy")}
+                      for r in ops["rows"]]
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(f"wrote {out / 'gpu_check.json'}")
+PYEOF
+exit $FAILED
