@@ -131,3 +131,18 @@ def test_nonfinite_losses_stop_the_run(tiny_sd15, tiny_parquet, tmp_path, monkey
     assert main(_args(tiny_sd15, tiny_parquet, tmp_path, "train.max_nonfinite=2")) == 2
     assert "2 non-finite losses in a row" in capsys.readouterr().err
     assert not (tmp_path / "metrics.jsonl").read_text()  # no step was taken, none logged
+
+
+def test_v_prediction_model_with_accumulation_and_checkpointing(tiny_parquet, tmp_path):
+    """A v-prediction model trains (v converted to eps before the reverse step), with gradient
+    accumulation (2 micro-batches per step) and gradient checkpointing on."""
+    from fixtures import build_tiny_sd15
+
+    model = build_tiny_sd15(tmp_path / "vpred", prediction_type="v_prediction")
+    out = tmp_path / "run"
+    assert main(_args(model, tiny_parquet, out, "objective.name=ncp-dpo", "train.grad_accum=2",
+                      "model.gradient_checkpointing=true", "train.max_steps=2")) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(m["train/grad_norm"] > 0 for m in lines)
+    state = json.loads((out / "step-000002" / "state.json").read_text())
+    assert state["data"]["sample_in_epoch"] == 8  # 2 steps x 2 micro-batches x 2 pairs
