@@ -47,7 +47,7 @@ def test_cli_trains_each_objective_and_lora_loads(objective, tiny_sd15, tiny_par
     assert (after - before).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("objective", ["dpo", "ncp-dpo", "ncp-cpo"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_cli_trains_sdxl(objective, tiny_sdxl, tiny_parquet, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -94,9 +94,14 @@ def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
 
 
 def load_models(
-    path: str, kind: str, device: torch.device, weight_dtype: torch.dtype, vae_path: str | None = None
+    path: str, kind: str, device: torch.device, weight_dtype: torch.dtype, vae_path: str | None = None,
+    encoders_on_device: bool = True,
 ) -> Models:
-    """Load a diffusers-format pipeline: frozen VAE and text encoder(s), U-Net, DDPM scheduler."""
+    """Load a diffusers-format pipeline: frozen VAE and text encoder(s), U-Net, DDPM scheduler.
+
+    With ``encoders_on_device=False`` (training from the latent cache) the VAE and
+    text encoders stay on the CPU, leaving the accelerator's memory to the U-Net.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -113,7 +118,9 @@ def load_models(
     for module in [unet, vae, *text_encoders]:
         module.requires_grad_(False)
         module.eval()
-        module.to(device=device, dtype=weight_dtype)
+        on_device = module is unet or encoders_on_device
+        module.to(device=device if on_device else torch.device("cpu"),
+                  dtype=weight_dtype if on_device else torch.float32)
     if vae_path is None and kind == "sdxl" and weight_dtype == torch.float16:
         logger.warning("SDXL's VAE overflows in fp16; set model.vae_path to an fp16-safe VAE")
     return Models(kind, unet, vae, text_encoders, tokenizers, scheduler, weight_dtype, device)
@@ -209,14 +216,16 @@ def _token_ids(tokenizer, captions: list[str], device: torch.device) -> Tensor:
 def encode_prompts(models: Models, captions: list[str]) -> Conditioning:
     """Text hidden states (SD1.5: last layer; SDXL: penultimate layers of both encoders, concatenated,
     plus the pooled embedding of the second)."""
+    to_unet = dict(device=models.device, dtype=models.weight_dtype)
     if models.kind == "sd15":
-        ids = _token_ids(models.tokenizers[0], captions, models.device)
-        return Conditioning(models.text_encoders[0](ids)[0])
+        encoder = models.text_encoders[0]
+        ids = _token_ids(models.tokenizers[0], captions, encoder.device)
+        return Conditioning(encoder(ids)[0].to(**to_unet))
     hidden, pooled = [], None
     for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-        out = encoder(_token_ids(tokenizer, captions, models.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # the projected text embedding of the last encoder
+        out = encoder(_token_ids(tokenizer, captions, encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2].to(**to_unet))
+        pooled = out[0].to(**to_unet)  # the projected text embedding of the last encoder
     return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 

@@ -112,7 +112,8 @@ def setup(cfg: Config) -> Trainer:
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
     weight_dtype = DTYPES[cfg.model.weight_dtype] if cfg.model.weight_dtype != "auto" else (
         torch.bfloat16 if on_gpu else torch.float32)
-    models = load_models(cfg.model.path, cfg.model.kind, accelerator.device, weight_dtype, cfg.model.vae_path)
+    models = load_models(cfg.model.path, cfg.model.kind, accelerator.device, weight_dtype, cfg.model.vae_path,
+                         encoders_on_device=cfg.data.cache_dir is None)
     torch.manual_seed(cfg.train.seed)  # the LoRA init
     params = add_lora(models.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout,
                       cfg.lora.init_from)
@@ -157,10 +158,10 @@ def batch_latents(batch: PairBatch, models: Models, generator: torch.Generator) 
     if batch.latents is not None:
         mean, logvar = batch.latents.to(models.device, torch.float32).unbind(1)
     else:
-        pixels = torch.cat([batch.winners, batch.losers]).to(models.device)
-        pixels = pixels.to(models.weight_dtype) / 127.5 - 1.0  # uint8 -> [-1, 1] on the device
+        pixels = torch.cat([batch.winners, batch.losers]).to(vae.device)
+        pixels = pixels.to(vae.dtype) / 127.5 - 1.0  # uint8 -> [-1, 1] on the device
         dist = vae.encode(pixels).latent_dist
-        mean, logvar = dist.mean.float(), dist.logvar.float()
+        mean, logvar = dist.mean.to(models.device, torch.float32), dist.logvar.to(models.device, torch.float32)
     sample = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((sample - shift) * vae.config.scaling_factor).to(models.weight_dtype)
