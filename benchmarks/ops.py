@@ -185,9 +185,12 @@ def main() -> None:
     ap.add_argument("--presets", default="latent,paper,mid,multiscale")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ops.json"))
     a = ap.parse_args()
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     gpu = device.type == "cuda"
     pairs = a.pairs or (8 if gpu else 2)

@@ -1,8 +1,8 @@
 // CPU kernels of ncp::multiscale_error and ncp::multiscale_error_backward.
 //
-// Work items are (scale, sample, chunk); each reads policy, reference and
-// target of its chunk once and sums both squared differences in 16 fp32 lanes
-// (a loop the compiler vectorizes without reassociation). Chunk sums are then
+// Work items are (scale, sample, chunk); each sums the squared differences of
+// policy and of reference against target over its chunk in 16 fp32 lanes (a
+// loop the compiler vectorizes without reassociation). Chunk sums are then
 // added in fp64 in a fixed order, so the result does not depend on the number
 // of threads.
 #include "common.h"
@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 
 namespace ncp {
 namespace {
@@ -22,38 +21,27 @@ namespace {
 constexpr int64_t kChunk = 8192;  // elements per work item
 constexpr int kLanes = 16;
 
-// Sum of (a - t)^2 (and of (b - t)^2 when WithB) over len elements.
-template <typename T, bool WithB>
-inline std::pair<double, double> squared_diff_sums(const T* a, const T* b, const T* t, int64_t len) {
+// Sum of (a - t)^2 over len elements, in kLanes independent accumulators (fp32;
+// fp64 for fp64). One branch per loop: a loop over two branches at once is not
+// vectorized by GCC; the second pass over a chunk finds `t` in L1/L2.
+template <typename T>
+inline double squared_diff_sum(const T* a, const T* t, int64_t len) {
   using Acc = at::opmath_type<T>;
-  std::array<Acc, kLanes> la{}, lb{};
+  Acc lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const Acc tv = static_cast<Acc>(t[i + j]);
-      const Acc da = static_cast<Acc>(a[i + j]) - tv;
-      la[j] += da * da;
-      if constexpr (WithB) {
-        const Acc db = static_cast<Acc>(b[i + j]) - tv;
-        lb[j] += db * db;
-      }
+      const Acc d = static_cast<Acc>(a[i + j]) - static_cast<Acc>(t[i + j]);
+      lanes[j] += d * d;
     }
   }
   for (int j = 0; i < len; ++i, ++j) {
-    const Acc tv = static_cast<Acc>(t[i]);
-    const Acc da = static_cast<Acc>(a[i]) - tv;
-    la[j] += da * da;
-    if constexpr (WithB) {
-      const Acc db = static_cast<Acc>(b[i]) - tv;
-      lb[j] += db * db;
-    }
+    const Acc d = static_cast<Acc>(a[i]) - static_cast<Acc>(t[i]);
+    lanes[j] += d * d;
   }
-  double sa = 0.0, sb = 0.0;
-  for (int j = 0; j < kLanes; ++j) {
-    sa += static_cast<double>(la[j]);
-    sb += static_cast<double>(lb[j]);
-  }
-  return {sa, sb};
+  double sum = 0.0;
+  for (int j = 0; j < kLanes; ++j) sum += static_cast<double>(lanes[j]);
+  return sum;
 }
 
 // Item layout: scale s owns items [begin[s], begin[s+1]); within it, sample-major chunks.
@@ -92,14 +80,8 @@ void multiscale_error_cpu_kernel(const MultiscaleArgs& a, const Items& it, doubl
       const int64_t len = std::min(kChunk, (n + 1) * so.m - lo);
       const T* p = so.policy.const_data_ptr<T>() + lo;
       const T* t = so.target.const_data_ptr<T>() + lo;
-      std::pair<double, double> sums;
-      if (a.has_reference) {
-        sums = squared_diff_sums<T, true>(p, so.reference.const_data_ptr<T>() + lo, t, len);
-      } else {
-        sums = squared_diff_sums<T, false>(p, nullptr, t, len);
-      }
-      partials[2 * item] = sums.first;
-      partials[2 * item + 1] = sums.second;
+      partials[2 * item] = squared_diff_sum(p, t, len);
+      partials[2 * item + 1] = a.has_reference ? squared_diff_sum(so.reference.const_data_ptr<T>() + lo, t, len) : 0.0;
     }
   });
 }
