@@ -258,8 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
 
+    from diffusers.utils import logging as diffusers_logging
+
     from ncp.world.sampling import sampling_defaults
 
+    diffusers_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts, args.prompt_column)

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from ncp.world import judge as judge_mod
 from ncp.world.model import TINY_SPEC, ModelSpec, assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae, n_params
@@ -36,7 +38,7 @@ class BuildConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     n_heldout: int = 64
-    n_train_prompts: int = 300
+    n_train_prompts: int = 240
     samples_per_prompt: int = 4
     sample_steps: int = 20
     guidance_scale: float = 3.0
@@ -77,8 +79,13 @@ def _vae_recon_summary(vae, stream: SceneStream, n: int) -> dict[str, float]:
     return judge_summary(list(rec), caps)
 
 
-def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
-    """Runs every stage and writes the bundle; returns world.json's content."""
+def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = print,
+                reuse_stages: bool = False) -> dict:
+    """Runs every stage and writes the bundle; returns world.json's content.
+
+    Each pretrained stage is also kept in ``out/.stages`` (not part of the bundle);
+    ``reuse_stages`` loads them instead of training again (to redo later stages).
+    """
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -93,14 +100,27 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
     tokenizer = build_tokenizer(cfg.spec.max_tokens)
     vae, unet = build_vae(cfg.spec), build_unet(cfg.spec)
     text_encoder, scheduler = build_text_encoder(cfg.spec, tokenizer), build_scheduler()
-    train_vae(vae, SceneStream(cfg.seed + 1, res, set(heldout)), cfg.pretrain, log)
+    stages = out / ".stages"
+    if reuse_stages and (stages / "vae" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(stages / "vae")
+        log(f"reusing the VAE of {stages / 'vae'}")
+    else:
+        train_vae(vae, SceneStream(cfg.seed + 1, res, set(heldout)), cfg.pretrain, log)
+        vae.save_pretrained(stages / "vae")
     timings["vae_s"] = time.time() - t0
     vae_recon = _vae_recon_summary(vae, SceneStream(cfg.seed + 2, res, set()), 64 if cfg.n_heldout > 8 else 4)
     log(f"vae reconstructions, judge: {vae_recon}")
 
     t0 = time.time()
-    unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler,
-                                        SceneStream(cfg.seed + 3, res, set(heldout)), cfg.pretrain, log)
+    if reuse_stages and (stages / "unet" / "config.json").is_file():
+        unet = UNet2DConditionModel.from_pretrained(stages / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(stages / "text_encoder")
+        log(f"reusing the U-Net and text encoder of {stages}")
+    else:
+        unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler,
+                                            SceneStream(cfg.seed + 3, res, set(heldout)), cfg.pretrain, log)
+        unet.save_pretrained(stages / "unet")
+        text_encoder.save_pretrained(stages / "text_encoder")
     timings["unet_s"] = time.time() - t0
     pipe = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -25,13 +25,13 @@ from ncp.world.scenes import Prompt, render, sample_prompt, scene_for
 
 @dataclass
 class PretrainConfig:
-    vae_steps: int = 1500
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 1800
+    unet_steps: int = 1200
     unet_batch: int = 32
     unet_lr: float = 1e-3
-    latent_pool: int = 12000  # scenes encoded once by the VAE, then sampled for the U-Net
+    latent_pool: int = 8000  # scenes encoded once by the VAE, then sampled for the U-Net
     warmup: int = 100
     ema_decay: float = 0.999
     caption_dropout: float = 0.1

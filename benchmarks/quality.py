@@ -1,0 +1,374 @@
+"""Quality benchmark: NCP objectives against their latent-space counterparts on the bundled world.
+
+The analogue of the paper's Table 1 (METHOD.md): train ``sft, dpo, cpo,
+ncp-sft, ncp-dpo, ncp-cpo`` with LoRA on the bundled preference data, on the
+full pairs and on the "absolute winners" subset, over several seeds, with the
+default run's hyperparameters (python/ncp/configs/default.yaml) and equal
+optimizer steps; every ``--eval-every`` steps the checkpoint draws the held-out
+prompts (same seeds for every run) and the world's judge scores them.
+
+Reported:
+- the win rate of each NCP objective over its latent counterpart (paired
+  images: same prompt, same sampling seed, same training seed; ties count 1/2)
+  with a bootstrap 95% interval over images, at equal steps and at equal wall
+  time (each run taken at its last checkpoint within the slower one's ... faster
+  one's total training time);
+- the judge's mean reward of each run against the steps (JSON and PNG), the
+  base model's reward, and the steps each NCP objective needs to reach the
+  final reward of its latent counterpart;
+- NCP-DPO's tap presets (``paper``, ``mid``, ``multiscale``) on the filtered data.
+
+    python benchmarks/quality.py                      # the full protocol (slow on a CPU)
+    python benchmarks/quality.py --steps 60 --eval-every 20 --seeds 3 --eval-prompts 32
+    python benchmarks/quality.py --quick              # smoke test: 2 steps, 1 seed, 2 prompts
+
+Runs go to ``--runs`` (default runs/quality); finished runs are cached in
+``runs.json`` there and skipped on a re-run with the same settings. Writes
+benchmarks/results/quality.json and quality_reward_vs_steps.png and prints the
+tables. Wall times come from ``perf/step_s`` in each run's metrics.jsonl: on a
+shared machine they are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+
+OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
+PAIRS = [("ncp-sft", "sft"), ("ncp-dpo", "dpo"), ("ncp-cpo", "cpo")]
+TAPS = ["paper", "mid", "multiscale"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    objective: str
+    data: str  # full | filtered
+    seed: int
+    taps: str = "auto"  # auto = mid for SD1.5-style models
+
+    @property
+    def name(self) -> str:
+        return f"{self.objective}-{self.data}-{self.taps}-s{self.seed}"
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
+    """Train one run in-process; return its checkpoint folders and per-step wall times."""
+    from ncp.config import load_config
+    from ncp.train import DEFAULT_CONFIG, train
+
+    n_ckpt = args.steps // args.eval_every + 2
+    overrides = [
+        f"objective.name={spec.objective}", f"objective.taps=[{spec.taps}]",
+        f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
+        f"train.seed={spec.seed}", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.eval_every}",
+        f"train.keep_checkpoints={n_ckpt}", f"train.output_dir={run_dir}", "train.report=false",
+        "logging.progress=false", "logging.tensorboard=false", *args.override,
+    ]
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    t0 = time.time()
+    train(cfg)
+    wall = time.time() - t0
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step_s = [r.get("perf/step_s", float("nan")) for r in recs]
+    ckpts = {int(p.name.split("-")[1]): str(p) for p in sorted(run_dir.glob("step-*")) if p.is_dir()}
+    return {"spec": asdict(spec), "checkpoints": ckpts, "step_s": step_s, "wall_s": wall,
+            "final_metrics": {k: v for k, v in recs[-1].items() if isinstance(v, (int, float))} if recs else {}}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Held-out prompts x seeds, drawn by the base pipeline with one LoRA at a time, scored by the judge."""
+
+    def __init__(self, model_dir: Path, prompts: list[str], n_seeds: int, steps: int, guidance: float):
+        from ncp.world.sampling import load_pipeline
+
+        self.pipe = load_pipeline(model_dir)
+        self.prompts = [p for p in prompts for _ in range(n_seeds)]
+        self.seeds = [1000 + k for _ in prompts for k in range(n_seeds)]
+        self.steps, self.guidance = steps, guidance
+        self.base = self._score()
+
+    def _score(self) -> list[float]:
+        from ncp.world.judge import judge
+        from ncp.world.sampling import generate
+
+        imgs = generate(self.pipe, self.prompts, self.seeds, self.steps, self.guidance)
+        return [judge(im, p).score for im, p in zip(imgs, self.prompts)]
+
+    def lora(self, lora_dir: str) -> list[float]:
+        self.pipe.load_lora_weights(lora_dir)
+        try:
+            return self._score()
+        finally:
+            self.pipe.unload_lora_weights()
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def cumulative_time(step_s: list[float], step: int) -> float:
+    return float(np.nansum(step_s[:step]))
+
+
+def at_time(run: dict, budget: float) -> int:
+    """The last evaluated step whose cumulative training time is within ``budget`` (at least the first)."""
+    steps = sorted(int(s) for s in run["scores"])
+    ok = [s for s in steps if cumulative_time(run["step_s"], s) <= budget + 1e-9]
+    return ok[-1] if ok else steps[0]
+
+
+def win_rate(ncp_runs: list[dict], lat_runs: list[dict], pick) -> dict:
+    """Paired image comparisons pooled over training seeds; ``pick(ncp, lat) -> (step_ncp, step_lat)``."""
+    from ncp.evaluate import paired_stats
+
+    a, b, steps = [], [], []
+    for rn, rl in zip(ncp_runs, lat_runs):
+        sn, sl = pick(rn, rl)
+        a += rl["scores"][str(sl)]
+        b += rn["scores"][str(sn)]
+        steps.append((sn, sl))
+    stats = paired_stats(np.array(a), np.array(b))
+    return {"win_rate": stats["win_rate"], "ci95": stats["win_rate_ci95"], "mean_diff": stats["mean_diff"],
+            "mean_diff_ci95": stats["mean_diff_ci95"], "steps_ncp_latent": steps, "n": len(a)}
+
+
+def curve(runs: list[dict]) -> tuple[list[int], list[float]]:
+    steps = sorted({int(s) for r in runs for s in r["scores"]})
+    means = [float(np.mean([np.mean(r["scores"][str(s)]) for r in runs if str(s) in r["scores"]])) for s in steps]
+    return steps, means
+
+
+def steps_to_match(ncp_runs: list[dict], lat_runs: list[dict]) -> int | None:
+    steps, ncp_means = curve(ncp_runs)
+    _, lat_means = curve(lat_runs)
+    target = lat_means[-1]
+    for s, m in zip(steps, ncp_means):
+        if m >= target:
+            return s
+    return None
+
+
+def analyse(runs: dict[str, dict], base_scores: list[float], args) -> dict:
+    from ncp.evaluate import bootstrap_ci
+
+    def group(obj: str, data: str, taps: str = "auto") -> list[dict]:
+        return [runs[RunSpec(obj, data, s, taps).name] for s in range(args.seeds)
+                if RunSpec(obj, data, s, taps).name in runs]
+
+    out: dict[str, Any] = {"base_reward": float(np.mean(base_scores)), "base_reward_ci95": bootstrap_ci(base_scores),
+                           "table1": [], "curves": {}, "final": {}, "taps": []}
+    for data in args.data:
+        for obj in args.objectives:
+            g = group(obj, data)
+            if not g:
+                continue
+            steps, means = curve(g)
+            times = [float(np.mean([cumulative_time(r["step_s"], s) for r in g])) for s in steps]
+            out["curves"][f"{obj}/{data}"] = {"steps": steps, "reward": means, "train_s": times}
+            final = [x for r in g for x in r["scores"][str(max(int(k) for k in r["scores"]))]]
+            out["final"][f"{obj}/{data}"] = {"reward": float(np.mean(final)), "ci95": bootstrap_ci(final),
+                                             "step_s": float(np.nanmean([np.nanmean(r["step_s"]) for r in g]))}
+        for ncp, lat in PAIRS:
+            gn, gl = group(ncp, data), group(lat, data)
+            if not gn or not gl or len(gn) != len(gl):
+                continue
+            last = lambda r: max(int(k) for k in r["scores"])  # noqa: E731
+            eq_steps = win_rate(gn, gl, lambda rn, rl: (last(rn), last(rl)))
+
+            def eq_time(rn, rl):
+                budget = min(cumulative_time(rn["step_s"], last(rn)), cumulative_time(rl["step_s"], last(rl)))
+                return at_time(rn, budget), at_time(rl, budget)
+
+            out["table1"].append({"ncp": ncp, "latent": lat, "data": data, "equal_steps": eq_steps,
+                                  "equal_time": win_rate(gn, gl, eq_time), "steps_to_match": steps_to_match(gn, gl),
+                                  "seeds": len(gn)})
+    for taps in args.taps:
+        g = group("ncp-dpo", "filtered", "auto" if taps == "mid" else taps)
+        gl = group("dpo", "filtered")
+        if not g:
+            continue
+        last = lambda r: max(int(k) for k in r["scores"])  # noqa: E731
+        final = [x for r in g for x in r["scores"][str(last(r))]]
+        entry = {"taps": taps, "reward": float(np.mean(final)), "ci95": bootstrap_ci(final),
+                 "step_s": float(np.nanmean([np.nanmean(r["step_s"]) for r in g]))}
+        if gl and len(gl) == len(g):
+            entry["vs_dpo_equal_steps"] = win_rate(g, gl, lambda rn, rl: (last(rn), last(rl)))
+        out["taps"].append(entry)
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:5.1f}"
+
+
+def format_tables(res: dict) -> str:
+    lines = [f"base model reward (judge): {res['base_reward']:.4f} "
+             f"[{res['base_reward_ci95'][0]:.4f}, {res['base_reward_ci95'][1]:.4f}]", "",
+             "Win rate of each NCP objective over its latent counterpart (judge, held-out prompts; 95% CI)",
+             f"{'pair':<18} {'data':<9} {'equal steps':>22} {'equal wall time':>22} {'steps to match':>15} seeds"]
+    for row in res["table1"]:
+        es, et = row["equal_steps"], row["equal_time"]
+        lines.append(f"{row['ncp'] + ' vs ' + row['latent']:<18} {row['data']:<9} "
+                     f"{pct(es['win_rate'])}% [{pct(es['ci95'][0])},{pct(es['ci95'][1])}] "
+                     f"{pct(et['win_rate'])}% [{pct(et['ci95'][0])},{pct(et['ci95'][1])}] "
+                     f"{str(row['steps_to_match'] or 'not reached'):>15} {row['seeds']:>5}")
+    lines += ["", "Final reward per objective (mean over seeds and images; 95% CI) and mean step time",
+              f"{'objective/data':<22} {'reward':>8} {'95% CI':>18} {'step s':>8}"]
+    for k, v in res["final"].items():
+        lines.append(f"{k:<22} {v['reward']:8.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] {v['step_s']:8.2f}")
+    if res["taps"]:
+        lines += ["", "NCP-DPO tap presets (filtered data)",
+                  f"{'taps':<12} {'reward':>8} {'95% CI':>18} {'step s':>8} {'win vs dpo (equal steps)':>28}"]
+        for t in res["taps"]:
+            w = t.get("vs_dpo_equal_steps")
+            ws = f"{pct(w['win_rate'])}% [{pct(w['ci95'][0])},{pct(w['ci95'][1])}]" if w else "-"
+            lines.append(f"{t['taps']:<12} {t['reward']:8.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] "
+                         f"{t['step_s']:8.2f} {ws:>28}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datas = sorted({k.split("/")[1] for k in res["curves"]})
+    fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(5.5 * max(1, len(datas)), 4), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        for k, c in res["curves"].items():
+            obj, d = k.split("/")
+            if d != data:
+                continue
+            ax.plot([0] + c["steps"], [res["base_reward"]] + c["reward"], marker="o", ms=3,
+                    ls="-" if obj.startswith("ncp-") else "--", label=obj)
+        ax.axhline(res["base_reward"], color="gray", lw=0.8, ls=":")
+        ax.set_title(f"judge reward vs steps ({data} data)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean judge reward, held-out prompts")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def plan(args) -> list[RunSpec]:
+    specs = [RunSpec(o, d, s) for d in args.data for o in args.objectives for s in range(args.seeds)]
+    if "filtered" in args.data or args.taps:
+        for taps in args.taps:
+            if taps != "mid":  # mid is what 'auto' resolves to for SD1.5-style models: the main runs
+                specs += [RunSpec("ncp-dpo", "filtered", s, taps) for s in range(args.seeds)]
+    return specs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--data", default="full,filtered", help="full and/or filtered (absolute winners)")
+    p.add_argument("--taps", default=",".join(TAPS), help="NCP-DPO tap presets to compare ('' to skip)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (equal for all)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-prompts", type=int, default=0, help="first N held-out prompts (0: all)")
+    p.add_argument("--eval-seeds", type=int, default=1, help="images per held-out prompt")
+    p.add_argument("--sample-steps", type=int, default=0, help="sampling steps (0: the world's)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--override", action="append", default=[], help="extra section.key=value for every run")
+    p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
+    p.add_argument("--runs", default="runs/quality")
+    p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 2 prompts, dpo/ncp-dpo")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.seeds, args.eval_prompts = 2, 1, 1, 2
+        args.objectives, args.taps, args.sample_steps = "dpo,ncp-dpo", "", args.sample_steps or 4
+        args.data = "full"
+    args.objectives = [o for o in args.objectives.split(",") if o]
+    args.data = [d for d in args.data.split(",") if d]
+    args.taps = [t for t in args.taps.split(",") if t]
+
+    import logging
+
+    import torch
+
+    from ncp.evaluate import read_prompts
+    from ncp.world import bundle_path
+    from ncp.world.sampling import sampling_defaults
+
+    logging.basicConfig(level=logging.WARNING)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" notice per checkpoint otherwise
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    world = Path(args.world) if args.world else bundle_path()
+    model_dir = world / "model"
+    prompts = read_prompts(world / "data" / "heldout_prompts.txt")
+    if args.world:
+        args.override = [f"model.path={model_dir}", f"data.sources=[{world / 'data' / '*.parquet'}]", *args.override]
+    if args.eval_prompts:
+        prompts = prompts[: args.eval_prompts]
+    steps, guidance = sampling_defaults(model_dir)
+    steps = args.sample_steps or steps
+    runs_dir = Path(args.runs)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "quick")} | {
+        "eval_prompt_list": prompts, "sample_steps": steps, "guidance": guidance}
+    cache_path = runs_dir / "runs.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if cache.get("settings") != json.loads(json.dumps(settings)):
+        cache = {"settings": settings, "runs": {}}
+    evaluator = Evaluator(model_dir, prompts, args.eval_seeds, steps, guidance)
+    specs = plan(args)
+    for i, spec in enumerate(specs):
+        if spec.name in cache["runs"]:
+            continue
+        t0 = time.time()
+        run = train_run(spec, args, runs_dir / spec.name)
+        run["scores"] = {str(s): evaluator.lora(d) for s, d in sorted(run.pop("checkpoints").items())}
+        cache["runs"][spec.name] = run
+        cache_path.write_text(json.dumps(cache))
+        last = run["scores"][str(max(int(k) for k in run["scores"]))]
+        print(f"[{i + 1}/{len(specs)}] {spec.name}: final reward {np.mean(last):.4f} "
+              f"(base {np.mean(evaluator.base):.4f}), {time.time() - t0:.0f}s", flush=True)
+    res = analyse(cache["runs"], evaluator.base, args)
+    res["settings"] = settings
+    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                      "python": platform.python_version(), "torch": torch.__version__}
+    res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    res["total_s"] = round(time.time() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    png = out.with_name(out.stem + "_reward_vs_steps.png")
+    plot(res, png)
+    print(format_tables(res))
+    print(f"wrote {out} and {png}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
