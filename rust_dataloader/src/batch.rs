@@ -1,0 +1,227 @@
+//! Epoch plans and batch assembly. Batch k of an epoch is a pure function of
+//! (index, config, epoch, k): threads only decide how fast it is made.
+use crate::error::{LoadError, Result, SkipRecord};
+use crate::imaging::{crop_flip_chw, crop_offset, decode, resize, shorter_side_size, DecodeError};
+use crate::rng::{permutation, sample_rng};
+use crate::source::{read_image_pairs, read_paths, skip_record, Location, PairIndex};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub resolution: u32,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    pub random_crop: bool,
+    pub random_flip: bool,
+    pub strict: bool,
+    pub drop_last: bool,
+    pub empty_prompt_prob: f64,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(LoadError::Config(m));
+        if self.resolution == 0 {
+            return bad("resolution must be > 0".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be > 0".into());
+        }
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return bad(format!("rank {} must be in [0, world_size={})", self.rank, self.world_size));
+        }
+        if !(0.0..=1.0).contains(&self.empty_prompt_prob) {
+            return bad(format!("empty_prompt_prob {} must be in [0, 1]", self.empty_prompt_prob));
+        }
+        Ok(())
+    }
+}
+
+/// This rank's pair indices for an epoch: the (seed, epoch) permutation, every
+/// world_size-th entry from `rank` (disjoint over ranks, complete together).
+pub fn epoch_samples(num_pairs: usize, cfg: &Config, epoch: u64) -> Vec<u32> {
+    permutation(num_pairs, cfg.seed, epoch).into_iter().skip(cfg.rank).step_by(cfg.world_size).collect()
+}
+
+/// Batches per epoch on this rank. With drop_last every rank gets the same count
+/// (floor(num_pairs / world_size) / batch_size), so DDP ranks stay in step.
+pub fn num_batches(num_pairs: usize, cfg: &Config) -> usize {
+    if cfg.drop_last {
+        (num_pairs / cfg.world_size) / cfg.batch_size
+    } else {
+        let mine = (num_pairs + cfg.world_size - 1 - cfg.rank) / cfg.world_size;
+        mine.div_ceil(cfg.batch_size)
+    }
+}
+
+/// B pairs (B may be smaller than batch_size after skips or at the epoch's end).
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub indices: Vec<i64>,
+    pub captions: Vec<String>,
+    pub winners: Vec<u8>, // (B, 3, R, R)
+    pub losers: Vec<u8>,  // (B, 3, R, R)
+    pub original_sizes: Vec<i64>, // (B, 2) height, width of the winner
+    pub crop_top_left: Vec<i64>,  // (B, 2) top, left of the winner's crop
+    pub skipped: Vec<SkipRecord>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+/// Augmentation draws of one pair: shared by winner and loser.
+struct Draws {
+    crop: Option<(f64, f64)>,
+    flip: bool,
+    drop_caption: bool,
+}
+
+fn draws(cfg: &Config, epoch: u64, index: u32) -> Draws {
+    let mut r = sample_rng(cfg.seed, epoch, index as u64);
+    let (u, v, f, d) = (r.unit(), r.unit(), r.unit(), r.unit());
+    Draws {
+        crop: cfg.random_crop.then_some((u, v)),
+        flip: cfg.random_flip && f < 0.5,
+        drop_caption: d < cfg.empty_prompt_prob,
+    }
+}
+
+type Bytes = std::result::Result<Vec<u8>, String>;
+
+/// The encoded bytes of both images of each pair, in `samples` order.
+fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<(Bytes, Bytes)>> {
+    // Parquet pairs grouped by (file, row group), one projected read per group.
+    let mut groups: BTreeMap<(u32, u32), Vec<(u32, usize)>> = BTreeMap::new();
+    for (slot, &s) in samples.iter().enumerate() {
+        let p = &index.pairs[s as usize];
+        if let Location::Parquet { row_group, row_in_group } = p.location {
+            groups.entry((p.file, row_group)).or_default().push((row_in_group, slot));
+        }
+    }
+    let missing = || Err("image is null".to_string());
+    let mut out: Vec<(Bytes, Bytes)> = (0..samples.len()).map(|_| (missing(), missing())).collect();
+    let groups: Vec<_> = groups.into_iter().collect();
+    let read: Vec<Result<Vec<(usize, (Bytes, Bytes))>>> = groups
+        .into_par_iter()
+        .map(|((file, rg), mut rows)| {
+            rows.sort_unstable();
+            let row_ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
+            let data = read_image_pairs(index, file, rg, &row_ids)?;
+            Ok(rows
+                .into_iter()
+                .zip(data)
+                .map(|((_, slot), (a, b))| (slot, (a.ok_or_else(|| "image is null".to_string()), b.ok_or_else(|| "image is null".to_string()))))
+                .collect())
+        })
+        .collect();
+    for group in read {
+        for (slot, pair) in group? {
+            out[slot] = pair;
+        }
+    }
+    for (slot, &s) in samples.iter().enumerate() {
+        if let Location::Paths { image_0, image_1 } = &index.pairs[s as usize].location {
+            out[slot] = read_paths(image_0, image_1);
+        }
+    }
+    Ok(out)
+}
+
+/// Per-pair result: (height, width, top, left) of the winner, or why it failed.
+type PairResult = std::result::Result<[i64; 4], (u8, DecodeError)>;
+
+/// Decode, resize, crop and flip one image into `out`; returns (h, w, top, left).
+fn transform(bytes: &[u8], res: u32, d: &Draws, out: &mut [u8]) -> std::result::Result<[i64; 4], DecodeError> {
+    let img = decode(bytes)?;
+    let (h0, w0) = (img.height, img.width);
+    let (w, h) = shorter_side_size(w0, h0, res);
+    let img = resize(img, w, h)?;
+    let top = crop_offset(h, res, d.crop.map(|c| c.0));
+    let left = crop_offset(w, res, d.crop.map(|c| c.1));
+    crop_flip_chw(&img, top, left, res, d.flip, out);
+    Ok([h0 as i64, w0 as i64, top as i64, left as i64])
+}
+
+/// Build one batch from its pair indices.
+pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32]) -> Result<Batch> {
+    let res = cfg.resolution;
+    let per = 3 * (res as usize) * (res as usize);
+    let n = samples.len();
+    let bytes = fetch(index, samples)?;
+    let mut winners = vec![0u8; n * per];
+    let mut losers = vec![0u8; n * per];
+    let all_draws: Vec<Draws> = samples.iter().map(|&s| draws(cfg, epoch, s)).collect();
+    let results: Vec<PairResult> = winners
+        .par_chunks_mut(per)
+        .zip(losers.par_chunks_mut(per))
+        .zip(bytes.par_iter().zip(samples.par_iter()).zip(all_draws.par_iter()))
+        .map(|((w_out, l_out), ((b, &s), d))| {
+            let first = index.pairs[s as usize].winner;
+            let (wb, lb) = if first == 0 { (&b.0, &b.1) } else { (&b.1, &b.0) };
+            let wb = wb.as_ref().map_err(|e| (first, DecodeError::Corrupt(e.clone())))?;
+            let meta = transform(wb, res, d, w_out).map_err(|e| (first, e))?;
+            let lb = lb.as_ref().map_err(|e| (1 - first, DecodeError::Corrupt(e.clone())))?;
+            transform(lb, res, d, l_out).map_err(|e| (1 - first, e))?;
+            Ok(meta)
+        })
+        .collect();
+    assemble(index, cfg, samples, &all_draws, results, winners, losers, per)
+}
+
+/// Turn per-pair results into a batch: errors raise or skip, survivors are compacted.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    index: &PairIndex,
+    cfg: &Config,
+    samples: &[u32],
+    all_draws: &[Draws],
+    results: Vec<PairResult>,
+    mut winners: Vec<u8>,
+    mut losers: Vec<u8>,
+    per: usize,
+) -> Result<Batch> {
+    let mut batch = Batch::default();
+    let mut kept = 0usize;
+    for (slot, r) in results.into_iter().enumerate() {
+        let pair = &index.pairs[samples[slot] as usize];
+        let meta = match r {
+            Ok(m) => m,
+            Err((image, DecodeError::Unsupported(msg))) => {
+                let rec = skip_record(index, pair, image, msg);
+                return Err(LoadError::Unsupported(format!("image format at {rec}")));
+            }
+            Err((image, DecodeError::Corrupt(msg))) => {
+                let rec = skip_record(index, pair, image, msg);
+                if cfg.strict {
+                    return Err(LoadError::Corrupt(rec));
+                }
+                batch.skipped.push(rec);
+                continue;
+            }
+        };
+        if kept != slot {
+            winners.copy_within(slot * per..(slot + 1) * per, kept * per);
+            losers.copy_within(slot * per..(slot + 1) * per, kept * per);
+        }
+        kept += 1;
+        batch.indices.push(samples[slot] as i64);
+        let caption = if all_draws[slot].drop_caption { String::new() } else { pair.caption.clone() };
+        batch.captions.push(caption);
+        batch.original_sizes.extend_from_slice(&meta[..2]);
+        batch.crop_top_left.extend_from_slice(&meta[2..]);
+    }
+    winners.truncate(kept * per);
+    losers.truncate(kept * per);
+    batch.winners = winners;
+    batch.losers = losers;
+    Ok(batch)
+}
