@@ -9,14 +9,16 @@
 # then prints a short table. With $OUT set it writes there: gpu_check.json (steps,
 # times, status), ops.json (benchmark), pytest_cuda.xml and the logs.
 #
-# Usage: benchmarks/gpu_check.sh [WHEEL_DIR]     (run from anywhere; works in the repo root)
-# Env:   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default nproc)
+# Usage: benchmarks/gpu_check.sh [WHEEL_DIR]     (from any folder; it works in the repo root)
+# Env:   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default nproc),
+#        NCP_OPS_BENCH_ARGS (extra arguments of benchmarks/ops.py)
 set -uo pipefail
+WHEELS=$(realpath -m "${1:-wheels}")   # before the cd: relative to the caller's folder
+OUTDIR=$(realpath -m "${OUT:-$(mktemp -d)}")
 cd "$(dirname "$0")/.."
-WHEELS=$(realpath "${1:-wheels}" 2>/dev/null || echo "${1:-wheels}")
 PY=${PYTHON:-python3}
-OUTDIR=${OUT:-$(mktemp -d)}
 mkdir -p "$OUTDIR"
+export WHEELS PY
 T0=$(date +%s)
 STEPS=()   # "name|status|seconds|note"
 FAILED=0
@@ -62,11 +64,13 @@ build_extension() {
   $PY -c "import ncp.ops as o; print('fused ops on', sorted(o.FUSED_DEVICES)); assert 'cuda' in o.FUSED_DEVICES"
 }
 
-run_step install_wheels 120 install_wheels
-run_step build_extension 240 build_extension
+export -f install_wheels build_extension   # run_step runs them under `timeout bash -c`
+run_step install_wheels 120 bash -c install_wheels
+run_step build_extension 240 bash -c build_extension
 run_step pytest_cuda 150 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_cuda.xml" tests
-run_step ops_benchmark 200 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json"
+# shellcheck disable=SC2086  # NCP_OPS_BENCH_ARGS: extra arguments, e.g. "--models sd15 --no-compile"
+run_step ops_benchmark 200 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" ${NCP_OPS_BENCH_ARGS:-}
 
 # ---- STEP BENCHMARK (the training step; to be added by the lead) -------------------
 # run_step step_benchmark 120 env PYTHONPATH=python $PY benchmarks/step.py --out "$OUTDIR/step.json"

@@ -19,10 +19,25 @@ constexpr int64_t kChunk = 4096;  // elements per work item: x_t and z stay in L
 
 // out[i] = base[i] - c_e * eps[i]; a plain loop the compiler vectorizes.
 template <typename T, typename Acc>
-inline void subtract_scaled(const Acc* base, const T* eps, Acc c_e, T* out, int64_t len) {
+__attribute__((always_inline)) inline void subtract_scaled(const Acc* __restrict__ base, const T* __restrict__ eps,
+                                                           Acc c_e, T* __restrict__ out, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
     out[i] = static_cast<T>(base[i] - c_e * static_cast<Acc>(eps[i]));
   }
+}
+
+// base = c_x * x + sigma * z (the part shared by all branches).
+template <typename T, typename Acc>
+__attribute__((always_inline)) inline void combine(const T* __restrict__ x, const T* __restrict__ z, Acc c_x,
+                                                   Acc sigma, Acc* __restrict__ base, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) base[i] = c_x * static_cast<Acc>(x[i]) + sigma * static_cast<Acc>(z[i]);
+}
+
+// out = scale * grad.
+template <typename T, typename Acc>
+__attribute__((always_inline)) inline void scale(const T* __restrict__ grad, Acc s, T* __restrict__ out,
+                                                 int64_t len) {
+  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(s * static_cast<Acc>(grad[i]));
 }
 
 template <typename T>
@@ -42,9 +57,7 @@ void reverse_step_cpu_kernel(const ReverseStepArgs& a, T* prev_policy, T* prev_o
       const int64_t lo = n * a.m + (item % chunks) * kChunk;
       const int64_t len = std::min(kChunk, (n + 1) * a.m - lo);
       const Acc c_x = coef[3 * n], c_e = coef[3 * n + 1], sigma = coef[3 * n + 2];
-      for (int64_t i = 0; i < len; ++i) {
-        base[i] = c_x * static_cast<Acc>(x[lo + i]) + sigma * static_cast<Acc>(z[lo + i]);
-      }
+      combine(x + lo, z + lo, c_x, sigma, base, len);
       subtract_scaled(base, eps_p + lo, c_e, prev_policy + lo, len);
       for (int64_t k = 0; k < a.k; ++k) {
         subtract_scaled(base, eps_o + k * nm + lo, c_e, prev_other + k * nm + lo, len);
@@ -79,10 +92,7 @@ void reverse_step_backward_cpu_kernel(const T* grad, const float* coef, T* out, 
       const int64_t n = item / chunks;
       const int64_t lo = n * m + (item % chunks) * kChunk;
       const int64_t len = std::min(kChunk, (n + 1) * m - lo);
-      const Acc neg_c_e = -static_cast<Acc>(coef[3 * n + 1]);
-      for (int64_t i = lo; i < lo + len; ++i) {
-        out[i] = static_cast<T>(neg_c_e * static_cast<Acc>(grad[i]));
-      }
+      scale(grad + lo, -static_cast<Acc>(coef[3 * n + 1]), out + lo, len);
     }
   });
 }

@@ -140,6 +140,10 @@ torch.library.register_autograd(
 
 
 # ---- public wrappers ------------------------------------------------------------
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # no dispatcher call in the common case
+
+
 def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -157,9 +161,9 @@ def reverse_step(
     """
     dtype = _common_dtype([x_t, eps_policy, eps_other, z])
     prev_policy, prev_other = _ops.reverse_step(
-        x_t.to(dtype), eps_policy.to(dtype), eps_other.to(dtype), z.to(dtype), coef.to(torch.float32)
+        _as(x_t, dtype), _as(eps_policy, dtype), _as(eps_other, dtype), _as(z, dtype), _as(coef, torch.float32)
     )
-    return prev_policy.to(x_t.dtype), prev_other.to(x_t.dtype)
+    return _as(prev_policy, x_t.dtype), _as(prev_other, x_t.dtype)
 
 
 def multiscale_error(
@@ -178,5 +182,5 @@ def multiscale_error(
     if reference and len(reference) != len(policy):
         raise ValueError(f"multiscale_error: {len(reference)} reference scales for {len(policy)} policy scales")
     dtype = _common_dtype([*policy, *reference, *target])
-    cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    cast = lambda ts: [_as(t, dtype) for t in ts]  # noqa: E731
     return _ops.multiscale_error(cast(policy), cast(reference), cast(target), [float(w) for w in weights])
