@@ -270,6 +270,27 @@ def test_multiscale_error_gradcheck_float64(device):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+def test_registered_autograd_matches_eager_fast_path(device):
+    """torch.ops.ncp.* (the autograd torch.compile traces) and the wrappers' fast path agree."""
+    x, e, others, z, coef = _step_inputs((2, 3, 5, 4), 2, device)
+    grads = []
+    for call in (torch.ops.ncp.reverse_step, fused.reverse_step):
+        leaf = e.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(call(x, leaf, others, z, coef)[0].square().sum(), leaf)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    policy, ref, target = _features(SCALES_5, 2, device)
+    grads = []
+    for call in (torch.ops.ncp.multiscale_error, fused.multiscale_error):
+        leaves = [p.clone().requires_grad_(True) for p in policy]
+        err_p, err_r = call(leaves, ref, target, [0.2] * 5)
+        assert not err_r.requires_grad
+        grads.append(torch.autograd.grad(err_p.square().sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_multiscale_error_rejects_bad_lists(device):
     policy, ref, target = _features(SCALES_SD, 2, device)
     with pytest.raises(ValueError, match="one policy, target and weight per scale"):
