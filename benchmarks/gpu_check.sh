@@ -72,8 +72,13 @@ run_step pytest_cuda 150 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:ca
 # shellcheck disable=SC2086  # NCP_OPS_BENCH_ARGS: extra arguments, e.g. "--models sd15 --no-compile"
 run_step ops_benchmark 200 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" ${NCP_OPS_BENCH_ARGS:-}
 
-# ---- STEP BENCHMARK (the training step; to be added by the lead) -------------------
-# run_step step_benchmark 120 env PYTHONPATH=python $PY benchmarks/step.py --out "$OUTDIR/step.json"
+# ---- STEP BENCHMARK (issue 6, benchmarks/step.py; owned by the step-benchmark engineer) ----
+# Full-size SD1.5 (512 px) and SDXL (1024 px) U-Nets with random weights, each at the largest
+# power-of-two batch that fits: the baseline Diffusion-DPO step (whole U-Net trained + an fp16
+# reference copy) vs ncp's DPO and NCP-DPO (LoRA 64, 8-bit AdamW, bf16). About 3-4 minutes on
+# an H100; each measurement lands in $OUTDIR/step.json as it finishes, so a timeout keeps them.
+run_step step_benchmark 270 env PYTHONPATH=python $PY benchmarks/step.py --device cuda --steps 4 --warmup 1 \
+  --worker-timeout 150 --out "$OUTDIR/step.json"
 # -------------------------------------------------------------------------------------
 
 echo
