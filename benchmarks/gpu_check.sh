@@ -25,10 +25,21 @@ FAILED=0
 
 now() { echo $(( $(date +%s) - T0 )); }
 # run_step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs to $OUTDIR/NAME.log, records the result.
+# Every step's limit is cut to what is left of the budget (NCP_GPU_CHECK_BUDGET, default 450 s,
+# which keeps the whole script under 8 minutes); a step with under 20 s left is skipped.
+BUDGET=${NCP_GPU_CHECK_BUDGET:-450}
 run_step() {
   local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - $(now) ))
+  if [ "$left" -lt 20 ]; then
+    echo "== [$(now) s] $name: skipped, ${left} s of the budget left"
+    STEPS+=("$name|skipped(budget)|0|")
+    FAILED=1
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local start; start=$(date +%s)
-  echo "== [$(now) s] $name"
+  echo "== [$(now) s] $name (limit ${limit} s)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
   local rc=${PIPESTATUS[0]}
   local secs=$(( $(date +%s) - start ))
@@ -65,12 +76,12 @@ build_extension() {
 }
 
 export -f install_wheels build_extension   # run_step runs them under `timeout bash -c`
-run_step install_wheels 120 bash -c install_wheels
-run_step build_extension 240 bash -c build_extension
-run_step pytest_cuda 150 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
+run_step install_wheels 60 bash -c install_wheels
+run_step build_extension 180 bash -c build_extension
+run_step pytest_cuda 120 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_cuda.xml" tests
 # shellcheck disable=SC2086  # NCP_OPS_BENCH_ARGS: extra arguments, e.g. "--models sd15 --no-compile"
-run_step ops_benchmark 200 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" ${NCP_OPS_BENCH_ARGS:-}
+run_step ops_benchmark 150 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" ${NCP_OPS_BENCH_ARGS:-}
 
 # ---- STEP BENCHMARK (issue 6, benchmarks/step.py; owned by the step-benchmark engineer) ----
 # Full-size SD1.5 (512 px) and SDXL (1024 px) U-Nets with random weights, each at the largest
