@@ -129,10 +129,11 @@ at::Tensor reverse_step_backward_cuda(const at::Tensor& grad_prev_policy, const 
     constexpr int V = cuda::kVec<scalar_t>;
     const bool vec = m % V == 0 && cuda::aligned16(g) && cuda::aligned16(o);
     const int64_t bps = blocks_per_sample(n, m, vec ? V : 1);
+    const float* cf = c.const_data_ptr<float>();
     if (vec) {
-      reverse_step_backward_kernel<scalar_t, V><<<n * bps, kThreads, 0, stream>>>(g, c.const_data_ptr<float>(), o, m, bps);
+      reverse_step_backward_kernel<scalar_t, V><<<n * bps, kThreads, 0, stream>>>(g, cf, o, m, bps);
     } else {
-      reverse_step_backward_kernel<scalar_t, 1><<<n * bps, kThreads, 0, stream>>>(g, c.const_data_ptr<float>(), o, m, bps);
+      reverse_step_backward_kernel<scalar_t, 1><<<n * bps, kThreads, 0, stream>>>(g, cf, o, m, bps);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

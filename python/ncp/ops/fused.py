@@ -75,7 +75,8 @@ def _reverse_step_grads(coef: Tensor, needs, grad_policy: Tensor | None, grad_ot
     if need_eps and grad_policy is not None:
         grad_eps = _ops.reverse_step_backward(grad_policy, coef)
     grad_x = grad_z = grad_eps_other = None
-    if (need_x or need_z or need_other) and (grad_policy is not None or grad_other is not None):  # not used by training (x_t, z, eps_other carry no grad): plain PyTorch
+    # x_t, z and eps_other carry no gradient in training: this rare path is plain PyTorch.
+    if (need_x or need_z or need_other) and (grad_policy is not None or grad_other is not None):
         like = grad_policy if grad_policy is not None else grad_other[0]
         total = torch.zeros_like(like, dtype=torch.float32 if like.dtype != torch.float64 else like.dtype)
         if grad_policy is not None:
