@@ -11,7 +11,11 @@
 # Usage: scripts/build_wheels.sh [OUT_DIR]    (default ./wheels; run with the project venv active)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+# The Python with torch: $PYTHON, else the active venv's, else the project's .venv, else python3.
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -n "${VIRTUAL_ENV:-}" ]; then PY=python
+elif [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python
+else PY=python3; fi
 OUT=${1:-wheels}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -21,7 +25,9 @@ MAX_JOBS=${MAX_JOBS:-1} $PY -m pip wheel -q --no-build-isolation --no-deps -w "$
 
 if [ -f rust_dataloader/Cargo.toml ]; then
   echo "== ncp_dataloader wheel (maturin) -> $OUT"
-  maturin build --release -q -m rust_dataloader/Cargo.toml -o "$OUT"
+  MATURIN=$(dirname "$(command -v "$PY")")/maturin
+  [ -x "$MATURIN" ] || MATURIN=maturin
+  "$MATURIN" build --release -q -m rust_dataloader/Cargo.toml -o "$OUT"
 fi
 
 if [ "${NCP_GPU_DEPS:-0}" = "1" ]; then
