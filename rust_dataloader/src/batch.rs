@@ -3,7 +3,7 @@
 use crate::error::{LoadError, Result, SkipRecord};
 use crate::imaging::{crop_flip_chw, crop_offset, decode, resize, shorter_side_size, DecodeError};
 use crate::rng::{permutation, sample_rng};
-use crate::source::{read_image_pairs, read_paths, skip_record, Location, PairIndex};
+use crate::source::{content_hash, read_image_pairs, read_paths, skip_record, Location, PairIndex};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -19,6 +19,8 @@ pub struct Config {
     pub strict: bool,
     pub drop_last: bool,
     pub empty_prompt_prob: f64,
+    /// False: pairs in index order every epoch (the cache writer's pass).
+    pub shuffle: bool,
 }
 
 impl Config {
@@ -43,7 +45,8 @@ impl Config {
 /// This rank's pair indices for an epoch: the (seed, epoch) permutation, every
 /// world_size-th entry from `rank` (disjoint over ranks, complete together).
 pub fn epoch_samples(num_pairs: usize, cfg: &Config, epoch: u64) -> Vec<u32> {
-    permutation(num_pairs, cfg.seed, epoch).into_iter().skip(cfg.rank).step_by(cfg.world_size).collect()
+    let order = if cfg.shuffle { permutation(num_pairs, cfg.seed, epoch) } else { (0..num_pairs as u32).collect() };
+    order.into_iter().skip(cfg.rank).step_by(cfg.world_size).collect()
 }
 
 /// Batches per epoch on this rank. With drop_last every rank gets the same count
@@ -66,6 +69,7 @@ pub struct Batch {
     pub losers: Vec<u8>,  // (B, 3, R, R)
     pub original_sizes: Vec<i64>, // (B, 2) height, width of the winner
     pub crop_top_left: Vec<i64>,  // (B, 2) top, left of the winner's crop
+    pub image_hashes: Vec<u64>,   // (B, 2) content hashes of the winner's and loser's bytes
     pub skipped: Vec<SkipRecord>,
 }
 
@@ -79,13 +83,16 @@ impl Batch {
 }
 
 /// Augmentation draws of one pair: shared by winner and loser.
-struct Draws {
-    crop: Option<(f64, f64)>,
-    flip: bool,
-    drop_caption: bool,
+pub struct Draws {
+    pub crop: Option<(f64, f64)>,
+    pub flip: bool,
+    pub drop_caption: bool,
 }
 
-fn draws(cfg: &Config, epoch: u64, index: u32) -> Draws {
+/// The draws of pair `index` in `epoch`: crop (u_top, u_left), flip, empty prompt,
+/// from one stream keyed by (seed, epoch, index). The latent cache reader uses the
+/// same function (through `ncp_dataloader.augment_draws`).
+pub fn draws(cfg: &Config, epoch: u64, index: u32) -> Draws {
     let mut r = sample_rng(cfg.seed, epoch, index as u64);
     let (u, v, f, d) = (r.unit(), r.unit(), r.unit(), r.unit());
     Draws {
@@ -160,6 +167,15 @@ pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32])
     let mut winners = vec![0u8; n * per];
     let mut losers = vec![0u8; n * per];
     let all_draws: Vec<Draws> = samples.iter().map(|&s| draws(cfg, epoch, s)).collect();
+    let hashes: Vec<[u64; 2]> = bytes
+        .par_iter()
+        .zip(samples.par_iter())
+        .map(|(b, &s)| {
+            let h = |x: &Bytes| x.as_ref().map(|v| content_hash(v)).unwrap_or(0);
+            let (h0, h1) = (h(&b.0), h(&b.1));
+            if index.pairs[s as usize].winner == 0 { [h0, h1] } else { [h1, h0] }
+        })
+        .collect();
     let results: Vec<PairResult> = winners
         .par_chunks_mut(per)
         .zip(losers.par_chunks_mut(per))
@@ -174,7 +190,15 @@ pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32])
             Ok(meta)
         })
         .collect();
-    assemble(index, cfg, samples, &all_draws, results, winners, losers, per)
+    let mut batch = assemble(index, cfg, samples, &all_draws, results, winners, losers, per)?;
+    let kept: std::collections::HashSet<i64> = batch.indices.iter().copied().collect();
+    batch.image_hashes = samples
+        .iter()
+        .zip(&hashes)
+        .filter(|(s, _)| kept.contains(&(**s as i64)))
+        .flat_map(|(_, h)| *h)
+        .collect();
+    Ok(batch)
 }
 
 /// Turn per-pair results into a batch: errors raise or skip, survivors are compacted.

@@ -1,7 +1,7 @@
 //! The PyO3 module `ncp_dataloader`: `PairLoader` (see docs/internals.md) and
 //! two helpers used by the pixel tests. Every wait releases the GIL; worker
 //! panics are caught and raised as RuntimeError.
-use crate::batch::{build_batch, epoch_samples, num_batches, Batch, Config};
+use crate::batch::{build_batch, draws, epoch_samples, num_batches, Batch, Config};
 use crate::error::{LoadError, Result as LResult};
 use crate::imaging::{decode, resize, shorter_side_size, DecodeError, Pixels};
 use crate::source::{build_index, Columns, PairIndex, Selection};
@@ -79,7 +79,7 @@ impl PairLoader {
     #[new]
     #[pyo3(signature = (sources, resolution, batch_size, seed=0, rank=0, world_size=1, random_crop=false,
         random_flip=true, drop_ties=true, absolute_winners=false, columns=None, num_threads=0, prefetch=4,
-        strict=false, drop_last=true, empty_prompt_prob=0.0))]
+        strict=false, drop_last=true, empty_prompt_prob=0.0, shuffle=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -99,9 +99,11 @@ impl PairLoader {
         strict: bool,
         drop_last: bool,
         empty_prompt_prob: f64,
+        shuffle: bool,
     ) -> PyResult<Self> {
         let cfg = Config {
             resolution, batch_size, seed, rank, world_size, random_crop, random_flip, strict, drop_last, empty_prompt_prob,
+            shuffle,
         };
         cfg.validate().map_err(to_py)?;
         let mut overrides: Vec<(String, String)> = columns.unwrap_or_default().into_iter().collect();
@@ -323,6 +325,7 @@ fn batch_dict<'py>(py: Python<'py>, b: Batch, res: usize) -> PyResult<Bound<'py,
     d.set_item("original_sizes", PyArray1::from_vec(py, b.original_sizes).reshape([n, 2])?)?;
     d.set_item("crop_top_left", PyArray1::from_vec(py, b.crop_top_left).reshape([n, 2])?)?;
     d.set_item("indices", PyArray1::from_vec(py, b.indices))?;
+    d.set_item("image_hashes", PyArray1::from_vec(py, b.image_hashes).reshape([n, 2])?)?;
     d.set_item("skipped", b.skipped.len())?;
     Ok(d)
 }
@@ -405,12 +408,65 @@ fn resize_image<'py>(py: Python<'py>, data: &Bound<'py, PyBytes>, resolution: u3
     image_array(py, px)
 }
 
+fn order_config(seed: u64, rank: usize, world_size: usize, batch_size: usize, drop_last: bool) -> PyResult<Config> {
+    let cfg = Config {
+        resolution: 1, batch_size, seed, rank, world_size, random_crop: false, random_flip: false,
+        strict: false, drop_last, empty_prompt_prob: 0.0, shuffle: true,
+    };
+    cfg.validate().map_err(to_py)?;
+    Ok(cfg)
+}
+
+/// This rank's pair ids for an epoch, batch by batch, exactly as `PairLoader` orders
+/// them: int64 (num_batches, batch_size) with drop_last, else a flat (n,) array.
+#[pyfunction]
+#[pyo3(signature = (num_pairs, batch_size, seed, epoch, rank=0, world_size=1, drop_last=true))]
+#[allow(clippy::too_many_arguments)]
+fn epoch_order<'py>(
+    py: Python<'py>, num_pairs: usize, batch_size: usize, seed: u64, epoch: u64, rank: usize, world_size: usize,
+    drop_last: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let cfg = order_config(seed, rank, world_size, batch_size, drop_last)?;
+    let nb = num_batches(num_pairs, &cfg);
+    let mut order: Vec<i64> = epoch_samples(num_pairs, &cfg, epoch).into_iter().map(i64::from).collect();
+    if drop_last {
+        order.truncate(nb * batch_size);
+        return Ok(PyArray1::from_vec(py, order).reshape([nb, batch_size])?.into_any());
+    }
+    Ok(PyArray1::from_vec(py, order).into_any())
+}
+
+/// The per-pair draws `PairLoader` makes for (seed, epoch, index): (flip, empty_prompt)
+/// as two bool arrays, for readers (the latent cache) that must agree with it.
+#[pyfunction]
+fn augment_draws<'py>(
+    py: Python<'py>, seed: u64, epoch: u64, indices: Vec<u32>, random_flip: bool, empty_prompt_prob: f64,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let mut cfg = order_config(seed, 0, 1, 1, true)?;
+    cfg.random_flip = random_flip;
+    cfg.empty_prompt_prob = empty_prompt_prob;
+    let (flips, drops): (Vec<bool>, Vec<bool>) = indices.iter().map(|&i| {
+        let d = draws(&cfg, epoch, i);
+        (d.flip, d.drop_caption)
+    }).unzip();
+    Ok((PyArray1::from_vec(py, flips).into_any(), PyArray1::from_vec(py, drops).into_any()))
+}
+
+/// xxh3-64 of bytes: the image content hash of the latent cache's keys.
+#[pyfunction]
+fn content_hash(data: &Bound<'_, PyBytes>) -> u64 {
+    crate::source::content_hash(data.as_bytes())
+}
+
 #[pymodule]
 fn ncp_dataloader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PairLoader>()?;
     m.add_class::<PairIter>()?;
     m.add_function(wrap_pyfunction!(decode_image, m)?)?;
     m.add_function(wrap_pyfunction!(resize_image, m)?)?;
+    m.add_function(wrap_pyfunction!(epoch_order, m)?)?;
+    m.add_function(wrap_pyfunction!(augment_draws, m)?)?;
+    m.add_function(wrap_pyfunction!(content_hash, m)?)?;
     m.add("CorruptImageError", m.py().get_type::<CorruptImageError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -8,7 +8,6 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, Parq
 use parquet::arrow::ProjectionMask;
 use std::collections::HashMap;
 use std::fs::File;
-use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -273,10 +272,14 @@ pub fn binaries<'a>(arr: &'a ArrayRef, path: &str, name: &str) -> Result<Vec<Opt
     Err(LoadError::Unsupported(format!("column '{name}' of {path} has type {}, expected binary", arr.data_type())))
 }
 
+/// The uid of an image when the uid columns are missing: a hash of its bytes.
 fn bytes_uid(bytes: Option<&[u8]>) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.unwrap_or(&[]).hash(&mut h);
-    format!("sha:{:016x}", h.finish())
+    format!("xxh3:{:016x}", content_hash(bytes.unwrap_or(&[])))
+}
+
+/// The content hash of encoded image bytes (xxh3-64), also keyed into the latent cache.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
 fn locate(starts: &[u64], row: u64) -> Location {

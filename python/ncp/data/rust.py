@@ -7,6 +7,7 @@ torch tensors (zero-copy) and carries the position for resume.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,20 @@ def _import_loader() -> Any:
             "or use data.backend=torch"
         ) from e
     return ncp_dataloader
+
+
+def _resolve_sources(sources: Sequence[str] | str) -> list[str]:
+    """'bundle' is the data shipped with ncp (as in the torch backend); '~' is expanded."""
+    if isinstance(sources, str):
+        sources = [sources]
+    out = []
+    for src in sources:
+        if src == "bundle":
+            from ncp.models import bundle_dir
+
+            src = str(bundle_dir() / "data" / "*.parquet")
+        out.append(str(Path(src).expanduser()))
+    return out
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -76,12 +91,10 @@ class RustPairSource:
         drop_last: bool = True,
     ) -> None:
         lib = _import_loader()
-        if isinstance(sources, str):
-            sources = [sources]
         self.resolution = resolution
         self.batch_size = batch_size
         self._loader = lib.PairLoader(
-            [str(s) for s in sources],
+            _resolve_sources(sources),
             resolution,
             batch_size,
             seed=seed,
