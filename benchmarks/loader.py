@@ -1,0 +1,231 @@
+"""Loader throughput: the Rust loader vs the PyTorch DataLoader + PIL baseline vs the latent cache.
+
+Generates a Pick-a-Pic-format parquet of 512 px JPEG pairs, then measures pairs/s of
+  1. the Rust loader (ncp_dataloader.PairLoader via RustPairSource), all cores and one thread;
+  2. the PyTorch baseline (ncp.data.torch_source: torch DataLoader + PIL), best num_workers of 0, 1, 2;
+  3. the latent cache (CachedPairSource), built once with an SD1.5-shaped VAE (latents 4x64x64)
+     and text encoder (77x768) of random weights;
+and the share of one core that a concurrent pure-Python thread keeps while the Rust
+loader runs (the GIL is released while it decodes and waits).
+
+Prints a table and writes benchmarks/results/loader.json.
+
+    python benchmarks/loader.py [--pairs 256] [--resolution 512] [--batch-size 8] [--seconds 20]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def picture(size: int, rng: np.random.Generator) -> bytes:
+    """A photo-like 512 px JPEG: smooth colour fields, texture and edges (q=90, 4:2:0), ~60-100 KB."""
+    small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.int16)
+    img = img + rng.normal(0, 12, img.shape).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_parquet(path: Path, pairs: int, size: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid")}
+    for i in range(pairs):
+        rows["caption"].append(f"a photo of thing {i % 97} in style {i % 13}")
+        rows["jpg_0"].append(picture(size, rng))
+        rows["jpg_1"].append(picture(size, rng))
+        rows["label_0"].append(float(i % 2))
+        rows["label_1"].append(1.0 - float(i % 2))
+        rows["image_0_uid"].append(f"{i}a")
+        rows["image_1_uid"].append(f"{i}b")
+    table = pa.table({k: (pa.array(v, pa.binary()) if k.startswith("jpg") else pa.array(v)) for k, v in rows.items()})
+    pq.write_table(table, path, row_group_size=32)
+    return path
+
+
+def timed_pairs(make_iter, seconds: float, warmup_batches: int = 1) -> float:
+    """Pairs/s over whole epochs until `seconds` have passed (after a warm-up)."""
+    it = make_iter()
+    for _ in range(warmup_batches):
+        next(it, None)
+    n, start = 0, time.perf_counter()
+    while True:
+        for b in it:
+            n += len(b)
+        if time.perf_counter() - start >= seconds:
+            break
+        it = make_iter()
+    return n / (time.perf_counter() - start)
+
+
+def rust_source(path: Path, args, threads: int):
+    from ncp.data.rust import RustPairSource
+
+    return RustPairSource([str(path)], args.resolution, batch_size=args.batch_size, random_flip=True,
+                          num_threads=threads, seed=0)
+
+
+def bench_rust(path: Path, args, threads: int) -> float:
+    src = rust_source(path, args, threads)
+    return timed_pairs(lambda: iter(src), args.seconds)
+
+
+def bench_torch(path: Path, args, workers: int) -> float:
+    from ncp.data.torch_source import PreferencePairs, TorchPairSource
+
+    ds = PreferencePairs([str(path)], args.resolution, random_flip=True)
+    src = TorchPairSource(ds, args.batch_size, num_workers=workers)
+    return timed_pairs(lambda: iter(src), args.seconds)
+
+
+def build_sd15_shaped_encoders(folder: Path) -> Path:
+    """VAE (factor 8, 4 latent channels) and CLIP text encoder (77 x 768) of random weights, few channels."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import write_char_tokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=2, sample_size=512)
+    vae.save_pretrained(folder / "vae")
+    write_char_tokenizer(folder / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77)
+    tok.save_pretrained(folder / "tokenizer")
+    cfg = CLIPTextConfig(hidden_size=768, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                         vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513)
+    CLIPTextModel(cfg).save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def bench_cache(path: Path, args, work: Path) -> tuple[float, float, list[int]]:
+    from ncp.cache import CachedPairSource, build_cache, read_index
+
+    model = build_sd15_shaped_encoders(work / "model")
+    start = time.perf_counter()
+    out = build_cache(str(model), [str(path)], work / "cache", args.resolution, flip=True, dtype="float16",
+                      batch_size=args.batch_size)
+    build_s = time.perf_counter() - start
+    src = CachedPairSource(out, args.batch_size, random_flip=True, empty_prompt_prob=0.2)
+    return timed_pairs(lambda: iter(src), args.seconds), build_s, read_index(out)["latent_shape"]
+
+
+def spin_rate(seconds: float, busy=None) -> float:
+    """Increments per second of a pure-Python loop, alone or while `busy()` runs in the main thread."""
+    count, stop = [0], threading.Event()
+
+    def spin():
+        c = 0
+        while not stop.is_set():
+            c += 1
+        count[0] = c
+
+    t = threading.Thread(target=spin)
+    start = time.perf_counter()
+    t.start()
+    if busy is None:
+        time.sleep(seconds)
+    else:
+        busy()
+    stop.set()
+    t.join()
+    return count[0] / (time.perf_counter() - start)
+
+
+def bench_gil(path: Path, args, threads: int) -> tuple[float, float]:
+    """(share of a core the spinner keeps, loader pairs/s meanwhile)."""
+    src = rust_source(path, args, threads)
+    n = [0]
+
+    def run():
+        end = time.perf_counter() + args.seconds / 2
+        while time.perf_counter() < end:
+            for b in src:
+                n[0] += len(b)
+                if time.perf_counter() >= end:
+                    break
+
+    alone = spin_rate(args.seconds / 2)
+    start = time.perf_counter()
+    shared = spin_rate(0, busy=run)
+    rate = n[0] / (time.perf_counter() - start)
+    return shared / alone, rate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0, help="measuring time per configuration")
+    p.add_argument("--skip-cache", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.json"))
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        path = make_parquet(work / "pairs.parquet", args.pairs, 512)
+        results: dict = {"pairs_in_file": args.pairs, "image_px": 512, "resolution": args.resolution,
+                         "batch_size": args.batch_size, "parquet_mb": round(path.stat().st_size / 2**20, 1)}
+        rows = []
+        cores = os.cpu_count() or 1
+        results["rust_all_cores"] = bench_rust(path, args, 0)
+        rows.append((f"Rust loader, {cores} threads", results["rust_all_cores"]))
+        results["rust_1_thread"] = bench_rust(path, args, 1)
+        rows.append(("Rust loader, 1 thread", results["rust_1_thread"]))
+        torch_rates = {w: bench_torch(path, args, w) for w in (0, 1, 2)}
+        best = max(torch_rates, key=torch_rates.get)
+        results["torch_by_workers"] = torch_rates
+        results["torch_best"] = {"num_workers": best, "pairs_per_s": torch_rates[best]}
+        for w, r in torch_rates.items():
+            rows.append((f"PyTorch DataLoader + PIL, num_workers={w}", r))
+        if not args.skip_cache:
+            rate, build_s, shape = bench_cache(path, args, work)
+            results["cache"] = {"pairs_per_s": rate, "build_seconds": build_s, "latent_shape": shape,
+                                "embeds": [77, 768], "dtype": "float16", "flips": 2}
+            rows.append(("latent cache (CachedPairSource)", rate))
+        share1, rate1 = bench_gil(path, args, 1)
+        share_all, rate_all = bench_gil(path, args, 0)
+        results["python_thread_core_share"] = {"loader_1_thread": share1, "loader_all_threads": share_all,
+                                               "loader_pairs_per_s_meanwhile": {"1": rate1, "all": rate_all}}
+    base = results["torch_best"]["pairs_per_s"]
+    results["speedup_rust_vs_baseline"] = results["rust_all_cores"] / base
+    if "cache" in results:
+        results["speedup_cache_vs_baseline"] = results["cache"]["pairs_per_s"] / base
+    results["machine"] = {"cpus": cores, "processor": platform.processor() or platform.machine(),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "load_avg_at_end": os.getloadavg()}
+    results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    print(f"\n{'configuration':<44} {'pairs/s':>10} {'vs baseline':>12}")
+    for name, r in rows:
+        print(f"{name:<44} {r:>10.1f} {r / base:>11.2f}x")
+    print(f"Python thread keeps {share1:.0%} of a core beside a 1-thread Rust loader "
+          f"({rate1:.1f} pairs/s), {share_all:.0%} beside an all-core loader ({rate_all:.1f} pairs/s)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

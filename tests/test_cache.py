@@ -1,0 +1,149 @@
+"""The latent cache (`python -m ncp.cache`, `CachedPairSource`) on tiny models built from configs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+ncp_dataloader = pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not installed")
+
+from fixtures import build_tiny_sd15, random_pairs, write_pickapic_parquet  # noqa: E402
+from ncp.cache import (CachedPairSource, StaleCacheError, _load_encoders, build_cache, check_cache,  # noqa: E402
+                       main, read_index)
+from ncp.data.rust import RustPairSource  # noqa: E402
+from ncp.models import encode_prompts  # noqa: E402
+from ncp.train import batch_latents  # noqa: E402
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny_sd15):
+    return str(tiny_sd15)
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = random_pairs(14, size=36, seed=3, ties=2)
+    for i, r in enumerate(rows):
+        r["caption"] = f"caption {i % 5}"  # repeated captions: embedded once each
+    return str(write_pickapic_parquet(d / "train.parquet", rows))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, sd15, shard):
+    return build_cache(sd15, [shard], tmp_path_factory.mktemp("cache") / "c", RES, flip=True, batch_size=5,
+                       shard_size=4)
+
+
+def test_index_and_layout(cache, shard):
+    index = read_index(cache)
+    assert index["num_pairs"] == index["num_valid"] == 12  # 14 rows, 2 ties
+    assert index["flips"] == 2 and index["num_captions"] == 5
+    assert len(index["pair_shards"]) == 3 and index["latent_shape"] == [4, RES // 2, RES // 2]
+    assert index["key"]["resolution"] == RES and index["key"]["crop"] == "center" and index["key"]["flip"] is True
+
+
+def test_cache_batches_equal_pixel_batches_encoded(cache, sd15, shard):
+    """Same pairs, flips and dropped prompts as the Rust loader; same posterior and embeddings, so the
+    same latent sample for the same generator, hence the same loss."""
+    kw = dict(batch_size=4, seed=7, empty_prompt_prob=0.4)
+    cached = CachedPairSource(cache, **kw, random_flip=True)
+    pixels = RustPairSource([shard], RES, random_flip=True, random_crop=False, **kw)
+    models = _load_encoders(sd15, torch.float32, torch.device("cpu"))
+    n_dropped = 0
+    for epoch in range(2):
+        cached.set_epoch(epoch)
+        pixels.set_epoch(epoch)
+        pairs = list(zip(cached, pixels))
+        assert len(pairs) == 3
+        for c, p in pairs:
+            assert torch.equal(c.indices, p.indices) and c.captions == p.captions
+            assert torch.equal(c.original_sizes, p.original_sizes) and torch.equal(c.crop_top_left, p.crop_top_left)
+            g1, g2 = torch.Generator().manual_seed(epoch), torch.Generator().manual_seed(epoch)
+            torch.testing.assert_close(batch_latents(c, models, g1), batch_latents(p, models, g2),
+                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(c.prompt_embeds, encode_prompts(models, p.captions).hidden_states,
+                                       atol=1e-5, rtol=1e-4)
+            n_dropped += sum(cap == "" for cap in c.captions)
+    assert n_dropped > 0
+
+
+def test_flipped_latents_are_the_mirror_images(cache, sd15):
+    src = CachedPairSource(cache, batch_size=12, random_flip=False)
+    (b,) = list(src)
+    assert b.latents.shape == (24, 2, 4, RES // 2, RES // 2) and b.winners is None
+    flipped = CachedPairSource(cache, batch_size=12, random_flip=True, seed=1)
+    (f,) = list(flipped)
+    flips, _ = ncp_dataloader.augment_draws(1, 0, f.indices.tolist(), True, 0.0)
+    assert flips.any() and not flips.all()
+
+
+def test_resume_mid_epoch(cache):
+    a = CachedPairSource(cache, batch_size=3, seed=2, empty_prompt_prob=0.5)
+    want = list(a)
+    b = CachedPairSource(cache, batch_size=3, seed=2, empty_prompt_prob=0.5)
+    it = iter(b)
+    head = [next(it)]
+    state = b.state()
+    c = CachedPairSource(cache, batch_size=3, seed=2, empty_prompt_prob=0.5)
+    c.resume(state)
+    got = head + list(c)
+    assert [x.indices.tolist() for x in got] == [x.indices.tolist() for x in want]
+    assert all(torch.equal(x.latents, y.latents) and x.captions == y.captions for x, y in zip(got, want))
+
+
+def test_stale_cache_is_detected_and_named(cache, sd15, shard, tmp_path):
+    check_cache(cache, model=sd15, sources=[shard], resolution=RES, flip=True, dtype="float32", deep=True)
+    with pytest.raises(StaleCacheError, match="resolution: cache has 32, the run has 64"):
+        check_cache(cache, resolution=64)
+    with pytest.raises(StaleCacheError, match="resolution"):
+        CachedPairSource(cache, batch_size=2, resolution=64)
+    other = str(build_tiny_sd15(tmp_path / "other", seed=1))
+    with pytest.raises(StaleCacheError, match=r"vae\.weights_sha256"):
+        check_cache(cache, model=other)
+    # one image changed: the file size tells, and the deep check names the pair
+    rows = random_pairs(14, size=36, seed=3, ties=2)
+    for i, r in enumerate(rows):
+        r["caption"] = f"caption {i % 5}"
+    rows[5]["jpg_1"] = rows[6]["jpg_1"]
+    changed = write_pickapic_parquet(tmp_path / "train.parquet", rows)
+    with pytest.raises(StaleCacheError, match=r"(?s)sources: cache has.*pair \d+ .*images changed"):
+        check_cache(cache, sources=[str(changed)], deep=True)
+    with pytest.raises(StaleCacheError, match="no index.json"):
+        check_cache(tmp_path)
+
+
+def test_corrupt_pairs_are_skipped_in_the_cache(tmp_path, sd15):
+    rows = random_pairs(8, size=36, seed=5, ties=0)
+    rows[2]["jpg_0"] = rows[2]["jpg_0"][:100]
+    path = str(write_pickapic_parquet(tmp_path / "bad.parquet", rows))
+    out = build_cache(sd15, [path], tmp_path / "c", RES, batch_size=3)
+    index = read_index(out)
+    assert index["num_pairs"] == 8 and index["num_valid"] == 7
+    assert "bad.parquet row 2" in index["skipped"][0]
+    src = CachedPairSource(out, batch_size=8, drop_last=False)
+    (b,) = list(src)
+    assert sorted(b.indices.tolist()) == [0, 1, 3, 4, 5, 6, 7] and src.stats()["skipped"] == 1
+
+
+def test_cli_build_and_check(tmp_path, sd15, shard, capsys):
+    out = str(tmp_path / "cli")
+    assert main(["--model", sd15, "--sources", shard, "--out", out, "--resolution", str(RES)]) == 0
+    assert main(["--model", sd15, "--sources", shard, "--out", out, "--resolution", str(RES), "--check"]) == 0
+    assert main(["--model", sd15, "--sources", shard, "--out", out, "--resolution", "16", "--check"]) == 1
+    assert "resolution" in capsys.readouterr().err
+
+
+def test_sdxl_cache_has_pooled_embeddings(tmp_path, shard, tiny_sdxl):
+    model = str(tiny_sdxl)
+    out = build_cache(model, [shard], tmp_path / "c", RES, batch_size=6)
+    src = CachedPairSource(out, batch_size=4, random_flip=False)
+    b = next(iter(src))
+    models = _load_encoders(model, torch.float32, torch.device("cpu"))
+    cond = encode_prompts(models, b.captions)
+    torch.testing.assert_close(b.prompt_embeds, cond.hidden_states, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.pooled_prompt_embeds, cond.pooled, atol=1e-5, rtol=1e-4)
+    assert read_index(out)["key"]["model_kind"] == "sdxl"
+    np.testing.assert_array_equal(b.original_sizes.numpy(), [[36, 44]] * 4)
