@@ -18,11 +18,13 @@ ncp's variants: LoRA rank 64 on to_q/to_k/to_v/to_out.0 (``ncp.models.add_lora``
 weights and autocast in bf16; the reference is the same U-Net with its adapters
 disabled.
 
-Every (model, variant) runs in its own subprocess, one after the other, so each
-gets a clean peak-memory reading (CUDA: ``max_memory_allocated``; CPU: the
-worker's peak RSS). Timed steps follow warm-up steps; the median is reported.
-On CUDA the batch is the largest power of two that fits (``--batch auto``);
-ncp's DPO is also timed at NCP-DPO's batch so that their step times compare.
+Each model is built in its own subprocess (a clean peak-memory reading: CUDA
+``max_memory_allocated`` per step, CPU the worker's peak RSS): first ncp's DPO and
+NCP-DPO together, on one LoRA U-Net, their steps alternating (ABBA) at the batch
+that fits NCP-DPO, so that their step-time ratio holds even on a machine whose
+speed drifts; then the baseline; then (CUDA, automatic batch) ncp's DPO alone at
+its own largest batch. Timed steps follow warm-up steps; the median is reported.
+On CUDA the batch is the largest power of two that fits (``--batch auto``).
 
     python benchmarks/step.py                          # CUDA if present, else a reduced CPU run
     python benchmarks/step.py --device cpu --model sd15 --resolution 128 --batch 1 --steps 3
@@ -191,7 +193,7 @@ class BaselineStep:
         self.batch = batch
         self.inp = _inputs(self.spec, batch, self.half, self.device)
 
-    def step(self) -> float:
+    def step(self, variant: str = "baseline") -> float:
         torch, inp, b = self.torch, self.inp, self.batch
         latents = inp["x0"]  # (2B, 4, h, w): winners then losers, as the VAE returns them (half precision)
         noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)  # shared by the images of a pair
@@ -225,7 +227,10 @@ class BaselineStep:
         return float(loss.detach())
 
     def reset(self) -> None:
+        """After an out-of-memory step: drop the gradients and the scaler's half-finished step."""
         self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler = self.torch.amp.GradScaler("cuda")
 
 
 class NcpStep:
@@ -252,7 +257,7 @@ class NcpStep:
         self.opt, self.lr_schedule = _build_optimizer(self.params, OptimConfig(lr=5.12e-6, warmup_steps=1), device)
         self.optimizer_source = _OPTIMIZER_SOURCE
         self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(SCHEDULER), device)
-        self.objective = OBJECTIVES[spec["variant"]]
+        self.objectives = {name: OBJECTIVES[name] for name in ("dpo", "ncp-dpo")}
         self.taps = resolve_taps(["auto"], spec["model"], len(self.unet.down_blocks))
         self.tap_weights = [1.0 / len(self.taps)] * len(self.taps)
         self.trainable = sum(p.numel() for p in self.params)
@@ -266,14 +271,14 @@ class NcpStep:
         self.inp = _inputs(self.spec, batch, self.dtype, self.device)
         self.cond = Conditioning(self.inp["hidden"], self.inp["pooled"], self.inp["time_ids"])
 
-    def step(self) -> float:
+    def step(self, variant: str) -> float:
         from ncp.step import preference_step, sample_noise
 
         torch = self.torch
         x0 = self.inp["x0"]
         noise = sample_noise(self.batch, tuple(x0.shape[1:]), self.schedule.num_timesteps, self.gen, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype):
-            out = preference_step(self.unet, self.unet, self.schedule, self.objective,
+            out = preference_step(self.unet, self.unet, self.schedule, self.objectives[variant],
                                   dict(beta=BETA, beta_cpo=BETA, cpo_lambda=1.0), x0, self.cond, noise,
                                   self.taps, self.tap_weights)
         out.loss.backward()
@@ -360,8 +365,33 @@ def _candidates(spec: dict[str, Any]) -> list[int]:
     return out
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build one variant, find the batch (largest that fits, or the given one), warm up, time."""
+def _time_steps(runner, variants: list[str], spec: dict[str, Any], device) -> dict[str, dict[str, Any]]:
+    """Warm-up then timed steps, the variants alternating step by step (ABBA order) so that a drift of the
+    machine's speed hits them alike. Raises on out-of-memory."""
+    import torch
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    peaks = dict.fromkeys(variants, 0.0)
+    finite = dict.fromkeys(variants, True)
+    for i in range(spec["warmup"] + spec["steps"]):
+        for variant in (variants if i % 2 == 0 else variants[::-1]):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            loss = runner.step(variant)
+            _sync(device)
+            if i >= spec["warmup"]:
+                times[variant].append(time.perf_counter() - start)
+            peaks[variant] = max(peaks[variant], _peak_mb(device))
+            finite[variant] &= _finite(loss)
+    return {v: {"step_s": statistics.median(times[v]), "step_s_all": times[v], "peak_mem_mb": peaks[v],
+                "loss_finite": finite[v]} for v in variants}
+
+
+def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Build one model (the baseline's two U-Nets, or ncp's LoRA U-Net shared by dpo and ncp-dpo), find the
+    batch (the largest that fits, or the given one), warm up and time each of its variants."""
     import torch
 
     import ncp.ops
@@ -370,59 +400,52 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(0)
+    variants = spec["variants"]
     t0 = time.perf_counter()
-    runner = BaselineStep(spec, device) if spec["variant"] == "baseline" else NcpStep(spec, device)
+    runner = BaselineStep(spec, device) if variants == ["baseline"] else NcpStep(spec, device)
     build_s = time.perf_counter() - t0
     resident_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
     tried: list[dict[str, Any]] = []
-    times: list[float] = []
-    losses: list[float] = []
-    chosen = None
+    chosen, timed = None, {}
     for batch in _candidates(spec):
         runner.set_batch(batch)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times, losses, failed = [], [], None
-        for i in range(spec["warmup"] + spec["steps"]):
-            try:
-                _sync(device)
-                start = time.perf_counter()
-                losses.append(runner.step())
-                _sync(device)
-                if i >= spec["warmup"]:
-                    times.append(time.perf_counter() - start)
-            except (RuntimeError, torch.OutOfMemoryError) as err:
-                if not _is_oom(err):
-                    raise
-                failed = f"out of memory at step {i}"
-                break
-        if failed is None:
+        try:
+            timed = _time_steps(runner, variants, spec, device)
             chosen = batch
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            if not _is_oom(err):
+                raise
+            tried.append({"batch": batch, "result": "out of memory"})
+        if chosen is not None:
             break
-        tried.append({"batch": batch, "result": failed})
-        runner.reset()
+        runner.reset()  # outside the except block: the traceback no longer holds the step's tensors
         runner.inp = None
         _free(device)
-    result: dict[str, Any] = {
-        **{k: spec[k] for k in ("model", "variant", "device", "resolution", "checkpointing", "offload_ref")},
-        "latent": spec["resolution"] // 8,
-        "batch": chosen, "tried": tried, "build_s": round(build_s, 2),
+    common: dict[str, Any] = {
+        **{k: spec[k] for k in ("model", "device", "resolution", "checkpointing", "offload_ref")},
+        "latent": spec["resolution"] // 8, "batch": chosen, "tried": tried, "build_s": round(build_s, 2),
         "trainable_params": runner.trainable, "optimizer": runner.optimizer_name,
-        "optimizer_source": getattr(runner, "optimizer_source", "train.py of DiffusionDPO (see BaselineStep)"),
+        "optimizer_source": getattr(runner, "optimizer_source", "as DiffusionDPO's train.py (BaselineStep)"),
         "frozen_dtype": str(getattr(runner, "half", getattr(runner, "dtype", None))).replace("torch.", ""),
         "ops": "fused" if device.type in ncp.ops.FUSED_DEVICES else "reference",
         "resident_mb": round(resident_mb, 1), "threads": torch.get_num_threads(),
+        "measured_with": variants,
+        "peak_mem_kind": "max_memory_allocated per step" if device.type == "cuda" else
+                         "peak RSS of the worker process" + (" (shared by its variants)" if len(variants) > 1 else ""),
     }
-    if chosen is None:
-        result["error"] = "no batch size fits"
-        return result
-    median = statistics.median(times)
-    result.update({
-        "steps_timed": len(times), "warmup": spec["warmup"], "step_s": round(median, 4),
-        "step_s_all": [round(t, 4) for t in times], "pairs_per_s": round(chosen / median, 4),
-        "peak_mem_mb": round(_peak_mb(device), 1), "loss_finite": all(map(_finite, losses)),
-    })
-    return result
+    rows = []
+    for variant in variants:
+        row = dict(common, variant=variant)
+        if chosen is None:
+            row["error"] = "no batch size fits"
+        else:
+            t = timed[variant]
+            row.update({"steps_timed": len(t["step_s_all"]), "warmup": spec["warmup"],
+                        "step_s": round(t["step_s"], 4), "step_s_all": [round(x, 4) for x in t["step_s_all"]],
+                        "pairs_per_s": round(chosen / t["step_s"], 4), "peak_mem_mb": round(t["peak_mem_mb"], 1),
+                        "loss_finite": t["loss_finite"]})
+        rows.append(row)
+    return rows
 
 
 def _finite(x: float) -> bool:
@@ -449,13 +472,13 @@ def _cpu_estimate_mb(model: str, variant: str) -> float:
     return p * 2 / 2**20 + 1500  # bf16 frozen weights + LoRA, its state, activations at small sizes
 
 
-def launch(spec: dict[str, Any], log) -> dict[str, Any]:
-    """Run one worker in a fresh interpreter; its last stdout line is the JSON result."""
+def launch(spec: dict[str, Any], log) -> list[dict[str, Any]]:
+    """Run one worker in a fresh interpreter; its last ``RESULT`` stdout line is the JSON rows."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    print(f"-- {spec['model']} {spec['variant']} batch={spec['batch']} res={spec['resolution']} ...", file=log,
-          flush=True)
+    print(f"-- {spec['model']} {'+'.join(spec['variants'])} batch={spec['batch']} res={spec['resolution']} ...",
+          file=log, flush=True)
     start = time.perf_counter()
-    res = {k: spec[k] for k in ("model", "variant", "device", "resolution")}
+    failed = [{**{k: spec[k] for k in ("model", "device", "resolution")}, "variant": v} for v in spec["variants"]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     previous = signal.signal(signal.SIGTERM, lambda *_: (proc.kill(), sys.exit(143)))  # `timeout` kills no orphan
     try:
@@ -463,25 +486,31 @@ def launch(spec: dict[str, Any], log) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        res["error"] = f"worker timed out after {spec.get('timeout')} s"
-        print(f"   -> {res['error']}", file=log, flush=True)
-        return res
+        print(f"   -> worker timed out after {spec.get('timeout')} s", file=log, flush=True)
+        return [dict(r, error=f"worker timed out after {spec.get('timeout')} s") for r in failed]
     finally:
         signal.signal(signal.SIGTERM, previous)
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        res["error"] = f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode == -9 else "")
-        print(f"   -> {res['error']}", file=log, flush=True)
-        return res
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["wall_s"] = round(time.perf_counter() - start, 1)
-    print(f"   -> batch {res.get('batch')} step {res.get('step_s')} s, peak {res.get('peak_mem_mb')} MB",
-          file=log, flush=True)
-    return res
+        error = f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode == -9 else "")
+        print(f"   -> {error}", file=log, flush=True)
+        return [dict(r, error=error) for r in failed]
+    rows = json.loads(lines[-1][len("RESULT "):])
+    for row in rows:
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        print(f"   -> {row['variant']}: batch {row.get('batch')}, step {row.get('step_s')} s, "
+              f"peak {row.get('peak_mem_mb')} MB", file=log, flush=True)
+    return rows
 
 
 def plan_model(args, model: str, device: str) -> list[dict[str, Any]]:
-    """The measurements of one model; on CUDA the batches depend on earlier results (see run_model)."""
+    """The workers of one model, in order: what the issue's goals need first (a time limit cuts the last).
+
+    1. ncp's DPO and NCP-DPO in one worker, alternating steps on the same LoRA U-Net, at the batch that fits
+       NCP-DPO (the larger footprint): their step-time ratio at equal work.
+    2. The baseline, at its own largest batch.
+    3. On CUDA with an automatic batch: ncp's DPO alone, at its own largest batch (pairs/s against the baseline).
+    """
     m = MODELS[model]
     resolution = args.resolution or (m["resolution"] if device == "cuda" else (64 if args.quick else 128))
     ckpt = {"auto": model == "sdxl", "on": True, "off": False}[args.checkpointing]
@@ -489,60 +518,57 @@ def plan_model(args, model: str, device: str) -> list[dict[str, Any]]:
     batch = args.batch or ("auto" if device == "cuda" else "1")
     base = dict(model=model, device=device, resolution=resolution, checkpointing=ckpt, batch=batch,
                 steps=args.steps, warmup=args.warmup, max_batch=args.max_batch, timeout=args.worker_timeout,
-                threads=args.threads)
-    return [dict(base, variant=v, offload_ref=offload and v == "baseline") for v in args.variants]
+                threads=args.threads, offload_ref=False)
+    ncp = [v for v in ("dpo", "ncp-dpo") if v in args.variants]
+    workers = []
+    if ncp:
+        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) == 2 else "alone"))
+    if "baseline" in args.variants:
+        workers.append(dict(base, variants=["baseline"], offload_ref=offload, role="alone"))
+    if len(ncp) == 2 and batch == "auto":
+        workers.append(dict(base, variants=["dpo"], role="own-max"))
+    return workers
 
 
 def run_model(args, model: str, device: str, log, results: list[dict[str, Any]], checkpoint) -> None:
-    """Measure one model's variants into ``results`` (calling ``checkpoint()`` after each)."""
-    specs = {s["variant"]: s for s in plan_model(args, model, device)}
-    # Order: what the issue's goals need first (a time limit cuts the last ones): NCP-DPO and DPO at the same
-    # batch, the baseline, then DPO at its own largest batch.
-    for variant in ("ncp-dpo", "baseline", "dpo"):
-        spec = specs.get(variant)
-        if spec is None:
-            continue
+    """Measure one model's workers into ``results`` (calling ``checkpoint()`` after each)."""
+    for spec in plan_model(args, model, device):
         if device == "cpu":
-            need, have = _cpu_estimate_mb(model, variant), _mem_available_mb()
+            need = sum(_cpu_estimate_mb(model, v) for v in spec["variants"][:1])
+            have = _mem_available_mb()
             if need > 0.8 * have:
-                results.append({k: spec[k] for k in ("model", "variant", "device", "resolution")} | {
-                    "skipped": f"needs ~{need / 1024:.1f} GiB, {have / 1024:.1f} GiB available"})
-                print(f"-- {model} {variant}: skipped ({results[-1]['skipped']})", file=log, flush=True)
+                reason = f"needs ~{need / 1024:.1f} GiB, {have / 1024:.1f} GiB available"
+                results.extend({**{k: spec[k] for k in ("model", "device", "resolution")}, "variant": v,
+                                "role": spec["role"], "skipped": reason} for v in spec["variants"])
+                print(f"-- {model} {'+'.join(spec['variants'])}: skipped ({reason})", file=log, flush=True)
                 checkpoint()
                 continue
-        res = launch(spec, log)
-        results.append(res)
+        results.extend(dict(row, role=spec["role"]) for row in launch(spec, log))
         checkpoint()
-        if variant == "ncp-dpo" and spec["batch"] == "auto" and "dpo" in specs and res.get("batch"):
-            # ncp's DPO at NCP-DPO's batch: their step times compare at equal work.
-            results.append(dict(launch(dict(specs["dpo"], batch=str(res["batch"])), log), role="same-batch"))
-            checkpoint()
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios per model: NCP-DPO / DPO step time at the same batch; ncp DPO / baseline pairs/s and memory."""
+    """Per model: NCP-DPO / DPO step time (paired, same batch); ncp / baseline pairs/s and peak memory."""
     out: dict[str, Any] = {}
     for model in MODELS:
         rows = [r for r in results if r["model"] == model and "step_s" in r]
-        if not rows:
-            continue
-        ncp = next((r for r in rows if r["variant"] == "ncp-dpo"), None)
-        own = {r["variant"]: r for r in rows if r.get("role") != "same-batch"}
-        same = next((r for r in rows if r["variant"] == "dpo" and ncp and r["batch"] == ncp["batch"]), None)
-        base, dpo = own.get("baseline"), own.get("dpo") or same
+        pick = lambda variant, role: next((r for r in rows if r["variant"] == variant and r["role"] == role), None)  # noqa: E731
+        ncp, paired_dpo = pick("ncp-dpo", "paired") or pick("ncp-dpo", "alone"), pick("dpo", "paired")
+        dpo = pick("dpo", "own-max") or paired_dpo or pick("dpo", "alone")
+        base = pick("baseline", "alone")
         s: dict[str, Any] = {}
-        if ncp and same:
-            s["ncp_dpo_over_dpo_step_time"] = round(ncp["step_s"] / same["step_s"], 3)
-            s["same_batch"] = ncp["batch"]
-        if dpo and base:
-            s["dpo_over_baseline_pairs_per_s"] = round(dpo["pairs_per_s"] / base["pairs_per_s"], 3)
-            s["dpo_over_baseline_peak_mem"] = round(dpo["peak_mem_mb"] / base["peak_mem_mb"], 3)
-        if ncp and base:
-            s["ncp_dpo_over_baseline_pairs_per_s"] = round(ncp["pairs_per_s"] / base["pairs_per_s"], 3)
-            s["ncp_dpo_over_baseline_peak_mem"] = round(ncp["peak_mem_mb"] / base["peak_mem_mb"], 3)
+        if ncp and paired_dpo:
+            s["ncp_dpo_over_dpo_step_time"] = round(ncp["step_s"] / paired_dpo["step_s"], 3)
+            s["paired_batch"] = ncp["batch"]
+        for name, row in (("dpo", dpo), ("ncp_dpo", ncp)):
+            if row and base:
+                s[f"{name}_over_baseline_pairs_per_s"] = round(row["pairs_per_s"] / base["pairs_per_s"], 3)
+                s[f"{name}_over_baseline_peak_mem"] = round(row["peak_mem_mb"] / base["peak_mem_mb"], 3)
+                s[f"{name}_batch_vs_baseline_batch"] = [row["batch"], base["batch"]]
         if ncp:
             s["ncp_dpo_batch"] = ncp["batch"]
-        out[model] = s
+        if s:
+            out[model] = s
     return out
 
 
@@ -571,6 +597,7 @@ def table(results: list[dict[str, Any]]) -> str:
             note = ", ".join(filter(None, [
                 r.get("optimizer"), r.get("frozen_dtype"), "ckpt" if r.get("checkpointing") else "",
                 "ref offloaded" if r.get("offload_ref") else "", r.get("role", ""),
+                f"ops {r['ops']}" if r["variant"] == "ncp-dpo" else "",
                 f"OOM at {[t['batch'] for t in r['tried']]}" if r.get("tried") else ""]))
             lines.append(f"{r['model']:5} {r['variant']:9} {r['resolution']:>5} {r['batch']:>5} "
                          f"{r['step_s']:>8.3f} {r['pairs_per_s']:>8.3f} {r['peak_mem_mb']:>9.0f}  {note}")
@@ -640,7 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)  # list of rows
         return 0
     import torch
 
