@@ -50,7 +50,8 @@ def tiny_config(seed: int = 0) -> BuildConfig:
     """A seconds-long build for tests: same code paths, toy sizes."""
     return BuildConfig(
         seed=seed, spec=TINY_SPEC,
-        pretrain=PretrainConfig(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1, latent_pool=16),
+        pretrain=PretrainConfig(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1, latent_pool=16,
+                                 more_unet_steps=(2,), more_unet_lr=(5e-4,)),
         n_heldout=4, n_train_prompts=6, samples_per_prompt=3, sample_steps=3, eval_seeds=1,
     )
 
@@ -112,15 +113,18 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
     log(f"vae reconstructions, judge: {vae_recon}")
 
     t0 = time.time()
-    if reuse_stages and (stages / "unet" / "config.json").is_file():
-        unet = UNet2DConditionModel.from_pretrained(stages / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(stages / "text_encoder")
-        log(f"reusing the U-Net and text encoder of {stages}")
-    else:
+    for phase, (steps, lr) in enumerate(cfg.pretrain.phases()):
+        folder = stages if phase == 0 else stages / f"phase{phase + 1}"
+        if reuse_stages and (folder / "unet" / "config.json").is_file():
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+            log(f"reusing the U-Net and text encoder of {folder}")
+            continue
         unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler,
-                                            SceneStream(cfg.seed + 3, res, set(heldout)), cfg.pretrain, log)
-        unet.save_pretrained(stages / "unet")
-        text_encoder.save_pretrained(stages / "text_encoder")
+                                            SceneStream(cfg.seed + 3 + 10 * phase, res, set(heldout)),
+                                            cfg.pretrain, log, steps=steps, lr=lr)
+        unet.save_pretrained(folder / "unet")
+        text_encoder.save_pretrained(folder / "text_encoder")
     timings["unet_s"] = time.time() - t0
     pipe = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler)
     pipe.set_progress_bar_config(disable=True)

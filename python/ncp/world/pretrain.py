@@ -31,11 +31,19 @@ class PretrainConfig:
     unet_steps: int = 1200
     unet_batch: int = 32
     unet_lr: float = 1e-3
+    # further phases of the denoiser, each a fresh AdamW + warmup-cosine schedule from the last EMA weights
+    more_unet_steps: tuple[int, ...] = (1200,)
+    more_unet_lr: tuple[float, ...] = (5e-4,)
     latent_pool: int = 8000  # scenes encoded once by the VAE, then sampled for the U-Net
     warmup: int = 100
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+
+
+    def phases(self) -> list[tuple[int, float]]:
+        """(steps, peak lr) of each denoiser phase."""
+        return [(self.unet_steps, self.unet_lr), *zip(self.more_unet_steps, self.more_unet_lr)]
 
 
 class SceneStream:
@@ -130,11 +138,13 @@ def encode_pool(vae: AutoencoderKL, stream: SceneStream, n: int, batch: int = 25
 
 def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                    vae: AutoencoderKL, scheduler: DDPMScheduler, stream: SceneStream, cfg: PretrainConfig,
-                   log: Callable[[str], None] = print) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+                   log: Callable[[str], None] = print, steps: int | None = None,
+                   lr: float | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Joint U-Net + text-encoder training; returns the EMA copies."""
+    steps = cfg.unet_steps if steps is None else steps
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.unet_steps))
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr if lr is None else lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     unet.train()
     text_encoder.train()
@@ -142,7 +152,7 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
     g = torch.Generator().manual_seed(stream.rng.randrange(2**31))
     pool_caps, pool_mean, pool_std = encode_pool(vae, stream, cfg.latent_pool)
     t0 = time.time()
-    for step in range(cfg.unet_steps):
+    for step in range(steps):
         idx = torch.randint(0, len(pool_caps), (cfg.unet_batch,), generator=g)
         captions = ["" if stream.rng.random() < cfg.caption_dropout else pool_caps[i] for i in idx.tolist()]
         eps0 = torch.randn(pool_mean[idx].shape, generator=g)
@@ -161,6 +171,6 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text_encoder, decay)
-        if step % 100 == 0 or step == cfg.unet_steps - 1:
-            log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     return ema_unet, ema_text
