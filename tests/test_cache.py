@@ -1,6 +1,8 @@
 """The latent cache (`python -m ncp.cache`, `CachedPairSource`) on tiny models built from configs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,21 @@ def test_sdxl_cache_has_pooled_embeddings(tmp_path, shard, tiny_sdxl):
     torch.testing.assert_close(b.pooled_prompt_embeds, cond.pooled, atol=1e-5, rtol=1e-4)
     assert read_index(out)["key"]["model_kind"] == "sdxl"
     np.testing.assert_array_equal(b.original_sizes.numpy(), [[36, 44]] * 4)
+
+
+def test_training_from_the_cache_gives_the_pixel_losses(tmp_path, sd15, tiny_parquet):
+    """`ncp.train` on data.backend=rust (pixels, VAE each step) and on data.cache_dir: same losses."""
+    from ncp.train import main as train_main
+
+    cache_dir = build_cache(sd15, [str(tiny_parquet)], tmp_path / "cache", RES, flip=True, batch_size=4)
+    common = [f"model.path={sd15}", f"data.sources=[{tiny_parquet}]", f"data.resolution={RES}", "data.batch_size=2",
+              "data.num_workers=1", "data.empty_prompt_prob=0.5", "lora.rank=4", "train.max_steps=4",
+              "objective.name=ncp-dpo", "optim.lr=1e-3", "optim.warmup_steps=1", "logging.progress=false",
+              "logging.tensorboard=false", "train.report=false"]
+    runs = {}
+    for name, extra in (("pixels", ["data.backend=rust"]), ("cache", [f"data.cache_dir={cache_dir}"])):
+        out = tmp_path / name
+        assert train_main([*common, *extra, f"train.output_dir={out}"]) == 0
+        runs[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(runs["pixels"]) == 4
+    np.testing.assert_allclose(runs["cache"], runs["pixels"], rtol=1e-4, atol=1e-6)
