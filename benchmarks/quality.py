@@ -66,18 +66,37 @@ class RunSpec:
 # ---------------------------------------------------------------- training
 
 
+def calibrate_ncp_scale(args, runs_dir: Path) -> float:
+    """mean latent ERR / mean perceptual PL of the base model on the first batches (4 steps each, lr ~ 0)."""
+    means = {}
+    for obj in ("dpo", "ncp-dpo"):
+        probe = argparse.Namespace(**{**vars(args), "steps": 4, "eval_every": 4, "ncp_scale": 1.0,
+                                      "override": [*args.override, "optim.lr=1e-12"]})
+        run = train_run(RunSpec(obj, "full", 0), probe, runs_dir / f"calibrate-{obj}")
+        recs = [json.loads(x) for x in (runs_dir / f"calibrate-{obj}" / "metrics.jsonl").read_text().splitlines() if x]
+        means[obj] = float(np.mean([r["err/policy_winner"] + r["err/policy_loser"] for r in recs]))
+        del run
+    return means["dpo"] / means["ncp-dpo"]
+
+
 def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     """Train one run in-process; return its checkpoint folders and per-step wall times."""
     from ncp.config import load_config
     from ncp.train import DEFAULT_CONFIG, train
 
     n_ckpt = args.steps // args.eval_every + 2
+    scaled = []
+    if spec.objective.startswith("ncp-") and args.ncp_scale != 1.0:
+        s = args.ncp_scale  # NCP errors are ~s times smaller than latent ones: same logit scale for both
+        scaled = [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
+                  f"objective.cpo_lambda={args.cpo_lambda * s}"]
     overrides = [
         f"objective.name={spec.objective}", f"objective.taps=[{spec.taps}]",
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
         f"train.seed={spec.seed}", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.eval_every}",
         f"train.keep_checkpoints={n_ckpt}", f"train.output_dir={run_dir}", "train.report=false",
-        "logging.progress=false", "logging.tensorboard=false", *args.override,
+        "logging.progress=false", "logging.tensorboard=false", f"objective.beta={args.beta}",
+        f"objective.beta_cpo={args.beta_cpo}", f"objective.cpo_lambda={args.cpo_lambda}", *args.override, *scaled,
     ]
     cfg = load_config(DEFAULT_CONFIG, overrides)
     t0 = time.time()
@@ -297,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-steps", type=int, default=0, help="sampling steps (0: the world's)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for every run")
+    p.add_argument("--ncp-scale", default="auto",
+                   help="multiply beta, beta_cpo and cpo_lambda of the NCP objectives by this ('auto': the measured "
+                        "ratio of latent to perceptual errors of the base model; 1: the same values as latent)")
+    p.add_argument("--beta", type=float, default=5000.0, help="objective.beta of every run (before --ncp-scale)")
+    p.add_argument("--beta-cpo", type=float, default=5000.0)
+    p.add_argument("--cpo-lambda", type=float, default=1.0)
     p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
@@ -341,6 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     if cache.get("settings") != json.loads(json.dumps(settings)):
         cache = {"settings": settings, "runs": {}}
+    if args.ncp_scale == "auto":
+        args.ncp_scale = cache.get("ncp_scale") or calibrate_ncp_scale(args, runs_dir)
+        cache["ncp_scale"] = args.ncp_scale
+        print(f"NCP scale (latent ERR / perceptual PL of the base model): {args.ncp_scale:.4g}", flush=True)
+    args.ncp_scale = float(args.ncp_scale)
     evaluator = Evaluator(model_dir, prompts, args.eval_seeds, steps, guidance)
     specs = plan(args)
     for i, spec in enumerate(specs):
@@ -356,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"(base {np.mean(evaluator.base):.4f}), {time.time() - t0:.0f}s", flush=True)
     res = analyse(cache["runs"], evaluator.base, args)
     res["settings"] = settings
+    res["ncp_scale"] = args.ncp_scale
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "python": platform.python_version(), "torch": torch.__version__}
     res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
