@@ -35,6 +35,7 @@ Writes benchmarks/results/step.json (and $OUT/step.json when $OUT is set) and pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -184,7 +185,11 @@ class BaselineStep:
         else:
             self.opt = torch.optim.AdamW(self.unet.parameters(), lr=5.12e-6, betas=(0.9, 0.999),
                                          weight_decay=1e-2, eps=1e-8)
-        self.scaler = torch.amp.GradScaler("cuda") if self.half == torch.float16 and on_cuda else None
+        # fp16 loss scaling as accelerate does it; a lower initial scale than the default 2**16 reaches the steady
+        # state (no skipped optimizer steps) within the warm-up on random weights. Skips are counted and reported.
+        fp16 = self.half == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if fp16 else None
+        self.skipped = 0
         self.scheduler = DDPMScheduler.from_config(SCHEDULER)
         self.trainable = sum(p.numel() for p in self.unet.parameters())
         self.optimizer_name = type(self.opt).__name__
@@ -216,8 +221,10 @@ class BaselineStep:
             if not self.adafactor:  # Adafactor clips itself
                 self.scaler.unscale_(self.opt)
                 torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+            scale = self.scaler.get_scale()
             self.scaler.step(self.opt)
             self.scaler.update()
+            self.skipped += self.scaler.get_scale() < scale  # an overflow: this optimizer step was skipped
         else:
             loss.backward()
             if not self.adafactor:
@@ -230,7 +237,7 @@ class BaselineStep:
         """After an out-of-memory step: drop the gradients and the scaler's half-finished step."""
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler = self.torch.amp.GradScaler("cuda")
+            self.scaler = self.torch.amp.GradScaler("cuda", init_scale=2.0**10)
 
 
 class NcpStep:
@@ -297,7 +304,8 @@ _OPTIMIZER_SOURCE = "ncp.train.build_optimizer"
 
 def _build_optimizer(params, cfg, device):
     """``ncp.train.build_optimizer``. Importing ncp.train also imports the data stack (pyarrow, PIL); where
-    that is missing (a bare GPU machine), the same optimizer is built here and the result says so."""
+    that is missing (a bare GPU machine), the same optimizer is built here. Without bitsandbytes the step
+    falls back to torch AdamW. Either way the result says so."""
     global _OPTIMIZER_SOURCE
     import torch
 
@@ -306,14 +314,21 @@ def _build_optimizer(params, cfg, device):
     except ImportError as err:
         _OPTIMIZER_SOURCE = f"local copy of build_optimizer (ncp.train not importable: {err})"
         kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = None
         if device.type == "cuda":
-            import bitsandbytes as bnb
+            try:
+                import bitsandbytes as bnb
 
-            opt = bnb.optim.AdamW8bit(params, **kwargs)
-        else:
-            opt = torch.optim.AdamW(params, **kwargs)
+                opt = bnb.optim.AdamW8bit(params, **kwargs)
+            except ImportError as bnb_err:
+                _OPTIMIZER_SOURCE += f"; bitsandbytes missing ({bnb_err}): torch AdamW"
+        opt = opt or torch.optim.AdamW(params, **kwargs)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return build_optimizer(params, cfg, device)
+    try:
+        return build_optimizer(params, cfg, device)
+    except ImportError as err:  # bitsandbytes missing
+        _OPTIMIZER_SOURCE = f"ncp.train.build_optimizer with use_8bit=off ({err})"
+        return build_optimizer(params, dataclasses.replace(cfg, use_8bit="off"), device)
 
 
 def _rss_mb() -> float:
@@ -429,6 +444,7 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
         "frozen_dtype": str(getattr(runner, "half", getattr(runner, "dtype", None))).replace("torch.", ""),
         "ops": "fused" if device.type in ncp.ops.FUSED_DEVICES else "reference",
         "resident_mb": round(resident_mb, 1), "threads": torch.get_num_threads(),
+        "optimizer_steps_skipped_fp16": getattr(runner, "skipped", 0),
         "measured_with": variants,
         "peak_mem_kind": "max_memory_allocated per step" if device.type == "cuda" else
                          "peak RSS of the worker process" + (" (shared by its variants)" if len(variants) > 1 else ""),
@@ -552,13 +568,20 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for model in MODELS:
         rows = [r for r in results if r["model"] == model and "step_s" in r]
-        pick = lambda variant, role: next((r for r in rows if r["variant"] == variant and r["role"] == role), None)  # noqa: E731
+
+        def pick(variant: str, role: str) -> dict[str, Any] | None:
+            return next((r for r in rows if r["variant"] == variant and r["role"] == role), None)
+
         ncp, paired_dpo = pick("ncp-dpo", "paired") or pick("ncp-dpo", "alone"), pick("dpo", "paired")
         dpo = pick("dpo", "own-max") or paired_dpo or pick("dpo", "alone")
         base = pick("baseline", "alone")
         s: dict[str, Any] = {}
         if ncp and paired_dpo:
-            s["ncp_dpo_over_dpo_step_time"] = round(ncp["step_s"] / paired_dpo["step_s"], 3)
+            # Steps alternate ABBA, so the k-th timed steps of the two ran back to back: the median of their
+            # ratios cancels the machine's drift better than the ratio of the medians (both reported).
+            ratios = [a / b for a, b in zip(ncp["step_s_all"], paired_dpo["step_s_all"])]
+            s["ncp_dpo_over_dpo_step_time"] = round(statistics.median(ratios), 3)
+            s["ncp_dpo_over_dpo_step_time_of_medians"] = round(ncp["step_s"] / paired_dpo["step_s"], 3)
             s["paired_batch"] = ncp["batch"]
         for name, row in (("dpo", dpo), ("ncp_dpo", ncp)):
             if row and base:
@@ -627,7 +650,8 @@ def machine(device: str) -> dict[str, Any]:
         info["gpu_mem_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     else:
         try:
-            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+            with open("/proc/cpuinfo") as f:
+                info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
         except (OSError, StopIteration):
             pass
     return info
@@ -655,6 +679,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny resolution on CPU, 1 warm-up + 2 steps")
     p.add_argument("--worker-timeout", type=float, default=None, help="seconds per measurement (default: none)")
     p.add_argument("--out", default=str(HERE / "results" / "step.json"), help="JSON result file")
+    p.add_argument("--summarize", metavar="JSON", help="recompute the summary, goals and table of a result file "
+                                                        "from its per-step times (rewrites the file)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
@@ -668,6 +694,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)  # list of rows
+        return 0
+    if args.summarize:
+        path = Path(args.summarize)
+        report = json.loads(path.read_text())
+        report["summary"] = summarize(report["results"])
+        report["goals"] = goals(report["results"], report["summary"])
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(table(report["results"]))
+        print(json.dumps({"summary": report["summary"], "goals": report["goals"]}, indent=2))
         return 0
     import torch
 
