@@ -6,7 +6,7 @@
 // (target shared by both branches), sums both squared differences in fp32,
 // writes one partial per item, and the last block to finish adds the partials
 // of each (branch, sample) in a fixed order in fp64: deterministic, no atomics
-// on the results. The backward writes d err_policy / d policy for every scale,
+// on the results (one atomic ticket per block). The backward writes d err_policy / d policy for every scale,
 // again in one launch.
 #include "common.h"
 #include "cuda_utils.cuh"
@@ -122,21 +122,29 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  // The last block: err[branch][n] = sum_s w_s / m_s * sum_chunks partial, in a fixed order.
-  const int branches = tab.has_reference ? 2 : 1;
-  for (int64_t j = threadIdx.x; j < branches * tab.n; j += kThreads) {
+  // The last block: err[branch][n] = sum_s w_s / m_s * sum_chunks partial. One warp per
+  // (branch, sample), its lanes striding over the chunks, then a shuffle sum: a fixed order
+  // (deterministic) with the loads of a lane independent of each other.
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t pairs = (tab.has_reference ? 2 : 1) * tab.n;
+  for (int64_t j = warp; j < pairs; j += kThreads / 32) {
     const int branch = static_cast<int>(j / tab.n);
     const int64_t sample = j % tab.n;
     double total = 0.0;
     for (int s = 0; s < tab.count; ++s) {
       const ScaleDesc& sd = tab.s[s];
-      const int64_t first = sd.begin + sample * sd.chunks;
+      const Acc* first = partials + 2 * (sd.begin + sample * sd.chunks) + branch;
       double sum = 0.0;
-      for (int64_t c = 0; c < sd.chunks; ++c) sum += static_cast<double>(__ldcg(partials + 2 * (first + c) + branch));
+#pragma unroll 4
+      for (int64_t c = lane; c < sd.chunks; c += 32) sum += static_cast<double>(__ldcg(first + 2 * c));
       total += sd.scale * sum;
     }
-    Acc* out = branch == 0 ? err_p : err_r;
-    out[sample] = static_cast<Acc>(accumulate ? static_cast<double>(out[sample]) + total : total);
+    total = cuda::warp_sum(total);
+    if (lane == 0) {
+      Acc* out = branch == 0 ? err_p : err_r;
+      out[sample] = static_cast<Acc>(accumulate ? static_cast<double>(out[sample]) + total : total);
+    }
   }
 }
 
@@ -174,12 +182,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Elements per work item: about 8 blocks per SM over the whole launch, within [2K, 64K].
+// Elements per work item: about 16 blocks per SM over the whole launch (2-3 waves, a short
+// tail), within [2K, 64K] elements.
 int64_t pick_chunk(const MultiscaleArgs& a) {
   int64_t total = 0;
   for (const ScaleOperands& so : a.scales) total += a.n * so.m;
   const int64_t sms = cuda::sm_count();
-  const int64_t chunk = std::clamp<int64_t>(total / (8 * sms), kChunkQuantum, 32 * kChunkQuantum);
+  const int64_t chunk = std::clamp<int64_t>(total / (16 * sms), kChunkQuantum, 32 * kChunkQuantum);
   return (chunk + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
 }
 
