@@ -6,6 +6,7 @@
 // added in fp64 in a fixed order, so the result does not depend on the number
 // of threads.
 #include "common.h"
+#include "cpu_convert.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,12 +31,12 @@ __attribute__((always_inline)) inline void add_squared_diff(const T* __restrict_
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const Acc d = static_cast<Acc>(a[i + j]) - static_cast<Acc>(t[i + j]);
+      const Acc d = cpu::to_acc(a[i + j]) - cpu::to_acc(t[i + j]);
       lanes[j] += d * d;
     }
   }
   for (int j = 0; i < len; ++i, ++j) {
-    const Acc d = static_cast<Acc>(a[i]) - static_cast<Acc>(t[i]);
+    const Acc d = cpu::to_acc(a[i]) - cpu::to_acc(t[i]);
     lanes[j] += d * d;
   }
 }
@@ -45,7 +46,7 @@ __attribute__((always_inline)) inline void add_squared_diff(const T* __restrict_
 // kBlock elements: `t` is reused from L1 and all three streams stay in flight,
 // which a single core needs to reach its memory bandwidth.
 template <typename T>
-inline std::pair<double, double> squared_diff_sums(const T* p, const T* r, const T* t, int64_t len) {
+NCP_CPU_CLONES std::pair<double, double> squared_diff_sums(const T* p, const T* r, const T* t, int64_t len) {
   using Acc = at::opmath_type<T>;
   constexpr int64_t kBlock = 512;
   Acc lp[kLanes] = {}, lr[kLanes] = {};
@@ -145,10 +146,10 @@ std::tuple<at::Tensor, at::Tensor> multiscale_error_cpu(at::TensorList policy,
 }
 
 // g = f * (p - t).
-template <typename T, typename Acc>
-__attribute__((always_inline)) inline void scaled_diff(const T* __restrict__ p, const T* __restrict__ t, Acc f,
-                                                       T* __restrict__ g, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) g[i] = static_cast<T>(f * (static_cast<Acc>(p[i]) - static_cast<Acc>(t[i])));
+template <typename T>
+NCP_CPU_CLONES void scaled_diff(const T* __restrict__ p, const T* __restrict__ t, at::opmath_type<T> f,
+                                T* __restrict__ g, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) g[i] = cpu::from_acc<T>(f * (cpu::to_acc(p[i]) - cpu::to_acc(t[i])));
 }
 
 template <typename T>

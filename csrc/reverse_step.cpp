@@ -3,6 +3,7 @@
 // prev = c_x * x_t - c_e * eps + sigma * z for the policy branch and each of the
 // K no-grad branches, in one pass over x_t and z (fp32 arithmetic, fp64 for fp64).
 #include "common.h"
+#include "cpu_convert.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,7 +23,7 @@ template <typename T, typename Acc>
 __attribute__((always_inline)) inline void subtract_scaled(const Acc* __restrict__ base, const T* __restrict__ eps,
                                                            Acc c_e, T* __restrict__ out, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
-    out[i] = static_cast<T>(base[i] - c_e * static_cast<Acc>(eps[i]));
+    out[i] = cpu::from_acc<T>(base[i] - c_e * cpu::to_acc(eps[i]));
   }
 }
 
@@ -30,14 +31,30 @@ __attribute__((always_inline)) inline void subtract_scaled(const Acc* __restrict
 template <typename T, typename Acc>
 __attribute__((always_inline)) inline void combine(const T* __restrict__ x, const T* __restrict__ z, Acc c_x,
                                                    Acc sigma, Acc* __restrict__ base, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) base[i] = c_x * static_cast<Acc>(x[i]) + sigma * static_cast<Acc>(z[i]);
+  for (int64_t i = 0; i < len; ++i) base[i] = c_x * cpu::to_acc(x[i]) + sigma * cpu::to_acc(z[i]);
 }
 
 // out = scale * grad.
 template <typename T, typename Acc>
 __attribute__((always_inline)) inline void scale(const T* __restrict__ grad, Acc s, T* __restrict__ out,
                                                  int64_t len) {
-  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(s * static_cast<Acc>(grad[i]));
+  for (int64_t i = 0; i < len; ++i) out[i] = cpu::from_acc<T>(s * cpu::to_acc(grad[i]));
+}
+
+// One chunk of samples' elements: prev = base - c_e * eps for the policy and the k other branches.
+template <typename T>
+NCP_CPU_CLONES void reverse_step_chunk(const T* x, const T* z, const T* eps_p, const T* eps_o, int64_t stride_o,
+                                       int64_t k, const at::opmath_type<T> (&c)[3], T* out_p, T* out_o,
+                                       int64_t len) {
+  at::opmath_type<T> base[kChunk];
+  combine(x, z, c[0], c[2], base, len);
+  subtract_scaled(base, eps_p, c[1], out_p, len);
+  for (int64_t b = 0; b < k; ++b) subtract_scaled(base, eps_o + b * stride_o, c[1], out_o + b * stride_o, len);
+}
+
+template <typename T>
+NCP_CPU_CLONES void scale_chunk(const T* grad, at::opmath_type<T> s, T* out, int64_t len) {
+  scale(grad, s, out, len);
 }
 
 template <typename T>
@@ -51,17 +68,13 @@ void reverse_step_cpu_kernel(const ReverseStepArgs& a, T* prev_policy, T* prev_o
   const int64_t chunks = (a.m + kChunk - 1) / kChunk;
   const int64_t nm = a.n * a.m;
   at::parallel_for(0, a.n * chunks, 8, [&](int64_t begin, int64_t end) {
-    Acc base[kChunk];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / chunks;
       const int64_t lo = n * a.m + (item % chunks) * kChunk;
       const int64_t len = std::min(kChunk, (n + 1) * a.m - lo);
-      const Acc c_x = coef[3 * n], c_e = coef[3 * n + 1], sigma = coef[3 * n + 2];
-      combine(x + lo, z + lo, c_x, sigma, base, len);
-      subtract_scaled(base, eps_p + lo, c_e, prev_policy + lo, len);
-      for (int64_t k = 0; k < a.k; ++k) {
-        subtract_scaled(base, eps_o + k * nm + lo, c_e, prev_other + k * nm + lo, len);
-      }
+      const Acc c[3] = {coef[3 * n], coef[3 * n + 1], coef[3 * n + 2]};  // c_x, c_e, sigma
+      reverse_step_chunk(x + lo, z + lo, eps_p + lo, eps_o + lo, nm, a.k, c, prev_policy + lo,
+                         prev_other + lo, len);
     }
   });
 }
@@ -92,7 +105,7 @@ void reverse_step_backward_cpu_kernel(const T* grad, const float* coef, T* out, 
       const int64_t n = item / chunks;
       const int64_t lo = n * m + (item % chunks) * kChunk;
       const int64_t len = std::min(kChunk, (n + 1) * m - lo);
-      scale(grad + lo, -static_cast<Acc>(coef[3 * n + 1]), out + lo, len);
+      scale_chunk(grad + lo, -static_cast<Acc>(coef[3 * n + 1]), out + lo, len);
     }
   });
 }
