@@ -154,6 +154,7 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
         "stats": {"vae_reconstruction": vae_recon, "base_heldout": base, "pairs": pair_stats(rows),
                   "preference_samples": judge_summary(imgs, prompts)},
         "timings": {k2: round(v, 1) for k2, v in timings.items()},
+        "reused_stages": bool(reuse_stages),
     }
     (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
     return world
