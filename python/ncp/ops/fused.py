@@ -2,9 +2,11 @@
 
 Importing this module loads ``ncp._C`` (ImportError when it is not built) and
 registers, for each op, a fake kernel (shapes and strides for ``torch.compile``)
-and autograd, whose backward is the op's own ``*_backward`` op. The public
-wrappers cast mixed dtypes to one before calling the op. Contracts:
-``docs/internals.md``.
+and autograd (``torch.library.register_autograd``), whose backward is the op's
+own ``*_backward`` op. The public wrappers cast mixed dtypes to one, and in eager
+mode reach the same backward ops through plain ``autograd.Function``s (cheaper
+per call than the registered autograd of ops with ``Tensor[]`` arguments);
+``torch.compile`` traces the registered autograd. Contracts: ``docs/internals.md``.
 """
 from __future__ import annotations
 
