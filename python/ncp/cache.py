@@ -64,6 +64,16 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _model_path(model: str) -> str:
+    """A diffusers folder with vae/ and text_encoder/ (no U-Net needed), 'bundle', or a hub id."""
+    from ncp.models import resolve_model_path
+
+    local = Path(model).expanduser()
+    if model != "bundle" and local.is_dir() and (local / "vae").is_dir():
+        return str(local)
+    return resolve_model_path(model)
+
+
 def component_identity(model_dir: str, subfolder: str) -> dict[str, Any]:
     """What identifies a model component: its config and the hashes of its weight files."""
     folder = Path(model_dir) / subfolder
@@ -94,9 +104,9 @@ def source_identity(sources: Sequence[str]) -> list[dict[str, Any]]:
 def cache_key(model: str, sources: Sequence[str], resolution: int, dtype: str, flip: bool,
               columns: Mapping[str, str] | None, drop_ties: bool, absolute_winners: bool) -> dict[str, Any]:
     """The key a cache is valid for (compared field by field by :func:`check_cache`)."""
-    from ncp.models import detect_kind, resolve_model_path
+    from ncp.models import detect_kind
 
-    path = resolve_model_path(model)
+    path = _model_path(model)
     kind = detect_kind(path)
     encoders = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
     return {
@@ -180,9 +190,9 @@ def _load_encoders(model: str, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ncp.models import Models, detect_kind, resolve_model_path
+    from ncp.models import Models, detect_kind
 
-    path = resolve_model_path(model)
+    path = _model_path(model)
     kind = detect_kind(path)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device, dtype).eval()
     tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
@@ -406,8 +416,12 @@ class CachedPairSource:
         self.num_pairs = self.index["num_pairs"]
         self._pairs = [mmap_safetensors(self.dir / f) for f in self.index["pair_shards"]]
         self._embeds = [mmap_safetensors(self.dir / f) for f in self.index["embed_shards"]]
-        self._empty = mmap_safetensors(self.dir / "empty.safetensors")
+        self._empty = {k: _to_torch(np.asarray(a), dt) for k, (a, dt) in
+                       mmap_safetensors(self.dir / "empty.safetensors").items()}
         self._captions = json.loads((self.dir / "captions.json").read_text())
+        # the small per-pair columns live in memory (tens of bytes a pair); latents and embeddings stay mapped
+        small = ("valid", "caption_ids", "original_sizes", "crop_top_left")
+        self._small = {k: np.concatenate([np.asarray(shard[k][0]) for shard in self._pairs]) for k in small}
         self.epoch, self.sample_in_epoch, self.skipped, self.yielded = 0, 0, 0, 0
         if len(self) == 0:
             raise ValueError(f"{self.num_pairs} cached pairs are fewer than one batch of {batch_size} per rank")
@@ -444,44 +458,46 @@ class CachedPairSource:
                                       self.world_size, self.drop_last)
         return order.reshape(-1)
 
-    def _gather(self, shards: list, rows: np.ndarray, name: str, size: int) -> torch.Tensor:
-        """Rows of a sharded tensor, in the order given (fancy-indexed from the memmaps)."""
-        shard, offset = rows // size, rows % size
-        parts, dtype_name = [], None
-        for s, o in zip(shard.tolist(), offset.tolist()):
-            arr, dtype_name = shards[s][name]
-            parts.append(arr[o])
-        return _to_torch(np.stack(parts), dtype_name)
+    def _gather(self, shards: list, rows: np.ndarray, name: str, sub: np.ndarray | None = None) -> torch.Tensor:
+        """Rows `rows` of a sharded, memory-mapped tensor (and within row i, entry sub[i] when given)."""
+        size = self.index["shard_size"]
+        shard_of, offset = rows // size, rows % size
+        first, dtype_name = shards[int(shard_of[0])][name]
+        row_shape = first.shape[2:] if sub is not None else first.shape[1:]
+        out = np.empty((len(rows), *row_shape), dtype=first.dtype)
+        for s in np.unique(shard_of).tolist():
+            sel = np.nonzero(shard_of == s)[0]
+            arr = shards[s][name][0]
+            out[sel] = arr[offset[sel], sub[sel]] if sub is not None else arr[offset[sel]]
+        return _to_torch(out, dtype_name)
 
     def batch(self, ids: np.ndarray) -> PairBatch | None:
         """The batch of the pair ids `ids` (epoch draws of the current epoch); None if all were skipped."""
-        size = self.index["shard_size"]
-        valid = self._gather(self._pairs, ids, "valid", size).numpy().astype(bool)
+        valid = self._small["valid"][ids].astype(bool)
         self.skipped += int((~valid).sum())
         ids = ids[valid]
         if len(ids) == 0:
             return None
         flips, drops = self._lib.augment_draws(self.seed, self.epoch, ids.astype(np.uint32).tolist(),
                                                self.random_flip, self.empty_prompt_prob)
-        lat = self._gather(self._pairs, ids, "latents", size)  # (B, F, 2, 2, C, h, w)
-        lat = lat[torch.arange(len(ids)), torch.from_numpy(flips.astype(np.int64)) if lat.shape[1] == 2 else 0]
+        flip_index = flips.astype(np.int64) if self.random_flip else np.zeros(len(ids), np.int64)
+        lat = self._gather(self._pairs, ids, "latents", flip_index)  # (B, 2, 2, C, h, w)
         latents = lat.transpose(0, 1).reshape(2 * len(ids), *lat.shape[2:])  # (2B, 2, C, h, w) winners then losers
-        cap_ids = self._gather(self._pairs, ids, "caption_ids", size).numpy()
-        embeds = self._gather(self._embeds, cap_ids, "prompt_embeds", size)
-        pooled = (self._gather(self._embeds, cap_ids, "pooled_prompt_embeds", size)
+        cap_ids = self._small["caption_ids"][ids]
+        embeds = self._gather(self._embeds, cap_ids, "prompt_embeds")
+        pooled = (self._gather(self._embeds, cap_ids, "pooled_prompt_embeds")
                   if "pooled_prompt_embeds" in self._embeds[0] else None)
         if drops.any():
             d = torch.from_numpy(drops)
-            embeds[d] = _to_torch(np.asarray(self._empty["prompt_embeds"][0]), self._empty["prompt_embeds"][1]).to(embeds.dtype)
+            embeds[d] = self._empty["prompt_embeds"].to(embeds.dtype)
             if pooled is not None:
-                pooled[d] = _to_torch(np.asarray(self._empty["pooled_prompt_embeds"][0]),
-                                      self._empty["pooled_prompt_embeds"][1]).to(pooled.dtype)
+                pooled[d] = self._empty["pooled_prompt_embeds"].to(pooled.dtype)
         captions = ["" if drop else self._captions[c] for c, drop in zip(cap_ids.tolist(), drops.tolist())]
         self.yielded += len(ids)
         return PairBatch(
             captions=captions, latents=latents, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-            original_sizes=self._gather(self._pairs, ids, "original_sizes", size),
-            crop_top_left=self._gather(self._pairs, ids, "crop_top_left", size),
+            original_sizes=torch.from_numpy(self._small["original_sizes"][ids]),
+            crop_top_left=torch.from_numpy(self._small["crop_top_left"][ids]),
             indices=torch.from_numpy(ids.astype(np.int64)))
 
     def __iter__(self) -> Iterator[PairBatch]:

@@ -71,6 +71,9 @@ pub struct Batch {
     pub crop_top_left: Vec<i64>,  // (B, 2) top, left of the winner's crop
     pub image_hashes: Vec<u64>,   // (B, 2) content hashes of the winner's and loser's bytes
     pub skipped: Vec<SkipRecord>,
+    /// Time spent reading encoded bytes, and decoding + transforming (summed over threads).
+    pub read_ns: u64,
+    pub decode_ns: u64,
 }
 
 impl Batch {
@@ -158,12 +161,34 @@ fn transform(bytes: &[u8], res: u32, d: &Draws, out: &mut [u8]) -> std::result::
     Ok([h0 as i64, w0 as i64, top as i64, left as i64])
 }
 
+/// Decode and transform both images of pair `s` (winner into `w_out`, loser into `l_out`).
+fn transform_pair(
+    index: &PairIndex,
+    res: u32,
+    s: u32,
+    b: &(Bytes, Bytes),
+    d: &Draws,
+    w_out: &mut [u8],
+    l_out: &mut [u8],
+) -> PairResult {
+    let first = index.pairs[s as usize].winner;
+    let (wb, lb) = if first == 0 { (&b.0, &b.1) } else { (&b.1, &b.0) };
+    let wb = wb.as_ref().map_err(|e| (first, DecodeError::Corrupt(e.clone())))?;
+    let meta = transform(wb, res, d, w_out).map_err(|e| (first, e))?;
+    let lb = lb.as_ref().map_err(|e| (1 - first, DecodeError::Corrupt(e.clone())))?;
+    transform(lb, res, d, l_out).map_err(|e| (1 - first, e))?;
+    Ok(meta)
+}
+
 /// Build one batch from its pair indices.
 pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32]) -> Result<Batch> {
     let res = cfg.resolution;
     let per = 3 * (res as usize) * (res as usize);
     let n = samples.len();
+    let t0 = std::time::Instant::now();
     let bytes = fetch(index, samples)?;
+    let read_ns = t0.elapsed().as_nanos() as u64;
+    let decode_ns = std::sync::atomic::AtomicU64::new(0);
     let mut winners = vec![0u8; n * per];
     let mut losers = vec![0u8; n * per];
     let all_draws: Vec<Draws> = samples.iter().map(|&s| draws(cfg, epoch, s)).collect();
@@ -181,16 +206,15 @@ pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32])
         .zip(losers.par_chunks_mut(per))
         .zip(bytes.par_iter().zip(samples.par_iter()).zip(all_draws.par_iter()))
         .map(|((w_out, l_out), ((b, &s), d))| {
-            let first = index.pairs[s as usize].winner;
-            let (wb, lb) = if first == 0 { (&b.0, &b.1) } else { (&b.1, &b.0) };
-            let wb = wb.as_ref().map_err(|e| (first, DecodeError::Corrupt(e.clone())))?;
-            let meta = transform(wb, res, d, w_out).map_err(|e| (first, e))?;
-            let lb = lb.as_ref().map_err(|e| (1 - first, DecodeError::Corrupt(e.clone())))?;
-            transform(lb, res, d, l_out).map_err(|e| (1 - first, e))?;
-            Ok(meta)
+            let t = std::time::Instant::now();
+            let r = transform_pair(index, res, s, b, d, w_out, l_out);
+            decode_ns.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+            r
         })
         .collect();
     let mut batch = assemble(index, cfg, samples, &all_draws, results, winners, losers, per)?;
+    batch.read_ns = read_ns;
+    batch.decode_ns = decode_ns.into_inner();
     let kept: std::collections::HashSet<i64> = batch.indices.iter().copied().collect();
     batch.image_hashes = samples
         .iter()
@@ -248,4 +272,155 @@ fn assemble(
     batch.winners = winners;
     batch.losers = losers;
     Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{build_index, Columns, Selection};
+    use arrow_array::{ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+    use std::sync::Arc;
+
+    fn cfg(world_size: usize, rank: usize, batch_size: usize, drop_last: bool) -> Config {
+        Config {
+            resolution: 8, batch_size, seed: 5, rank, world_size, random_crop: true, random_flip: true,
+            strict: false, drop_last, empty_prompt_prob: 0.0, shuffle: true,
+        }
+    }
+
+    #[test]
+    fn ranks_are_disjoint_and_complete_and_drop_last_keeps_them_in_step() {
+        for ws in 1..6 {
+            let mut all: Vec<u32> = (0..ws).flat_map(|r| epoch_samples(103, &cfg(ws, r, 4, false), 2)).collect();
+            all.sort();
+            assert_eq!(all, (0..103).collect::<Vec<u32>>());
+            let counts: Vec<usize> = (0..ws).map(|r| num_batches(103, &cfg(ws, r, 4, true))).collect();
+            assert!(counts.iter().all(|&c| c == (103 / ws) / 4), "{counts:?}");
+        }
+        assert_eq!(num_batches(10, &cfg(3, 0, 2, false)), 2); // rank 0 has 4 pairs
+        assert_eq!(num_batches(10, &cfg(3, 2, 2, false)), 2); // rank 2 has 3 pairs
+    }
+
+    fn png(rgb: [u8; 3], w: u32, h: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    /// Rows (caption, label_0, label_1, uid_0, uid_1); image 0 red, image 1 blue.
+    fn shard(dir: &std::path::Path, rows: &[(&str, f64, f64, &str, &str)], corrupt_row: Option<usize>) -> String {
+        let path = dir.join("t.parquet");
+        let img0: Vec<Vec<u8>> = (0..rows.len())
+            .map(|i| if Some(i) == corrupt_row { b"\xff\xd8\xff broken".to_vec() } else { png([255, 0, 0], 12, 10) })
+            .collect();
+        let img1: Vec<Vec<u8>> = rows.iter().map(|_| png([0, 0, 255], 12, 10)).collect();
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("caption", Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()))),
+            ("jpg_0", Arc::new(BinaryArray::from(img0.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("jpg_1", Arc::new(BinaryArray::from(img1.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("label_0", Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()))),
+            ("label_1", Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()))),
+            ("image_0_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()))),
+            ("image_1_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.4).collect::<Vec<_>>()))),
+        ];
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let props = WriterProperties::builder().set_max_row_group_size(2).build();
+        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    fn columns() -> Columns {
+        Columns::with_overrides(&[]).unwrap()
+    }
+
+    #[test]
+    fn index_drops_ties_and_puts_the_winner_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [("a", 1.0, 0.0, "A", "B"), ("b", 0.5, 0.5, "C", "D"), ("c", 0.0, 1.0, "E", "F")];
+        let path = shard(dir.path(), &rows, None);
+        let sel = Selection { drop_ties: true, absolute_winners: false };
+        let index = build_index(&[path], columns(), sel).unwrap();
+        assert_eq!((index.stats.rows, index.stats.ties, index.pairs.len()), (3, 1, 2));
+        let c = cfg(1, 0, 2, true);
+        let b = build_batch(&index, &c, 0, &[0, 1]).unwrap();
+        assert_eq!(b.captions, vec!["a", "c"]);
+        let plane = 64;
+        assert_eq!(b.winners[0], 255); // pair 0: image 0 (red) won
+        assert_eq!(b.winners[3 * plane], 0); // pair 1: image 1 (blue) won: red plane 0
+        assert_eq!(b.winners[3 * plane + 2 * plane], 255); // ... blue plane 255
+        assert_eq!(b.losers[3 * plane], 255); // and the red image lost
+        assert_eq!(&b.original_sizes, &[10, 12, 10, 12]);
+    }
+
+    #[test]
+    fn absolute_winners_never_lost_or_tied_and_won_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [
+            ("x", 1.0, 0.0, "A", "B"), ("x", 0.0, 1.0, "C", "A"), // A: 2 wins -> both kept
+            ("x", 1.0, 0.0, "B", "C"), ("x", 0.0, 1.0, "D", "B"), ("x", 0.5, 0.5, "B", "E"), // B tied
+            ("y", 1.0, 0.0, "D", "E"), // D won once under y
+        ];
+        let path = shard(dir.path(), &rows, None);
+        let sel = Selection { drop_ties: true, absolute_winners: true };
+        let index = build_index(&[path], columns(), sel).unwrap();
+        let kept: Vec<u64> = index.pairs.iter().map(|p| p.row).collect();
+        assert_eq!(kept, vec![0, 1]);
+        assert_eq!(index.stats.dropped_not_absolute, 3);
+    }
+
+    #[test]
+    fn corrupt_images_are_skipped_or_raised_with_file_and_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [("a", 1.0, 0.0, "A", "B"), ("b", 1.0, 0.0, "C", "D"), ("c", 1.0, 0.0, "E", "F")];
+        let path = shard(dir.path(), &rows, Some(1));
+        let index = build_index(&[path.clone()], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let mut c = cfg(1, 0, 3, true);
+        let b = build_batch(&index, &c, 0, &[0, 1, 2]).unwrap();
+        assert_eq!(b.indices, vec![0, 2]);
+        assert_eq!(b.winners.len(), 2 * 3 * 64);
+        assert_eq!((b.skipped[0].row, b.skipped[0].column.as_str()), (1, "jpg_0"));
+        c.strict = true;
+        match build_batch(&index, &c, 0, &[0, 1, 2]) {
+            Err(LoadError::Corrupt(rec)) => assert!(rec.to_string().starts_with(&format!("{path} row 1 column jpg_0"))),
+            other => panic!("expected a corrupt-image error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn batches_do_not_depend_on_the_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<(&str, f64, f64, &str, &str)> = (0..9).map(|_| ("p", 1.0, 0.0, "A", "B")).collect();
+        let path = shard(dir.path(), &rows, None);
+        let index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let c = cfg(1, 0, 9, true);
+        let samples = epoch_samples(9, &c, 1);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| build_batch(&index, &c, 1, &samples).unwrap())
+        };
+        let (a, b) = (run(1), run(3));
+        assert_eq!((a.indices, a.winners, a.crop_top_left), (b.indices, b.winners, b.crop_top_left));
+    }
+
+    #[test]
+    fn missing_columns_and_unreadable_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = shard(dir.path(), &[("a", 1.0, 0.0, "A", "B")], None);
+        let sel = Selection { drop_ties: true, absolute_winners: false };
+        let cols = Columns::with_overrides(&[("jpg_1".into(), "image_b".into())]).unwrap();
+        match build_index(&[path], cols, sel) {
+            Err(LoadError::MissingColumn { column, .. }) => assert_eq!(column, "image_b"),
+            other => panic!("{:?}", other.err()),
+        }
+        let bad = dir.path().join("bad.parquet");
+        std::fs::write(&bad, b"PAR1 not parquet").unwrap();
+        let bad = bad.to_string_lossy().into_owned();
+        assert!(matches!(build_index(&[bad.clone()], columns(), sel), Err(LoadError::Io { path, .. }) if path == bad));
+    }
 }

@@ -127,22 +127,32 @@ pub fn crop_flip_chw(img: &Pixels, top: u32, left: u32, res: u32, flip: bool, ou
     debug_assert_eq!(out.len(), 3 * plane);
     let (r_out, rest) = out.split_at_mut(plane);
     let (g_out, b_out) = rest.split_at_mut(plane);
-    for y in 0..res {
-        let row = &img.data[((top as usize + y) * w + left as usize) * c..][..res * c];
-        let o = y * res;
-        for x in 0..res {
-            let sx = if flip { res - 1 - x } else { x };
-            let p = &row[sx * c..sx * c + c];
-            if c == 1 {
-                r_out[o + x] = p[0];
-                g_out[o + x] = p[0];
-                b_out[o + x] = p[0];
+    let rows = r_out.chunks_exact_mut(res).zip(g_out.chunks_exact_mut(res)).zip(b_out.chunks_exact_mut(res));
+    for (y, ((r, g), b)) in rows.enumerate() {
+        let src = &img.data[((top as usize + y) * w + left as usize) * c..][..res * c];
+        if c == 1 {
+            if flip {
+                r.iter_mut().zip(src.iter().rev()).for_each(|(d, s)| *d = *s);
             } else {
-                r_out[o + x] = p[0];
-                g_out[o + x] = p[1];
-                b_out[o + x] = p[2];
+                r.copy_from_slice(src);
             }
+            g.copy_from_slice(r);
+            b.copy_from_slice(r);
+        } else if flip {
+            deinterleave(src.chunks_exact(3).rev(), r, g, b);
+        } else {
+            deinterleave(src.chunks_exact(3), r, g, b);
         }
+    }
+}
+
+/// RGB pixels (3-byte chunks) into three planes' rows.
+#[inline(always)]
+fn deinterleave<'a>(px: impl Iterator<Item = &'a [u8]>, r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    for (p, (r, (g, b))) in px.zip(r.iter_mut().zip(g.iter_mut().zip(b.iter_mut()))) {
+        *r = p[0];
+        *g = p[1];
+        *b = p[2];
     }
 }
 
@@ -195,6 +205,15 @@ mod tests {
         crop_flip_chw(&img, 0, 1, 2, true, &mut out);
         assert_eq!(&out[..4], &[20, 10, 21, 11]);
         assert_eq!(&out[4..8], &[102, 101, 102, 101]);
+        let gray = Pixels { width: 3, height: 1, channels: 1, data: vec![1, 2, 3] };
+        let mut out = vec![0u8; 3];
+        crop_flip_chw(&gray, 0, 2, 1, true, &mut out);
+        assert_eq!(out, vec![3, 3, 3]);
+        let mut out = vec![0u8; 12];
+        let gray2 = Pixels { width: 2, height: 2, channels: 1, data: vec![1, 2, 3, 4] };
+        crop_flip_chw(&gray2, 0, 0, 2, true, &mut out);
+        assert_eq!(&out[..4], &[2, 1, 4, 3]);
+        assert_eq!(&out[8..], &[2, 1, 4, 3]);
     }
 
     #[test]

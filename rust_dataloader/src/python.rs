@@ -65,6 +65,8 @@ struct RunStats {
     pairs: u64,
     skipped: u64,
     records: Vec<String>,
+    read_ns: u64,
+    decode_ns: u64,
 }
 
 #[pyclass(module = "ncp_dataloader")]
@@ -205,6 +207,8 @@ impl PairLoader {
         d.set_item("skipped", s.skipped)?;
         d.set_item("skipped_records", PyList::new(py, &s.records)?)?;
         d.set_item("num_threads", self.core.pool.current_num_threads())?;
+        d.set_item("read_seconds", s.read_ns as f64 * 1e-9)?;
+        d.set_item("decode_seconds", s.decode_ns as f64 * 1e-9)?;
         Ok(d)
     }
 
@@ -307,6 +311,8 @@ impl PairIter {
             s.batches += 1;
             s.pairs += b.len() as u64;
             s.skipped += b.skipped.len() as u64;
+            s.read_ns += b.read_ns;
+            s.decode_ns += b.decode_ns;
             for r in &b.skipped {
                 if s.records.len() < MAX_SKIP_RECORDS {
                     s.records.push(r.to_string());
