@@ -45,6 +45,24 @@ def _pair(x: Tensor, n: int) -> Tensor:
     return x.repeat(n, *([1] * (x.dim() - 1)))
 
 
+def frozen_encoder_features(base: nn.Module, x: Tensor, t: Tensor, cond: Conditioning,
+                            taps: list[Tap]) -> list[Tensor]:
+    """E(x, t, c) with gradients to ``x`` through the frozen base weights (adapters off).
+
+    With gradient checkpointing on, the whole encoder pass is one checkpoint whose
+    recomputation switches the adapters off again: the blocks' own checkpoints
+    would be recomputed in backward with the adapters back on (the policy's
+    weights), so they are switched off inside.
+    """
+    def run(sample: Tensor) -> tuple[Tensor, ...]:
+        with adapters_disabled(base), no_checkpointing(base):
+            return tuple(encoder_features(base, sample, t, cond, taps))
+
+    if getattr(base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+        return list(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False))
+    return list(run(x))
+
+
 def branch_errors(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, x0: Tensor,
     cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
@@ -80,12 +98,9 @@ def branch_errors(
     others = torch.stack([*others, eps.to(pred.dtype)])  # (K, nB, C, h, w): [reference,] true noise
     prev_policy, prev_other = ops.reverse_step(x_t, eps_policy, others, z.to(x_t.dtype), coef)
     k = prev_other.shape[0]
-    with adapters_disabled(base):
-        with torch.no_grad():
-            feats_other = encoder_features(base, prev_other.flatten(0, 1), (t - 1).repeat(k),
-                                           cond.repeat(k), taps)
-        with no_checkpointing(base):
-            feats_policy = encoder_features(base, prev_policy, t - 1, cond, taps)
+    with torch.no_grad(), adapters_disabled(base):
+        feats_other = encoder_features(base, prev_other.flatten(0, 1), (t - 1).repeat(k), cond.repeat(k), taps)
+    feats_policy = frozen_encoder_features(base, prev_policy, t - 1, cond, taps)
     split = [f.unflatten(0, (k, -1)) for f in feats_other]  # each (K, nB, ...)
     target = [f[-1] for f in split]
     reference = [f[0] for f in split] if ref is not None else []

@@ -20,13 +20,13 @@ from typing import Any, Iterator
 import torch
 
 from ncp import checkpoint as ckpt
-from ncp.config import Config, ConfigError, DataConfig, OptimConfig, help_text, load_config, to_dict
-from ncp.data.batch import PairBatch
-from ncp.data.torch_source import DataError
+from ncp.config import Config, ConfigError, DataConfig, help_text, load_config, to_dict
+from ncp.data.batch import DataError, PairBatch
 from ncp.metrics import MetricsLogger
 from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, encode_prompts, load_lora_into, load_models,
                         resolve_taps, save_lora, sdxl_time_ids)
 from ncp.objectives import OBJECTIVES
+from ncp.optim import build_optimizer
 from ncp.schedule import NoiseSchedule
 from ncp.step import preference_step, sample_noise
 
@@ -59,25 +59,6 @@ def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
     dataset = PreferencePairs(cfg.sources, cfg.resolution, cfg.columns, cfg.drop_ties, cfg.absolute_winners,
                               cfg.random_crop, cfg.random_flip, cfg.empty_prompt_prob, seed, cfg.strict)
     return TorchPairSource(dataset, num_workers=cfg.num_workers, **common)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
-    """8-bit AdamW (bitsandbytes) on CUDA, torch AdamW otherwise; constant LR after a linear warmup."""
-    use_8bit = cfg.use_8bit == "on" or (cfg.use_8bit == "auto" and device.type == "cuda")
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if use_8bit:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ImportError("optim.use_8bit needs bitsandbytes (pip install bitsandbytes); "
-                              "or set optim.use_8bit=off") from err
-        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
-    else:
-        logger.info("optimizer: torch AdamW (%s)", "8-bit AdamW needs CUDA" if device.type != "cuda" else "use_8bit=off")
-        optimizer = torch.optim.AdamW(params, **kwargs)
-    warmup = max(1, cfg.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    return optimizer, schedule
 
 
 @dataclass
@@ -122,7 +103,9 @@ def setup(cfg: Config) -> Trainer:
     if cfg.model.channels_last:
         models.unet.to(memory_format=torch.channels_last)
     optimizer, lr_scheduler = build_optimizer(params, cfg.optim, accelerator.device)
-    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    # The LR scheduler stays unprepared: accelerate's wrapper steps it once per process,
+    # which would end the warmup num_processes times too early.
+    unet, optimizer = accelerator.prepare(models.unet, optimizer)
     if cfg.model.compile_unet:
         unet = torch.compile(unet)
     source = build_source(cfg.data, cfg.train.seed, accelerator.process_index, accelerator.num_processes)

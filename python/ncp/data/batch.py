@@ -7,6 +7,10 @@ import torch
 from torch import Tensor
 
 
+class DataError(ValueError):
+    """Unreadable or malformed training data; the message names the file, row or column."""
+
+
 @dataclass
 class PairBatch:
     """B preference pairs; every two-image tensor is stacked winners first, then losers.

@@ -20,14 +20,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ncp.data.batch import PairBatch
+from ncp.data.batch import DataError, PairBatch
 from ncp.data.pairs import REQUIRED_COLUMNS, PairRef, column_map, image_uid, select_pairs
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Unreadable or malformed training data; the message names the file, row or column."""
 
 
 def expand_sources(sources: list[str]) -> list[Path]:
