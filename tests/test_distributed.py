@@ -47,8 +47,8 @@ def test_accelerate_launch_checkpoints_once_and_resumes(tiny_sd15, tiny_parquet,
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]  # only rank 0 logs
     assert all(m["train/world_size"] == 2 for m in lines)
-    # warmup counts optimizer steps, not processes: lr(step 2) = 2 x lr(step 1) = 2 x 1e-3 / 500
-    assert [m["train/lr"] for m in lines] == pytest.approx([2e-6, 4e-6])
+    # warmup counts optimizer steps, not processes: lr(step s) = s x 1e-3 / 10 (the default.yaml warmup)
+    assert [m["train/lr"] for m in lines] == pytest.approx([1e-4, 2e-4])
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", ".tmp"))) == ["step-000002"]
     state = json.loads((out / "step-000002" / "state.json").read_text())
     assert state["data"]["world_size"] == 2 and state["data"]["sample_in_epoch"] == 4
