@@ -37,6 +37,7 @@ def _launch(model, parquet, out, *extra):
     cmd = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ncp.train", f"model.path={model}",
            f"data.sources=[{parquet}]", f"train.output_dir={out}", "objective.name=dpo", "train.checkpoint_every=2",
+           "optim.warmup_steps=10",
            *ARGS, *extra]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True)
 
@@ -47,7 +48,7 @@ def test_accelerate_launch_checkpoints_once_and_resumes(tiny_sd15, tiny_parquet,
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]  # only rank 0 logs
     assert all(m["train/world_size"] == 2 for m in lines)
-    # warmup counts optimizer steps, not processes: lr(step s) = s x 1e-3 / 10 (the default.yaml warmup)
+    # warmup counts optimizer steps, not processes: lr(step s) = s x 1e-3 / 10 (warmup_steps=10)
     assert [m["train/lr"] for m in lines] == pytest.approx([1e-4, 2e-4])
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", ".tmp"))) == ["step-000002"]
     state = json.loads((out / "step-000002" / "state.json").read_text())
