@@ -66,13 +66,21 @@ build_extension() {
   if ! command -v nvcc >/dev/null; then
     for d in /usr/local/cuda/bin /usr/local/cuda-13/bin; do [ -x "$d/nvcc" ] && export PATH="$d:$PATH"; done
   fi
+  if ! command -v nvcc >/dev/null; then  # an nvcc installed from wheels (nvidia-cuda-nvcc & co.)?
+    local cu; cu=$($PY -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))" 2>/dev/null)
+    if [ -n "$cu" ] && [ -x "$cu/bin/nvcc" ]; then
+      [ -e "$cu/lib64" ] || ln -s lib "$cu/lib64"
+      [ -e "$cu/lib/libcudart.so" ] || ln -s libcudart.so.13 "$cu/lib/libcudart.so"
+      export PATH="$cu/bin:$PATH" CUDA_HOME="$cu"
+    fi
+  fi
   command -v nvcc && nvcc --version | tail -1
   $PY -c "import ninja" 2>/dev/null || echo "note: ninja is not installed; the build will be serial"
   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . \
     || FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
        $PY setup.py build_ext --inplace
-  $PY -c "import ncp.ops as o; print('fused ops on', sorted(o.FUSED_DEVICES)); assert 'cuda' in o.FUSED_DEVICES"
+  PYTHONPATH=python $PY -c "import ncp.ops as o; print('fused ops on', sorted(o.FUSED_DEVICES)); assert 'cuda' in o.FUSED_DEVICES"
 }
 
 export -f install_wheels build_extension   # run_step runs them under `timeout bash -c`
