@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--tiny", action="store_true", help="toy sizes, seconds (for tests)")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps the build bit-reproducible)")
-    b.add_argument("--reuse-stages", action="store_true", help="load pretrained stages kept in OUT/.stages")
+    b.add_argument("--keep-stages", action="store_true", help="keep the pretrained stages in OUT/.stages")
+    b.add_argument("--reuse-stages", action="store_true",
+                   help="load the stages kept in OUT/.stages instead of training them (implies --keep-stages)")
     args = parser.parse_args(argv)
 
     from ncp.world.build import BuildConfig, build_world, tiny_config
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = tiny_config(args.seed) if args.tiny else BuildConfig(seed=args.seed)
     cfg.threads = args.threads
     t0 = time.time()
-    world = build_world(args.out, cfg, reuse_stages=args.reuse_stages)
+    world = build_world(args.out, cfg, reuse_stages=args.reuse_stages, keep_stages=args.keep_stages)
     print(json.dumps(world["stats"], indent=2))
     print(f"world built in {time.time() - t0:.0f}s -> {args.out}")
 

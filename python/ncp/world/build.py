@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,11 +82,12 @@ def _vae_recon_summary(vae, stream: SceneStream, n: int) -> dict[str, float]:
 
 
 def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = print,
-                reuse_stages: bool = False) -> dict:
+                reuse_stages: bool = False, keep_stages: bool = False) -> dict:
     """Runs every stage and writes the bundle; returns world.json's content.
 
-    Each pretrained stage is also kept in ``out/.stages`` (not part of the bundle);
-    ``reuse_stages`` loads them instead of training again (to redo later stages).
+    Each pretrained stage is saved in ``out/.stages`` while the build runs and
+    removed at the end unless ``keep_stages``; ``reuse_stages`` loads the kept
+    stages instead of training them again (to redo only the later stages).
     """
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,8 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
         "reused_stages": bool(reuse_stages),
     }
     (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+    if not (keep_stages or reuse_stages):
+        shutil.rmtree(stages, ignore_errors=True)
     return world
 
 
