@@ -295,11 +295,12 @@ def plot(res: dict, path: Path) -> None:
 
 
 def plan(args) -> list[RunSpec]:
-    specs = [RunSpec(o, d, s) for d in args.data for o in args.objectives for s in range(args.seeds)]
-    if "filtered" in args.data or args.taps:
+    # seed-major order: a run stopped early still holds complete seeds to analyse (--analyse-only)
+    specs = [RunSpec(o, d, s) for s in range(args.seeds) for d in args.data for o in args.objectives]
+    for s in range(args.seeds):
         for taps in args.taps:
             if taps != "mid":  # mid is what 'auto' resolves to for SD1.5-style models: the main runs
-                specs += [RunSpec("ncp-dpo", "filtered", s, taps) for s in range(args.seeds)]
+                specs.append(RunSpec("ncp-dpo", "filtered", s, taps))
     return specs
 
 
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    p.add_argument("--analyse-only", action="store_true", help="no training: tables from the finished runs")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 2 prompts, dpo/ncp-dpo")
     args = p.parse_args(argv)
     if args.quick:
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.sample_steps or steps
     runs_dir = Path(args.runs)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "quick")} | {
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "quick", "analyse_only")} | {
         "eval_prompt_list": prompts, "sample_steps": steps, "guidance": guidance}
     cache_path = runs_dir / "runs.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = Evaluator(model_dir, prompts, args.eval_seeds, steps, guidance)
     specs = plan(args)
     for i, spec in enumerate(specs):
-        if spec.name in cache["runs"]:
+        if spec.name in cache["runs"] or args.analyse_only:
             continue
         t0 = time.time()
         run = train_run(spec, args, runs_dir / spec.name)
