@@ -19,6 +19,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -182,11 +183,13 @@ def bench_cache(cache_dir: Path, args, seconds: float) -> float:
     return timed_pairs(src, seconds)
 
 
-def spin_rate(seconds: float, busy=None) -> float:
+def spin_rate(seconds: float, busy=None, pin: int | None = None) -> float:
     """Increments per second of a pure-Python loop, alone or while `busy()` runs in the main thread."""
     count, stop = [0], threading.Event()
 
     def spin():
+        if pin is not None:
+            os.sched_setaffinity(0, {pin})
         c = 0
         while not stop.is_set():
             c += 1
@@ -204,25 +207,46 @@ def spin_rate(seconds: float, busy=None) -> float:
     return count[0] / (time.perf_counter() - start)
 
 
-def bench_gil(path: Path, args, threads: int) -> tuple[float, float]:
-    """(share of a core the spinner keeps, loader pairs/s meanwhile)."""
-    src = rust_source(path, args, threads)
-    n = [0]
+def bench_gil(path: Path, args, seconds: float) -> dict:
+    """The share of one core that a pure-Python thread keeps while a 1-thread Rust loader runs.
 
-    def run():
-        end = time.perf_counter() + args.seconds / 2
-        while time.perf_counter() < end:
-            for b in src:
-                n[0] += len(b)
-                if time.perf_counter() >= end:
-                    break
+    The spinner is pinned to one core, the main thread and the loader's thread to the other. On a
+    shared machine other jobs crowd onto the spinner's core when the loader's core is busy, so the
+    same is measured with a separate process burning the loader's core (the control, no GIL
+    involved); share / control isolates the GIL (held: near 0; released: near 1).
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {"skipped": "needs 2 cores"}
+    os.sched_setaffinity(0, {cpus[0]})  # this thread; the loader's pool, created now, inherits it
+    try:
+        src = rust_source(path, args, 1)
+        n = [0]
 
-    before = spin_rate(args.seconds / 4)
-    start = time.perf_counter()
-    shared = spin_rate(0, busy=run)
-    rate = n[0] / (time.perf_counter() - start)
-    after = spin_rate(args.seconds / 4)
-    return shared / ((before + after) / 2), rate
+        def run():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                for b in src:
+                    n[0] += len(b)
+                    if time.perf_counter() >= end:
+                        break
+
+        def burn():  # the control: core 0 busy in another process, no GIL shared
+            code = (f"import os, time; os.sched_setaffinity(0, {{{cpus[0]}}}); end = time.time() + {seconds}\n"
+                    "while time.time() < end: pass")
+            subprocess.run([sys.executable, "-c", code], check=True)
+
+        before = spin_rate(seconds / 2, pin=cpus[1])
+        start = time.perf_counter()
+        shared = spin_rate(0, busy=run, pin=cpus[1])
+        rate = n[0] / (time.perf_counter() - start)
+        control = spin_rate(0, busy=burn, pin=cpus[1])
+        after = spin_rate(seconds / 2, pin=cpus[1])
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+    alone = (before + after) / 2
+    return {"core_share": shared / alone, "core_share_control": control / alone,
+            "share_vs_control": shared / control, "loader_pairs_per_s_meanwhile": rate}
 
 
 def main() -> None:
@@ -233,6 +257,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=24.0, help="measuring time per configuration (all turns)")
     p.add_argument("--rounds", type=int, default=3, help="turns per configuration (the best is kept)")
     p.add_argument("--skip-cache", action="store_true")
+    p.add_argument("--gil-only", action="store_true", help="only the GIL measurement (updates that entry of the JSON)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.json"))
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -242,6 +267,15 @@ def main() -> None:
         results: dict = {"pairs_in_file": args.pairs, "image_px": 512, "resolution": args.resolution,
                          "batch_size": args.batch_size, "parquet_mb": round(path.stat().st_size / 2**20, 1)}
         cores = os.cpu_count() or 1
+        if args.gil_only:  # re-measure only this, into the existing JSON
+            gil = bench_gil(path, args, args.seconds / 2)
+            print(json.dumps(gil))
+            out = Path(args.out)
+            old = json.loads(out.read_text()) if out.is_file() else {}
+            old["python_thread_core_share"] = {**gil, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                               "command": "python benchmarks/loader.py " + " ".join(sys.argv[1:])}
+            out.write_text(json.dumps(old, indent=1))
+            return
         # Configurations are measured in turns, `rounds` times each, and the best turn is kept: the
         # machine is shared, and interleaving spreads other jobs' load evenly over the configurations.
         configs = {
@@ -275,10 +309,8 @@ def main() -> None:
         rows = list(best.items())
         if not args.skip_cache:
             results["cache"]["pairs_per_s"] = best["latent cache (CachedPairSource)"]
-        share1, rate1 = bench_gil(path, args, 1)
-        share_all, rate_all = bench_gil(path, args, 0)
-        results["python_thread_core_share"] = {"loader_1_thread": share1, "loader_all_threads": share_all,
-                                               "loader_pairs_per_s_meanwhile": {"1": rate1, "all": rate_all}}
+        gil = bench_gil(path, args, args.seconds / 2)
+        results["python_thread_core_share"] = gil
     base = results["torch_best"]["pairs_per_s"]
     results["speedup_rust_vs_baseline"] = results["rust_all_cores"] / base
     results["speedup_rust_vs_pil_in_memory"] = results["rust_all_cores"] / max(results["pil_in_memory_by_workers"].values())
@@ -288,11 +320,15 @@ def main() -> None:
                           "python": platform.python_version(), "torch": torch.__version__,
                           "load_avg_at_end": os.getloadavg()}
     results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results["command"] = "python benchmarks/loader.py " + " ".join(sys.argv[1:])
     print(f"\n{'configuration':<44} {'pairs/s':>10} {'vs baseline':>12}")
     for name, r in rows:
         print(f"{name:<44} {r:>10.1f} {r / base:>11.2f}x")
-    print(f"Python thread keeps {share1:.0%} of a core beside a 1-thread Rust loader "
-          f"({rate1:.1f} pairs/s), {share_all:.0%} beside an all-core loader ({rate_all:.1f} pairs/s)")
+    if "core_share" in gil:
+        print(f"a pure-Python thread keeps {gil['core_share']:.0%} of its core while a 1-thread Rust loader runs "
+              f"on the other ({gil['loader_pairs_per_s_meanwhile']:.1f} pairs/s meanwhile); "
+              f"{gil['core_share_control']:.0%} while a separate process burns that core (control, no GIL): "
+              f"{gil['share_vs_control']:.0%} of the control")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

@@ -416,8 +416,7 @@ class CachedPairSource:
         self.num_pairs = self.index["num_pairs"]
         self._pairs = [mmap_safetensors(self.dir / f) for f in self.index["pair_shards"]]
         self._embeds = [mmap_safetensors(self.dir / f) for f in self.index["embed_shards"]]
-        self._empty = {k: _to_torch(np.asarray(a), dt) for k, (a, dt) in
-                       mmap_safetensors(self.dir / "empty.safetensors").items()}
+        self._empty_np = {k: np.array(a[0]) for k, (a, _) in mmap_safetensors(self.dir / "empty.safetensors").items()}
         self._captions = json.loads((self.dir / "captions.json").read_text())
         # the small per-pair columns live in memory (tens of bytes a pair); latents and embeddings stay mapped
         small = ("valid", "caption_ids", "original_sizes", "crop_top_left")
@@ -458,18 +457,29 @@ class CachedPairSource:
                                       self.world_size, self.drop_last)
         return order.reshape(-1)
 
-    def _gather(self, shards: list, rows: np.ndarray, name: str, sub: np.ndarray | None = None) -> torch.Tensor:
-        """Rows `rows` of a sharded, memory-mapped tensor (and within row i, entry sub[i] when given)."""
+    def _gather(self, shards: list, rows: np.ndarray, name: str) -> tuple[np.ndarray, str]:
+        """Rows `rows` of a sharded, memory-mapped tensor (fancy-indexed per shard), and its dtype name."""
         size = self.index["shard_size"]
         shard_of, offset = rows // size, rows % size
         first, dtype_name = shards[int(shard_of[0])][name]
-        row_shape = first.shape[2:] if sub is not None else first.shape[1:]
-        out = np.empty((len(rows), *row_shape), dtype=first.dtype)
+        out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
         for s in np.unique(shard_of).tolist():
             sel = np.nonzero(shard_of == s)[0]
-            arr = shards[s][name][0]
-            out[sel] = arr[offset[sel], sub[sel]] if sub is not None else arr[offset[sel]]
-        return _to_torch(out, dtype_name)
+            out[sel] = shards[s][name][0][offset[sel]]
+        return out, dtype_name
+
+    def _gather_latents(self, rows: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+        """(2B, 2, C, h, w): the posteriors of the pairs' chosen flips, winners then losers, in one copy."""
+        size = self.index["shard_size"]
+        shard_of, offset = rows // size, rows % size
+        first, dtype_name = self._pairs[int(shard_of[0])]["latents"]
+        out = np.empty((2, len(rows), *first.shape[3:]), dtype=first.dtype)  # (image, pair, 2, C, h, w)
+        for s in np.unique(shard_of).tolist():
+            sel = np.nonzero(shard_of == s)[0]
+            arr = self._pairs[s]["latents"][0]
+            for image in (0, 1):
+                out[image, sel] = arr[offset[sel], flip[sel], image]
+        return _to_torch(out.reshape(2 * len(rows), *out.shape[2:]), dtype_name)
 
     def batch(self, ids: np.ndarray) -> PairBatch | None:
         """The batch of the pair ids `ids` (epoch draws of the current epoch); None if all were skipped."""
@@ -481,21 +491,20 @@ class CachedPairSource:
         flips, drops = self._lib.augment_draws(self.seed, self.epoch, ids.astype(np.uint32).tolist(),
                                                self.random_flip, self.empty_prompt_prob)
         flip_index = flips.astype(np.int64) if self.random_flip else np.zeros(len(ids), np.int64)
-        lat = self._gather(self._pairs, ids, "latents", flip_index)  # (B, 2, 2, C, h, w)
-        latents = lat.transpose(0, 1).reshape(2 * len(ids), *lat.shape[2:])  # (2B, 2, C, h, w) winners then losers
+        latents = self._gather_latents(ids, flip_index)
         cap_ids = self._small["caption_ids"][ids]
-        embeds = self._gather(self._embeds, cap_ids, "prompt_embeds")
-        pooled = (self._gather(self._embeds, cap_ids, "pooled_prompt_embeds")
-                  if "pooled_prompt_embeds" in self._embeds[0] else None)
-        if drops.any():
-            d = torch.from_numpy(drops)
-            embeds[d] = self._empty["prompt_embeds"].to(embeds.dtype)
-            if pooled is not None:
-                pooled[d] = self._empty["pooled_prompt_embeds"].to(pooled.dtype)
+        embeds, embeds_dtype = self._gather(self._embeds, cap_ids, "prompt_embeds")
+        embeds[drops] = self._empty_np["prompt_embeds"]
+        pooled = None
+        if "pooled_prompt_embeds" in self._embeds[0]:
+            pooled_np, pooled_dtype = self._gather(self._embeds, cap_ids, "pooled_prompt_embeds")
+            pooled_np[drops] = self._empty_np["pooled_prompt_embeds"]
+            pooled = _to_torch(pooled_np, pooled_dtype)
         captions = ["" if drop else self._captions[c] for c, drop in zip(cap_ids.tolist(), drops.tolist())]
         self.yielded += len(ids)
         return PairBatch(
-            captions=captions, latents=latents, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+            captions=captions, latents=latents, prompt_embeds=_to_torch(embeds, embeds_dtype),
+            pooled_prompt_embeds=pooled,
             original_sizes=torch.from_numpy(self._small["original_sizes"][ids]),
             crop_top_left=torch.from_numpy(self._small["crop_top_left"][ids]),
             indices=torch.from_numpy(ids.astype(np.int64)))
