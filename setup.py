@@ -14,7 +14,7 @@ from __future__ import annotations
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 
 def _extensions() -> tuple[list, dict]:
@@ -50,9 +50,10 @@ setup(
     version="0.1.0",
     description="Preference alignment (DPO, CPO, SFT) of text-to-image diffusion models in noise-conditioned perceptual space",
     package_dir={"": "python"},
-    packages=find_packages("python"),
-    package_data={"ncp": ["bundle/**/*", "configs/*.yaml"]},
-    include_package_data=True,
+    # Namespace discovery: the data folders (bundle/, configs/) are listed as packages so
+    # setuptools ships their files (package_data) without treating them as code.
+    packages=find_namespace_packages("python", include=["ncp", "ncp.*"], exclude=["*.__pycache__"]),
+    package_data={"": ["*.json", "*.txt", "*.yaml", "*.safetensors", "*.parquet"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
