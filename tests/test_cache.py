@@ -167,3 +167,15 @@ def test_training_from_the_cache_gives_the_pixel_losses(tmp_path, sd15, tiny_par
         runs[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(runs["pixels"]) == 4
     np.testing.assert_allclose(runs["cache"], runs["pixels"], rtol=1e-4, atol=1e-6)
+
+
+def test_training_refuses_a_mismatched_cache(tmp_path, sd15, tiny_parquet, capsys):
+    """A cache built at another resolution is named as stale by `ncp.train`, never used."""
+    from ncp.train import main as train_main
+
+    cache_dir = build_cache(sd15, [str(tiny_parquet)], tmp_path / "cache", RES, flip=False, batch_size=4)
+    args = [f"model.path={sd15}", f"data.sources=[{tiny_parquet}]", f"data.resolution={RES * 2}",
+            "data.batch_size=2", f"data.cache_dir={cache_dir}", "lora.rank=4", "train.max_steps=1",
+            "logging.progress=false", "train.report=false", f"train.output_dir={tmp_path}/o"]
+    assert train_main(args) == 2
+    assert "resolution" in capsys.readouterr().err

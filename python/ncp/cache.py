@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncp.data.batch import PairBatch
+from ncp.data.batch import DataError, PairBatch
+
 
 logger = logging.getLogger("ncp.cache")
 
@@ -49,7 +50,7 @@ FORMAT = "ncp-latent-cache/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(DataError):
     """The cache was made from other images, models or settings than the run's; the message names them."""
 
 

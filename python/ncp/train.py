@@ -23,7 +23,7 @@ from ncp import checkpoint as ckpt
 from ncp.config import Config, ConfigError, DataConfig, help_text, load_config, to_dict
 from ncp.data.batch import DataError, PairBatch
 from ncp.metrics import MetricsLogger
-from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, encode_prompts, load_lora_into, load_models,
+from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, encode_prompts, load_lora_into, load_models, resolve_model_path,
                         resolve_taps, save_lora, sdxl_time_ids)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
@@ -36,13 +36,17 @@ logger = logging.getLogger("ncp.train")
 # ---------------------------------------------------------------- building blocks
 
 
-def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
+def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int, model_path: str):
     """The configured loader backend; every backend yields PairBatch and resumes from state()."""
     common = dict(batch_size=cfg.batch_size, seed=seed, rank=rank, world_size=world_size)
     if cfg.cache_dir:
         from ncp.cache import CachedPairSource
 
-        return CachedPairSource(cfg.cache_dir, empty_prompt_prob=cfg.empty_prompt_prob, **common)
+        # the cache must have been built from this model, data and selection: a mismatch is named, never used
+        return CachedPairSource(cfg.cache_dir, empty_prompt_prob=cfg.empty_prompt_prob, random_flip=cfg.random_flip,
+                                model=model_path, sources=cfg.sources, resolution=cfg.resolution,
+                                columns=cfg.columns, drop_ties=cfg.drop_ties,
+                                absolute_winners=cfg.absolute_winners, **common)
     if cfg.backend == "rust":
         try:
             from ncp.data.rust import RustPairSource
@@ -108,7 +112,8 @@ def setup(cfg: Config) -> Trainer:
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
     if cfg.model.compile_unet:
         unet = torch.compile(unet)
-    source = build_source(cfg.data, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    source = build_source(cfg.data, cfg.train.seed, accelerator.process_index, accelerator.num_processes,
+                          resolve_model_path(cfg.model.path))
     taps = resolve_taps(cfg.objective.taps, models.kind, len(models.unet.down_blocks))
     weights = cfg.objective.tap_weights or [1.0 / len(taps)] * len(taps)
     output_dir = Path(cfg.train.output_dir)
