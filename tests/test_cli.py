@@ -146,3 +146,21 @@ def test_v_prediction_model_with_accumulation_and_checkpointing(tiny_parquet, tm
     assert len(lines) == 2 and all(m["train/grad_norm"] > 0 for m in lines)
     state = json.loads((out / "step-000002" / "state.json").read_text())
     assert state["data"]["sample_in_epoch"] == 8  # 2 steps x 2 micro-batches x 2 pairs
+
+
+def test_default_command_trains_on_the_bundle(tmp_path):
+    """`python -m ncp.train` with only size overrides: the bundled world, the default config (NCP-DPO, Rust
+    loader) — a few steps, then the LoRA loads into the bundled pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from ncp.models import bundle_dir
+
+    out = tmp_path / "default"
+    r = subprocess.run([sys.executable, "-m", "ncp.train", "train.max_steps=2", "data.batch_size=2",
+                        "train.report=false", "train.checkpoint_every=0", "logging.tensorboard=false",
+                        f"train.output_dir={out}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and "err/reference_winner" in lines[0]
+    pipe = StableDiffusionPipeline.from_pretrained(str(bundle_dir() / "model"), safety_checker=None)
+    pipe.load_lora_weights(str(out / "lora"))

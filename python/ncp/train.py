@@ -95,6 +95,8 @@ def setup(cfg: Config) -> Trainer:
     on_gpu = device_name.startswith("cuda")
     precision = cfg.train.mixed_precision if cfg.train.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
+    if cfg.train.cpu_threads > 0:
+        torch.set_num_threads(cfg.train.cpu_threads)
     weight_dtype = DTYPES[cfg.model.weight_dtype] if cfg.model.weight_dtype != "auto" else (
         torch.bfloat16 if on_gpu else torch.float32)
     models = load_models(cfg.model.path, cfg.model.kind, accelerator.device, weight_dtype, cfg.model.vae_path,
@@ -303,20 +305,23 @@ def train(cfg: Config) -> dict[str, Any]:
     lora_dir = export_lora(tr)
     result = {"step": tr.step, "lora": str(lora_dir), "metrics": last, "output_dir": str(tr.output_dir)}
     if cfg.train.report and tr.accelerator.is_main_process:
-        from ncp.world.report import after_training
-
-        result["report"] = after_training(
-            model_dir=str(Path(cfg.model.path) if cfg.model.path != "bundle" else _bundle("model")),
-            lora_dir=str(lora_dir), out_dir=str(tr.output_dir), metrics_path=str(tr.output_dir / "metrics.jsonl"),
-            prompts_path=str(_bundle("data/heldout_prompts.txt")), seed=cfg.train.seed)
+        result["report"] = world_report(cfg, lora_dir, tr.output_dir)
     tr.accelerator.end_training()
     return result
 
 
-def _bundle(rel: str) -> Path:
-    from ncp.models import bundle_dir
+def world_report(cfg: Config, lora_dir: Path, output_dir: Path) -> dict:
+    """Grid, curves and judge rewards of base vs aligned, for a world built by `python -m ncp.world build`
+    (the world's held-out prompts sit in data/ beside its model folder)."""
+    from ncp.world.report import after_training
 
-    return bundle_dir() / rel
+    model_dir = Path(resolve_model_path(cfg.model.path))
+    prompts = model_dir.parent / "data" / "heldout_prompts.txt"
+    if not prompts.is_file():
+        raise FileNotFoundError(f"train.report needs a world built by `python -m ncp.world build`: no {prompts}")
+    return after_training(model_dir=str(model_dir), lora_dir=str(lora_dir), out_dir=str(output_dir),
+                          metrics_path=str(output_dir / "metrics.jsonl"), prompts_path=str(prompts),
+                          seed=cfg.train.seed)
 
 
 # ---------------------------------------------------------------- CLI
@@ -351,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except (ConfigError, ModelLoadError, DataError, FileNotFoundError, ImportError, FloatingPointError) as err:
+    except (ConfigError, ModelLoadError, DataError, OSError, ImportError, FloatingPointError) as err:
         logger.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2
