@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ncp import _C  # noqa: F401  (loads the kernels and the schemas)
+from ncp.ops import reference as _reference
 
 _ops = torch.ops.ncp
 
@@ -245,13 +246,7 @@ def multiscale_error(
     Same contract as :func:`ncp.ops.reference.multiscale_error`, all scales and
     both branches in one kernel launch.
     """
-    if not (len(policy) == len(target) == len(weights)) or len(policy) == 0:
-        raise ValueError(
-            f"multiscale_error needs one policy, target and weight per scale; got "
-            f"{len(policy)}, {len(target)}, {len(weights)}"
-        )
-    if reference and len(reference) != len(policy):
-        raise ValueError(f"multiscale_error: {len(reference)} reference scales for {len(policy)} policy scales")
+    _reference.check_scales(policy, reference, target, weights)
     dtype = _common_dtype([*policy, *reference, *target])
     policy, reference, target = ([_as(t, dtype) for t in ts] for ts in (policy, reference, target))
     weights = [float(w) for w in weights]

@@ -32,6 +32,17 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def check_scales(policy, reference, target, weights) -> None:
+    """The list arguments of ``multiscale_error`` agree: one policy, target and weight per scale."""
+    if not (len(policy) == len(target) == len(weights)) or len(policy) == 0:
+        raise ValueError(
+            f"multiscale_error needs one policy, target and weight per scale; got "
+            f"{len(policy)}, {len(target)}, {len(weights)}"
+        )
+    if reference and len(reference) != len(policy):
+        raise ValueError(f"multiscale_error: {len(reference)} reference scales for {len(policy)} policy scales")
+
+
 def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     acc = _acc_dtype(a, b)
     return (a.to(acc) - b.to(acc)).pow(2).flatten(1).mean(dim=1)  # (N,)
@@ -45,13 +56,7 @@ def multiscale_error(
     Returns fp32 (N,) tensors (fp64 for fp64 inputs); the reference error is an
     empty (0,) tensor when ``reference`` is empty.
     """
-    if not (len(policy) == len(target) == len(weights)) or len(policy) == 0:
-        raise ValueError(
-            f"multiscale_error needs one policy, target and weight per scale; got "
-            f"{len(policy)}, {len(target)}, {len(weights)}"
-        )
-    if reference and len(reference) != len(policy):
-        raise ValueError(f"multiscale_error: {len(reference)} reference scales for {len(policy)} policy scales")
+    check_scales(policy, reference, target, weights)
     err_policy = sum(w * _per_sample_mse(p, t) for p, t, w in zip(policy, target, weights))
     if reference:
         err_reference = sum(w * _per_sample_mse(r, t) for r, t, w in zip(reference, target, weights))
