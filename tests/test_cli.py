@@ -15,7 +15,8 @@ OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
 def _args(model, parquet, out, *extra):
     return [f"model.path={model}", f"data.sources=[{parquet}]", "data.backend=torch", "data.resolution=32",
             "data.batch_size=2", "data.num_workers=0", "lora.rank=4", "train.max_steps=3", f"train.output_dir={out}",
-            "optim.lr=1e-3", "optim.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false",
+            "optim.lr=1e-3", "optim.warmup_steps=1", "objective.beta=5000", "logging.progress=false",
+            "logging.tensorboard=false",
             "train.report=false", *extra]
 
 
