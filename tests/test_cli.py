@@ -113,6 +113,9 @@ def test_cli_errors_name_the_problem(tiny_sd15, tmp_path):
     r = _cli(f"model.path={tiny_sd15}", f"data.sources=[{bad}]", "data.backend=torch", "data.resolution=32",
              f"train.output_dir={tmp_path}/o")
     assert r.returncode == 2 and "bad.parquet lacks column(s) ['jpg_0', 'jpg_1', 'label_1']" in r.stderr
+    r = _cli(f"model.path={tiny_sd15}", f"data.sources=[{bad}]", "data.backend=rust", "data.resolution=32",
+             f"train.output_dir={tmp_path}/o")
+    assert r.returncode == 2 and "bad.parquet" in r.stderr and "column" in r.stderr and "Traceback" not in r.stderr
     r = _cli(f"model.path={tiny_sd15}", "data.backend=torch", f"train.output_dir={tmp_path}/none", "--resume", "latest",
              f"data.sources=[{bad}]")
     assert r.returncode == 2

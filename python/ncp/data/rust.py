@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncp.data.batch import PairBatch
+from ncp.data.batch import DataError, PairBatch
 
 
 def _import_loader() -> Any:
@@ -93,24 +93,27 @@ class RustPairSource:
         lib = _import_loader()
         self.resolution = resolution
         self.batch_size = batch_size
-        self._loader = lib.PairLoader(
-            _resolve_sources(sources),
-            resolution,
-            batch_size,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            random_crop=random_crop,
-            random_flip=random_flip,
-            drop_ties=drop_ties,
-            absolute_winners=absolute_winners,
-            columns=dict(columns) if columns else None,
-            num_threads=num_threads,
-            prefetch=prefetch,
-            strict=strict,
-            drop_last=drop_last,
-            empty_prompt_prob=empty_prompt_prob,
-        )
+        try:
+            self._loader = lib.PairLoader(
+                _resolve_sources(sources),
+                resolution,
+                batch_size,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                random_crop=random_crop,
+                random_flip=random_flip,
+                drop_ties=drop_ties,
+                absolute_winners=absolute_winners,
+                columns=dict(columns) if columns else None,
+                num_threads=num_threads,
+                prefetch=prefetch,
+                strict=strict,
+                drop_last=drop_last,
+                empty_prompt_prob=empty_prompt_prob,
+            )
+        except (KeyError, ValueError) as err:  # a missing column, a bad argument: the message names it
+            raise DataError(str(err).strip("'\"")) from err
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
