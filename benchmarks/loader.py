@@ -80,15 +80,15 @@ def timed_pairs(src, seconds: float, warmup_batches: int = 1) -> float:
     return n / (time.perf_counter() - start)
 
 
-def rust_source(path: Path, args, threads: int):
+def rust_source(path: Path, args, threads: int, **kw):
     from ncp.data.rust import RustPairSource
 
     return RustPairSource([str(path)], args.resolution, batch_size=args.batch_size, random_flip=True,
-                          num_threads=threads, seed=0)
+                          num_threads=threads, seed=0, **kw)
 
 
-def bench_rust(path: Path, args, threads: int, seconds: float) -> float:
-    return timed_pairs(rust_source(path, args, threads), seconds)
+def bench_rust(path: Path, args, threads: int, seconds: float, **kw) -> float:
+    return timed_pairs(rust_source(path, args, threads, **kw), seconds)
 
 
 def bench_torch(path: Path, args, workers: int, seconds: float) -> float:
@@ -281,6 +281,9 @@ def main() -> None:
         configs = {
             f"Rust loader, {cores} threads": lambda sec: bench_rust(path, args, 0, sec),
             "Rust loader, 1 thread": lambda sec: bench_rust(path, args, 1, sec),
+            # the row-group cache off: every batch reads its row groups again (selected rows only)
+            f"Rust loader, {cores} threads, row-group cache off": lambda sec: bench_rust(
+                path, args, 0, sec, row_group_cache_mb=0),
         }
         for w in (0, 1, 2):
             configs[f"PyTorch DataLoader + PIL, num_workers={w}"] = lambda sec, w=w: bench_torch(path, args, w, sec)

@@ -1,7 +1,7 @@
 //! Epoch plans and batch assembly. Batch k of an epoch is a pure function of
 //! (index, config, epoch, k): threads only decide how fast it is made.
 use crate::error::{LoadError, Result, SkipRecord};
-use crate::imaging::{crop_flip_chw, crop_offset, decode, resize, shorter_side_size, DecodeError};
+use crate::imaging::{transform_into, DecodeError};
 use crate::rng::{permutation, sample_rng};
 use crate::source::{content_hash, read_image_pairs, read_paths, skip_record, Location, PairIndex};
 use rayon::prelude::*;
@@ -124,8 +124,18 @@ fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<(Bytes, Bytes)>> {
         .into_par_iter()
         .map(|((file, rg), mut rows)| {
             rows.sort_unstable();
-            let row_ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
-            let data = read_image_pairs(index, file, rg, &row_ids)?;
+            let data: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = if index.row_groups.worth_it(index, file, rg) {
+                let imgs = index.row_groups.get(index, file, rg)?;
+                rows.iter()
+                    .map(|&(r, _)| {
+                        let (a, b) = imgs.pair(r as usize);
+                        (a.map(<[u8]>::to_vec), b.map(<[u8]>::to_vec))
+                    })
+                    .collect()
+            } else {
+                let row_ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
+                read_image_pairs(index, file, rg, &row_ids)?
+            };
             Ok(rows
                 .into_iter()
                 .zip(data)
@@ -151,14 +161,7 @@ type PairResult = std::result::Result<[i64; 4], (u8, DecodeError)>;
 
 /// Decode, resize, crop and flip one image into `out`; returns (h, w, top, left).
 fn transform(bytes: &[u8], res: u32, d: &Draws, out: &mut [u8]) -> std::result::Result<[i64; 4], DecodeError> {
-    let img = decode(bytes)?;
-    let (h0, w0) = (img.height, img.width);
-    let (w, h) = shorter_side_size(w0, h0, res);
-    let img = resize(img, w, h)?;
-    let top = crop_offset(h, res, d.crop.map(|c| c.0));
-    let left = crop_offset(w, res, d.crop.map(|c| c.1));
-    crop_flip_chw(&img, top, left, res, d.flip, out);
-    Ok([h0 as i64, w0 as i64, top as i64, left as i64])
+    transform_into(bytes, res, d.crop, d.flip, out)
 }
 
 /// Decode and transform both images of pair `s` (winner into `w_out`, loser into `l_out`).
@@ -277,7 +280,7 @@ fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{build_index, Columns, Selection};
+    use crate::source::{build_index, read_image_pairs, Columns, Location, Selection};
     use arrow_array::{ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray};
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
@@ -422,5 +425,92 @@ mod tests {
         std::fs::write(&bad, b"PAR1 not parquet").unwrap();
         let bad = bad.to_string_lossy().into_owned();
         assert!(matches!(build_index(&[bad.clone()], columns(), sel), Err(LoadError::Io { path, .. }) if path == bad));
+    }
+
+    /// `n` rows whose image cells are distinct byte strings (not images), row groups of 3.
+    fn byte_shard(dir: &std::path::Path, n: usize, dictionary: bool) -> String {
+        let path = dir.join(format!("bytes-{dictionary}.parquet"));
+        let cell = |i: usize, k: u8| -> Vec<u8> { (0..(50 + 13 * i)).map(|j| (j * 31 + i * 7) as u8 ^ k).collect() };
+        let img0: Vec<Vec<u8>> = (0..n).map(|i| cell(i, 0)).collect();
+        let img1: Vec<Vec<u8>> = (0..n).map(|i| cell(i, 0x5a)).collect();
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("caption", Arc::new(StringArray::from((0..n).map(|i| format!("c{i}")).collect::<Vec<_>>()))),
+            ("jpg_0", Arc::new(BinaryArray::from(img0.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("jpg_1", Arc::new(BinaryArray::from(img1.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("label_0", Arc::new(Float64Array::from(vec![1.0; n]))),
+            ("label_1", Arc::new(Float64Array::from(vec![0.0; n]))),
+        ];
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let props = WriterProperties::builder().set_max_row_group_size(3).set_dictionary_enabled(dictionary).build();
+        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn row_group_cache_returns_the_bytes_of_a_direct_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for dictionary in [true, false] {
+            let path = byte_shard(dir.path(), 11, dictionary);
+            let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+            index.set_row_group_cache(1 << 20);
+            for p in &index.pairs {
+                let Location::Parquet { row_group, row_in_group } = p.location else { panic!() };
+                assert!(index.row_groups.worth_it(&index, p.file, row_group)); // all fits
+                let direct = read_image_pairs(&index, p.file, row_group, &[row_in_group]).unwrap().remove(0);
+                let imgs = index.row_groups.get(&index, p.file, row_group).unwrap();
+                let (a, b) = imgs.pair(row_in_group as usize);
+                assert_eq!((a.map(<[u8]>::to_vec), b.map(<[u8]>::to_vec)), direct);
+            }
+            // 4 row groups of 3, 3, 3, 2 rows: each read once, the other rows were hits
+            use std::sync::atomic::Ordering::Relaxed;
+            assert_eq!((index.row_groups.reads.load(Relaxed), index.row_groups.hits.load(Relaxed)), (4, 7));
+        }
+    }
+
+    #[test]
+    fn row_group_cache_keeps_to_its_budget_and_shares_concurrent_reads() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let path = byte_shard(dir.path(), 11, true);
+        let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        index.set_row_group_cache(1 << 20);
+        let one = index.row_groups.get(&index, 0, 0).unwrap().bytes;
+        index.set_row_group_cache(one + one / 2); // room for one group
+        let c = &index.row_groups;
+        for rg in [0, 1, 2, 0] {
+            c.get(&index, 0, rg).unwrap();
+            assert!(c.held_bytes() <= c.budget());
+        }
+        assert_eq!((c.reads.load(Relaxed), c.hits.load(Relaxed)), (4, 0)); // group 0 was evicted by 1
+        c.get(&index, 0, 0).unwrap();
+        assert_eq!(c.hits.load(Relaxed), 1);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        pool.install(|| (0..32).into_par_iter().for_each(|_| { c.get(&index, 0, 3).unwrap(); }));
+        assert_eq!(c.reads.load(Relaxed), 5);
+        // a budget below half a group: read per batch by row selection instead
+        index.set_row_group_cache(one);
+        assert!(!index.row_groups.worth_it(&index, 0, 0));
+    }
+
+    #[test]
+    fn batches_are_the_same_with_and_without_the_row_group_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<(&str, f64, f64, &str, &str)> = (0..9).map(|i| ("p", (i % 2) as f64, ((i + 1) % 2) as f64, "A", "B")).collect();
+        let path = shard(dir.path(), &rows, Some(4));
+        let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let c = cfg(1, 0, 3, true);
+        let samples = epoch_samples(9, &c, 0);
+        let run = |index: &PairIndex| -> Vec<_> {
+            samples.chunks(3).map(|s| {
+                let b = build_batch(index, &c, 0, s).unwrap();
+                (b.indices, b.winners, b.losers, b.image_hashes, b.skipped, b.crop_top_left)
+            }).collect()
+        };
+        let without = run(&index);
+        index.set_row_group_cache(1 << 20);
+        assert_eq!(run(&index), without);
+        assert!(index.row_groups.reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
     }
 }

@@ -81,7 +81,7 @@ impl PairLoader {
     #[new]
     #[pyo3(signature = (sources, resolution, batch_size, seed=0, rank=0, world_size=1, random_crop=false,
         random_flip=true, drop_ties=true, absolute_winners=false, columns=None, num_threads=0, prefetch=4,
-        strict=false, drop_last=true, empty_prompt_prob=0.0, shuffle=true))]
+        strict=false, drop_last=true, empty_prompt_prob=0.0, shuffle=true, row_group_cache_mb=512))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -102,6 +102,7 @@ impl PairLoader {
         drop_last: bool,
         empty_prompt_prob: f64,
         shuffle: bool,
+        row_group_cache_mb: usize,
     ) -> PyResult<Self> {
         let cfg = Config {
             resolution, batch_size, seed, rank, world_size, random_crop, random_flip, strict, drop_last, empty_prompt_prob,
@@ -122,9 +123,10 @@ impl PairLoader {
             .build()
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start loader threads: {e}")))?;
         let sel = Selection { drop_ties, absolute_winners };
-        let index = py
+        let mut index = py
             .allow_threads(|| pool.install(|| guarded(|| build_index(&sources, cols, sel))))
             .map_err(to_py)?;
+        index.set_row_group_cache(row_group_cache_mb.saturating_mul(1 << 20));
         let core = Core { index, cfg, pool, prefetch: prefetch.max(1) };
         Ok(PairLoader {
             core: Arc::new(core),
@@ -209,6 +211,11 @@ impl PairLoader {
         d.set_item("num_threads", self.core.pool.current_num_threads())?;
         d.set_item("read_seconds", s.read_ns as f64 * 1e-9)?;
         d.set_item("decode_seconds", s.decode_ns as f64 * 1e-9)?;
+        let rgc = &self.core.index.row_groups;
+        d.set_item("row_group_reads", rgc.reads.load(Ordering::Relaxed))?;
+        d.set_item("row_group_cache_hits", rgc.hits.load(Ordering::Relaxed))?;
+        d.set_item("row_group_cache_bytes", rgc.held_bytes())?;
+        d.set_item("row_group_cache_budget", rgc.budget())?;
         Ok(d)
     }
 

@@ -69,6 +69,9 @@ class RustPairSource:
     Corrupt images are skipped (a batch can then be smaller) and listed in
     `stats()["skipped_records"]`; with `strict=True` they raise
     `ncp_dataloader.CorruptImageError`.
+    Up to `row_group_cache_mb` MB of whole row groups' images stay in memory, so a
+    row group is not read and decoded again for each batch that draws from it
+    (0: read only the selected rows, per batch).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class RustPairSource:
         empty_prompt_prob: float = 0.0,
         prefetch: int = 4,
         drop_last: bool = True,
+        row_group_cache_mb: int = 512,
     ) -> None:
         lib = _import_loader()
         self.resolution = resolution
@@ -111,6 +115,7 @@ class RustPairSource:
                 strict=strict,
                 drop_last=drop_last,
                 empty_prompt_prob=empty_prompt_prob,
+                row_group_cache_mb=row_group_cache_mb,
             )
         except (KeyError, ValueError) as err:  # a missing column, a bad argument: the message names it
             raise DataError(str(err).strip("'\"")) from err
