@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
@@ -138,6 +140,24 @@ def test_tiny_build_is_deterministic_for_a_seed(tmp_path):
     assert da == db
     assert da["data/train-00000.parquet"] != dc["data/train-00000.parquet"]
     assert w1["stats"]["pairs"]["rows"] > 0
+    # --data-only on a built world redoes the data from its saved pipeline: same files as the full build
+    build_world(tmp_path / "b", tiny_config(0), log=quiet, data_only=True)
+    assert _digest(tmp_path / "b") == da
+    with pytest.raises(FileNotFoundError, match="needs a built world"):
+        build_world(tmp_path / "empty", tiny_config(0), log=quiet, data_only=True)
+
+
+def test_world_jpegs_keep_full_chroma():
+    """4:4:4 JPEG: Pillow's default 4:2:0 smears the colours of 2-3 px shapes at 32 px."""
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 15:17] = (220, 30, 30)  # a 2 px red bar on black
+    from ncp.world.prefdata import jpeg_bytes
+
+    dec = np.asarray(Image.open(io.BytesIO(jpeg_bytes(img, 95))).convert("RGB")).astype(int)
+    assert Image.open(io.BytesIO(jpeg_bytes(img, 95))).layer[0][1:3] == (1, 1)
+    assert np.abs(dec - img).max() <= 8  # measured 3; 4:2:0 puts red into the black neighbours (66)
+    smeared = np.asarray(Image.open(io.BytesIO(jpeg_bytes(img, 95, "4:2:0"))).convert("RGB")).astype(int)
+    assert np.abs(smeared - img).max() > 40
 
 
 BUNDLE = bundle_path()

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--keep-stages", action="store_true", help="keep the pretrained stages in OUT/.stages")
     b.add_argument("--reuse-stages", action="store_true",
                    help="load the stages kept in OUT/.stages instead of training them (implies --keep-stages)")
+    b.add_argument("--data-only", action="store_true",
+                   help="keep OUT/model and redo only the preference data and held-out statistics")
     args = parser.parse_args(argv)
 
     from ncp.world.build import BuildConfig, build_world, tiny_config
@@ -26,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = tiny_config(args.seed) if args.tiny else BuildConfig(seed=args.seed)
     cfg.threads = args.threads
     t0 = time.time()
-    world = build_world(args.out, cfg, reuse_stages=args.reuse_stages, keep_stages=args.keep_stages)
+    world = build_world(args.out, cfg, reuse_stages=args.reuse_stages, keep_stages=args.keep_stages,
+                        data_only=args.data_only)
     print(json.dumps(world["stats"], indent=2))
     print(f"world built in {time.time() - t0:.0f}s -> {args.out}")
 

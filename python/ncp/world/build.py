@@ -82,12 +82,16 @@ def _vae_recon_summary(vae, stream: SceneStream, n: int) -> dict[str, float]:
 
 
 def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = print,
-                reuse_stages: bool = False, keep_stages: bool = False) -> dict:
+                reuse_stages: bool = False, keep_stages: bool = False, data_only: bool = False) -> dict:
     """Runs every stage and writes the bundle; returns world.json's content.
 
     Each pretrained stage is saved in ``out/.stages`` while the build runs and
     removed at the end unless ``keep_stages``; ``reuse_stages`` loads the kept
     stages instead of training them again (to redo only the later stages).
+    ``data_only`` loads the pipeline already saved in ``out/model`` and redoes
+    only the preference data and the held-out statistics: the result is what a
+    full build with the same seed writes, since the data depends only on the
+    saved pipeline, the seed and the annotator settings.
     """
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -97,8 +101,56 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
     rng = random.Random(cfg.seed)
     heldout = unique_prompts(rng, cfg.n_heldout, set())
     train_prompts = unique_prompts(rng, cfg.n_train_prompts, set(heldout))
-    res = cfg.spec.resolution
 
+    if data_only:
+        pipe, vae_recon = _load_built(out, timings)
+    else:
+        pipe, vae_recon = _pretrain(out, cfg, log, reuse_stages, timings, heldout)
+    pipe.set_progress_bar_config(disable=True)
+
+    t0 = time.time()
+    base = _sample_and_judge_heldout(pipe, heldout, cfg)
+    log(f"base model on held-out prompts, judge: {base}")
+    k = cfg.samples_per_prompt
+    prompts = [p for p in train_prompts for _ in range(k)]
+    seeds = [cfg.seed * 1_000_000 + i for i in range(len(prompts))]
+    imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling preference data")
+    scores = [j.score for j in judge_mod.judge_many(imgs, prompts)]
+    rows = make_rows(train_prompts, [imgs[i * k:(i + 1) * k] for i in range(len(train_prompts))],
+                     [scores[i * k:(i + 1) * k] for i in range(len(train_prompts))], cfg.seed, cfg.annotator)
+    write_parquet(rows, str(out / "data" / "train-00000.parquet"))
+    (out / "data" / "heldout_prompts.txt").write_text("\n".join(heldout) + "\n")
+    timings["data_s"] = time.time() - t0
+
+    world = {
+        "seed": cfg.seed, "spec": asdict(cfg.spec), "pretrain": asdict(cfg.pretrain),
+        "annotator": asdict(cfg.annotator), "n_heldout": cfg.n_heldout, "n_train_prompts": cfg.n_train_prompts,
+        "samples_per_prompt": k,
+        "sampling": {"steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "eval_seeds": cfg.eval_seeds},
+        "params": {"unet": n_params(pipe.unet), "vae": n_params(pipe.vae), "text_encoder": n_params(pipe.text_encoder)},
+        "stats": {"vae_reconstruction": vae_recon, "base_heldout": base, "pairs": pair_stats(rows),
+                  "preference_samples": judge_summary(imgs, prompts)},
+        "timings": {k2: round(v, 1) for k2, v in timings.items()},
+        "reused_stages": bool(reuse_stages),
+        "data_only": bool(data_only),
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+    if not (keep_stages or reuse_stages or data_only):
+        shutil.rmtree(out / ".stages", ignore_errors=True)
+    return world
+
+
+def _sample_and_judge_heldout(pipe, heldout: list[str], cfg: BuildConfig) -> dict[str, float]:
+    prompts = [p for p in heldout for _ in range(cfg.eval_seeds)]
+    seeds = [s for _ in heldout for s in range(cfg.eval_seeds)]
+    imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling held-out prompts")
+    return judge_summary(imgs, prompts)
+
+
+def _pretrain(out: Path, cfg: BuildConfig, log: Callable[[str], None], reuse_stages: bool,
+              timings: dict[str, float], heldout: list[str]):
+    """Trains (or reloads from ``out/.stages``) the VAE and the denoiser; saves ``out/model``."""
+    res = cfg.spec.resolution
     t0 = time.time()
     tokenizer = build_tokenizer(cfg.spec.max_tokens)
     vae, unet = build_vae(cfg.spec), build_unet(cfg.spec)
@@ -129,43 +181,18 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
         text_encoder.save_pretrained(folder / "text_encoder")
     timings["unet_s"] = time.time() - t0
     pipe = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler)
-    pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(out / "model")
     save_tokenizer(tokenizer, out / "model" / "tokenizer")
-
-    t0 = time.time()
-    base = _sample_and_judge_heldout(pipe, heldout, cfg)
-    log(f"base model on held-out prompts, judge: {base}")
-    k = cfg.samples_per_prompt
-    prompts = [p for p in train_prompts for _ in range(k)]
-    seeds = [cfg.seed * 1_000_000 + i for i in range(len(prompts))]
-    imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling preference data")
-    scores = [j.score for j in judge_mod.judge_many(imgs, prompts)]
-    rows = make_rows(train_prompts, [imgs[i * k:(i + 1) * k] for i in range(len(train_prompts))],
-                     [scores[i * k:(i + 1) * k] for i in range(len(train_prompts))], cfg.seed, cfg.annotator)
-    write_parquet(rows, str(out / "data" / "train-00000.parquet"))
-    (out / "data" / "heldout_prompts.txt").write_text("\n".join(heldout) + "\n")
-    timings["data_s"] = time.time() - t0
-
-    world = {
-        "seed": cfg.seed, "spec": asdict(cfg.spec), "pretrain": asdict(cfg.pretrain),
-        "annotator": asdict(cfg.annotator), "n_heldout": cfg.n_heldout, "n_train_prompts": cfg.n_train_prompts,
-        "samples_per_prompt": k,
-        "sampling": {"steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "eval_seeds": cfg.eval_seeds},
-        "params": {"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text_encoder)},
-        "stats": {"vae_reconstruction": vae_recon, "base_heldout": base, "pairs": pair_stats(rows),
-                  "preference_samples": judge_summary(imgs, prompts)},
-        "timings": {k2: round(v, 1) for k2, v in timings.items()},
-        "reused_stages": bool(reuse_stages),
-    }
-    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
-    if not (keep_stages or reuse_stages):
-        shutil.rmtree(stages, ignore_errors=True)
-    return world
+    return pipe, vae_recon
 
 
-def _sample_and_judge_heldout(pipe, heldout: list[str], cfg: BuildConfig) -> dict[str, float]:
-    prompts = [p for p in heldout for _ in range(cfg.eval_seeds)]
-    seeds = [s for _ in heldout for s in range(cfg.eval_seeds)]
-    imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling held-out prompts")
-    return judge_summary(imgs, prompts)
+def _load_built(out: Path, timings: dict[str, float]):
+    """The pipeline and VAE statistics of a world already built in ``out`` (``data_only``); keeps its timings."""
+    from ncp.world.sampling import load_pipeline
+
+    model, meta = out / "model", out / "world.json"
+    if not (model / "model_index.json").is_file() or not meta.is_file():
+        raise FileNotFoundError(f"--data-only needs a built world in {out} (model/ and world.json); run a full build first")
+    prior = json.loads(meta.read_text())
+    timings.update({k: v for k, v in prior.get("timings", {}).items() if k != "data_s"})
+    return load_pipeline(model), prior["stats"]["vae_reconstruction"]

@@ -31,11 +31,16 @@ class AnnotatorConfig:
     second_opinion: float = 0.3  # share of pairs shown to a second annotator
     n_annotators: int = 50
     jpeg_quality: int = 95
+    # 4:4:4, not Pillow's default 4:2:0: at 32 px, chroma subsampling smears the
+    # colours of 2-3 px shapes, costing 0.02 judge reward per image (measured on
+    # 96 base samples: raw 0.669, q95 4:2:0 0.647, q95 4:4:4 0.668), and every
+    # objective then learns the smear from its training images.
+    jpeg_subsampling: str = "4:4:4"
 
 
-def jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
+def jpeg_bytes(image: np.ndarray, quality: int, subsampling: str = "4:4:4") -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     return buf.getvalue()
 
 
@@ -54,7 +59,7 @@ def make_rows(captions: list[str], images: list[list[np.ndarray]], scores: list[
     rows: list[dict] = []
     for pi, (cap, imgs, sc) in enumerate(zip(captions, images, scores)):
         uids = [f"w{seed}-p{pi:05d}-s{k}" for k in range(len(imgs))]
-        jpgs = [jpeg_bytes(im, cfg.jpeg_quality) for im in imgs]
+        jpgs = [jpeg_bytes(im, cfg.jpeg_quality, cfg.jpeg_subsampling) for im in imgs]
         for a, b in itertools.combinations(range(len(imgs)), 2):
             for _ in range(2 if rng.random() < cfg.second_opinion else 1):
                 i, j = (a, b) if rng.random() < 0.5 else (b, a)  # random left/right placement
