@@ -1,6 +1,6 @@
 """Loader throughput: the Rust loader vs the PyTorch DataLoader + PIL baseline vs the latent cache.
 
-Generates a Pick-a-Pic-format parquet of 512 px JPEG pairs, then measures pairs/s of
+Generates a Pick-a-Pic-format parquet of 512 px JPEG pairs (--image-px), then measures pairs/s of
   1. the Rust loader (ncp_dataloader.PairLoader via RustPairSource), all cores and one thread;
   2. the PyTorch baseline (ncp.data.torch_source: torch DataLoader + PIL), best num_workers of 0, 1, 2;
   3. the latent cache (CachedPairSource), built once with an SD1.5-shaped VAE (latents 4x64x64)
@@ -10,7 +10,7 @@ loader runs (the GIL is released while it decodes and waits).
 
 Prints a table and writes benchmarks/results/loader.json.
 
-    python benchmarks/loader.py [--pairs 256] [--resolution 512] [--batch-size 8] [--seconds 20]
+    python benchmarks/loader.py [--pairs 256] [--resolution 512] [--image-px 512] [--batch-size 8] [--seconds 20]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def picture(size: int, rng: np.random.Generator) -> bytes:
-    """A photo-like 512 px JPEG: smooth colour fields, texture and edges (q=90, 4:2:0), ~60-100 KB."""
+    """A photo-like JPEG: smooth colour fields, texture and edges (q=90, 4:2:0); ~110 KB at 512 px."""
     small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
     img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.int16)
     img = img + rng.normal(0, 12, img.shape).astype(np.int16)
@@ -253,6 +253,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--image-px", type=int, default=512,
+                   help="side of the generated JPEGs (1024: sources resized to --resolution, an additional scenario)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seconds", type=float, default=24.0, help="measuring time per configuration (all turns)")
     p.add_argument("--rounds", type=int, default=3, help="turns per configuration (the best is kept)")
@@ -263,8 +265,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        path = make_parquet(work / "pairs.parquet", args.pairs, 512)
-        results: dict = {"pairs_in_file": args.pairs, "image_px": 512, "resolution": args.resolution,
+        path = make_parquet(work / "pairs.parquet", args.pairs, args.image_px)
+        results: dict = {"pairs_in_file": args.pairs, "image_px": args.image_px, "resolution": args.resolution,
                          "batch_size": args.batch_size, "parquet_mb": round(path.stat().st_size / 2**20, 1)}
         cores = os.cpu_count() or 1
         if args.gil_only:  # re-measure only this, into the existing JSON

@@ -256,6 +256,31 @@ def test_same_batches_for_any_thread_count(shards):
             assert a["captions"] == b["captions"]
 
 
+def test_row_group_cache_changes_nothing_but_the_reads(shards):
+    """With the row-group cache (default) and without it (0 MB): the same batches; with it each row group is
+    read once per loader, shared by the batches, epochs and threads that draw from it."""
+    def run(cache_mb, threads):
+        loader = ncp_dataloader.PairLoader(shards, 24, 5, seed=3, random_crop=True, num_threads=threads,
+                                           empty_prompt_prob=0.3, row_group_cache_mb=cache_mb)
+        out = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            out.extend(loader)
+        return out, loader.stats()
+    ref, off = run(0, 1)
+    assert off["row_group_reads"] == 0 and off["row_group_cache_budget"] == 0
+    for threads in (1, 3):
+        got, on = run(512, threads)
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got):
+            for k in ("indices", "winners", "losers", "crop_top_left", "original_sizes", "image_hashes"):
+                np.testing.assert_array_equal(a[k], b[k])
+            assert a["captions"] == b["captions"]
+        # 3 shards of 20 rows in row groups of 6: 4 groups each, all touched, each read once
+        assert on["row_group_reads"] == 12 and on["row_group_cache_bytes"] > 0
+        assert on["row_group_cache_hits"] > 0
+
+
 def test_order_is_a_permutation_per_seed_and_epoch(shards):
     loader = ncp_dataloader.PairLoader(shards, 8, 4, seed=1, drop_last=False)
     e0 = np.concatenate(collect(loader))

@@ -495,6 +495,24 @@ mod tests {
     }
 
     #[test]
+    fn whole_row_groups_are_read_when_the_data_fits_or_is_dictionary_encoded() {
+        let dir = tempfile::tempdir().unwrap();
+        for dictionary in [true, false] {
+            let path = byte_shard(dir.path(), 30, dictionary);
+            let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+            index.set_row_group_cache(1 << 30);
+            let total = index.row_groups.total();
+            assert!(index.row_groups.worth_it(&index, 0, 0)); // all fits
+            index.set_row_group_cache(total / 2); // half fits: only a dictionary page is read whole anyway
+            assert_eq!(index.row_groups.worth_it(&index, 0, 0), dictionary);
+            index.set_row_group_cache(total / 8); // an eighth: too few hits in a shuffled order
+            assert!(!index.row_groups.worth_it(&index, 0, 0));
+            index.set_row_group_cache(0);
+            assert!(!index.row_groups.worth_it(&index, 0, 0));
+        }
+    }
+
+    #[test]
     fn batches_are_the_same_with_and_without_the_row_group_cache() {
         let dir = tempfile::tempdir().unwrap();
         let rows: Vec<(&str, f64, f64, &str, &str)> = (0..9).map(|i| ("p", (i % 2) as f64, ((i + 1) % 2) as f64, "A", "B")).collect();

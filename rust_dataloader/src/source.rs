@@ -578,8 +578,8 @@ struct CacheState {
 #[derive(Default)]
 pub struct RowGroupCache {
     budget: usize,
-    /// True when every parquet row group's image columns together fit the budget.
-    all_fit: bool,
+    /// The image columns of every parquet row group together (metadata sizes).
+    total: usize,
     state: Mutex<CacheState>,
     pub reads: AtomicU64,
     pub hits: AtomicU64,
@@ -591,23 +591,30 @@ impl RowGroupCache {
             .flat_map(|f| (0..row_group_count(index, f)).map(move |rg| (f, rg)))
             .map(|(f, rg)| image_chunk_bytes(index, f, rg))
             .sum();
-        RowGroupCache { budget, all_fit: budget > 0 && total <= budget, ..Default::default() }
+        RowGroupCache { budget, total, ..Default::default() }
     }
 
     pub fn budget(&self) -> usize {
         self.budget
     }
 
+    /// The image columns of all row groups (metadata sizes): what the whole data set would take.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
     /// Whether reading the whole row group and keeping it pays: the cache is on, the group
     /// takes at most half the budget, and either the whole data set fits (later epochs
-    /// never read again) or the group's images are dictionary-encoded (any read decodes
-    /// the whole dictionary page anyway).
+    /// never read again), or the group's images are dictionary-encoded (any read decodes
+    /// the whole dictionary page anyway) and at least a quarter of the data set fits (so
+    /// that a shuffled order finds a fair share of its groups in memory). Otherwise a
+    /// batch reads only its selected rows, as without the cache.
     pub fn worth_it(&self, index: &PairIndex, file: u32, row_group: u32) -> bool {
-        if self.budget == 0 {
+        if self.budget == 0 || image_chunk_bytes(index, file, row_group) > self.budget / 2 {
             return false;
         }
-        let bytes = image_chunk_bytes(index, file, row_group);
-        bytes <= self.budget / 2 && (self.all_fit || image_chunks_dictionary_encoded(index, file, row_group))
+        self.total <= self.budget
+            || (self.total / 4 <= self.budget && image_chunks_dictionary_encoded(index, file, row_group))
     }
 
     /// The images of one row group: from memory, or read once (concurrent callers wait for that read).
