@@ -91,6 +91,19 @@ def bench_rust(path: Path, args, threads: int, seconds: float, **kw) -> float:
     return timed_pairs(rust_source(path, args, threads, **kw), seconds)
 
 
+def bench_rust_build(path: Path, args, build: str, seconds: float) -> float:
+    """The Rust loader of another build (e.g. an earlier commit's): `build` is `PKG[:PY]`, a folder holding
+    that build's `ncp_dataloader` package and optionally that commit's `python/` folder, both put first on
+    sys.path of a subprocess; all threads, default arguments."""
+    code = ("import sys; sys.path[:0] = sys.argv[1].split(':'); from pathlib import Path; from ncp.data.rust import "
+            "RustPairSource; sys.path.insert(0, sys.argv[5]); import loader; "
+            "src = RustPairSource([sys.argv[2]], int(sys.argv[3]), batch_size=int(sys.argv[4]), random_flip=True, "
+            "num_threads=0, seed=0); print(loader.timed_pairs(src, float(sys.argv[6])))")
+    out = subprocess.run([sys.executable, "-c", code, build, str(path), str(args.resolution), str(args.batch_size),
+                          str(ROOT / "benchmarks"), str(seconds)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def bench_torch(path: Path, args, workers: int, seconds: float) -> float:
     from ncp.data.torch_source import PreferencePairs, TorchPairSource
 
@@ -259,10 +272,15 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=24.0, help="measuring time per configuration (all turns)")
     p.add_argument("--rounds", type=int, default=3, help="turns per configuration (the best is kept)")
     p.add_argument("--skip-cache", action="store_true")
+    p.add_argument("--skip-pil", action="store_true", help="skip the PIL-with-bytes-in-memory rows")
+    p.add_argument("--skip-gil", action="store_true", help="skip the GIL measurement")
+    p.add_argument("--rust-build", action="append", default=[], metavar="NAME=PKG[:PY]",
+                   help="also measure another build of the Rust loader (see bench_rust_build), as row 'NAME'")
     p.add_argument("--gil-only", action="store_true", help="only the GIL measurement (updates that entry of the JSON)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.json"))
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = make_parquet(work / "pairs.parquet", args.pairs, args.image_px)
@@ -289,8 +307,13 @@ def main() -> None:
         }
         for w in (0, 1, 2):
             configs[f"PyTorch DataLoader + PIL, num_workers={w}"] = lambda sec, w=w: bench_torch(path, args, w, sec)
-        for w in (0, 1, 2):
-            configs[f"PIL, bytes in memory, num_workers={w}"] = lambda sec, w=w: bench_pil_in_memory(path, args, w, sec)
+        for spec in args.rust_build:
+            name, build = spec.split("=", 1)
+            configs[name] = lambda sec, build=build: bench_rust_build(path, args, build, sec)
+        if not args.skip_pil:
+            for w in (0, 1, 2):
+                configs[f"PIL, bytes in memory, num_workers={w}"] = lambda sec, w=w: bench_pil_in_memory(
+                    path, args, w, sec)
         if not args.skip_cache:
             cache_dir, build_s, shape = make_cache(path, args, work)
             results["cache"] = {"build_seconds": build_s, "latent_shape": shape, "embeds": [77, 768],
@@ -306,7 +329,7 @@ def main() -> None:
         results["rust_all_cores"] = best[f"Rust loader, {cores} threads"]
         results["rust_1_thread"] = best["Rust loader, 1 thread"]
         torch_rates = {w: best[f"PyTorch DataLoader + PIL, num_workers={w}"] for w in (0, 1, 2)}
-        pil_rates = {w: best[f"PIL, bytes in memory, num_workers={w}"] for w in (0, 1, 2)}
+        pil_rates = {w: best[f"PIL, bytes in memory, num_workers={w}"] for w in (0, 1, 2) if not args.skip_pil}
         results["torch_by_workers"] = torch_rates
         results["pil_in_memory_by_workers"] = pil_rates
         top = max(torch_rates, key=torch_rates.get)
@@ -314,16 +337,19 @@ def main() -> None:
         rows = list(best.items())
         if not args.skip_cache:
             results["cache"]["pairs_per_s"] = best["latent cache (CachedPairSource)"]
-        gil = bench_gil(path, args, args.seconds / 2)
-        results["python_thread_core_share"] = gil
+        gil = {} if args.skip_gil else bench_gil(path, args, args.seconds / 2)
+        if gil:
+            results["python_thread_core_share"] = gil
     base = results["torch_best"]["pairs_per_s"]
     results["speedup_rust_vs_baseline"] = results["rust_all_cores"] / base
-    results["speedup_rust_vs_pil_in_memory"] = results["rust_all_cores"] / max(results["pil_in_memory_by_workers"].values())
+    if results["pil_in_memory_by_workers"]:
+        results["speedup_rust_vs_pil_in_memory"] = results["rust_all_cores"] / max(
+            results["pil_in_memory_by_workers"].values())
     if "cache" in results:
         results["speedup_cache_vs_baseline"] = results["cache"]["pairs_per_s"] / base
     results["machine"] = {"cpus": cores, "processor": platform.processor() or platform.machine(),
                           "python": platform.python_version(), "torch": torch.__version__,
-                          "load_avg_at_end": os.getloadavg()}
+                          "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg()}
     results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["command"] = "python benchmarks/loader.py " + " ".join(sys.argv[1:])
     print(f"\n{'configuration':<44} {'pairs/s':>10} {'vs baseline':>12}")
