@@ -58,7 +58,7 @@ class DataConfig:
     resolution: int = opt(512, "square training resolution in pixels (shorter side resized, then cropped)")
     batch_size: int = opt(8, "pairs per device per micro-step")
     random_crop: bool = opt(False, "random instead of center crop (one box per pair)")
-    random_flip: bool = opt(True, "horizontal flip with p=0.5 (one decision per pair)")
+    random_flip: bool = opt(True, "horizontal flip with p=0.5 (one decision per pair); off when captions say left/right, as in the bundled world")
     absolute_winners: bool = opt(False, "keep only 'absolute winners' pairs (NCP paper filter)")
     drop_ties: bool = opt(True, "drop tied pairs (label_0 == label_1)")
     empty_prompt_prob: float = opt(0.2, "probability of training a pair on the empty prompt (Diffusion-DPO: 0.2)")
