@@ -153,8 +153,9 @@ def test_world_jpegs_keep_full_chroma():
     img[:, 15:17] = (220, 30, 30)  # a 2 px red bar on black
     from ncp.world.prefdata import jpeg_bytes
 
-    dec = np.asarray(Image.open(io.BytesIO(jpeg_bytes(img, 95))).convert("RGB")).astype(int)
-    assert Image.open(io.BytesIO(jpeg_bytes(img, 95))).layer[0][1:3] == (1, 1)
+    jpeg = Image.open(io.BytesIO(jpeg_bytes(img, 95)))
+    assert jpeg.layer[0][1:3] == (1, 1)  # luma sampled 1x1: no chroma subsampling
+    dec = np.asarray(jpeg.convert("RGB")).astype(int)
     assert np.abs(dec - img).max() <= 8  # measured 3; 4:2:0 puts red into the black neighbours (66)
     smeared = np.asarray(Image.open(io.BytesIO(jpeg_bytes(img, 95, "4:2:0"))).convert("RGB")).astype(int)
     assert np.abs(smeared - img).max() > 40
