@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -141,10 +143,40 @@ def test_tiny_build_is_deterministic_for_a_seed(tmp_path):
     assert da["data/train-00000.parquet"] != dc["data/train-00000.parquet"]
     assert w1["stats"]["pairs"]["rows"] > 0
     # --data-only on a built world redoes the data from its saved pipeline: same files as the full build
-    build_world(tmp_path / "b", tiny_config(0), log=quiet, data_only=True)
+    meta = tmp_path / "b" / "world.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"build_notes": "by hand"}))
+    w2 = build_world(tmp_path / "b", tiny_config(0), log=quiet, data_only=True)
     assert _digest(tmp_path / "b") == da
+    assert w2["build_notes"] == "by hand" and w2["data_only"] and w2["stats"]["pairs"] == w1["stats"]["pairs"]
     with pytest.raises(FileNotFoundError, match="needs a built world"):
         build_world(tmp_path / "empty", tiny_config(0), log=quiet, data_only=True)
+
+
+def test_flawed_captioner_swaps_only_confused_colours_at_its_rate_and_keeps_the_images():
+    from ncp.world.pretrain import SceneStream
+
+    pairs = (("red", "purple"), ("blue", "green"))
+    truthful = SceneStream(5, 32, set())
+    flawed = SceneStream(5, 32, set(), confusion=0.6, pairs=pairs)
+    caps0, imgs0 = truthful.batch(300)
+    caps1, imgs1 = flawed.batch(300)
+    assert torch.equal(imgs0, imgs1)  # the captioner has its own generator: same scenes
+    swapped = kept = 0
+    partner = {"red": "purple", "purple": "red", "blue": "green", "green": "blue"}
+    for true, said in zip(caps0, caps1):
+        for a, b in zip(true.split(), said.split(), strict=True):
+            if a in partner:
+                assert b in (a, partner[a])
+                swapped, kept = swapped + (b != a), kept + (b == a)
+            else:
+                assert a == b  # yellow, shapes, sizes, positions, backgrounds: always true
+    rate = swapped / (swapped + kept)
+    assert swapped + kept > 250 and abs(rate - 0.6) < 0.07  # binomial sd ~0.025
+    heldout = set(caps1[:50])
+    again = SceneStream(6, 32, heldout, confusion=0.6, pairs=pairs)
+    assert not heldout & set(again.batch(300)[0])  # never a held-out caption, true or flawed
+    with pytest.raises(ValueError, match="outside the world's palette.*pink"):
+        SceneStream(0, 32, set(), confusion=0.5, pairs=(("red", "pink"),))
 
 
 def test_world_jpegs_keep_full_chroma():

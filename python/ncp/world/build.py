@@ -102,8 +102,9 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
     heldout = unique_prompts(rng, cfg.n_heldout, set())
     train_prompts = unique_prompts(rng, cfg.n_train_prompts, set(heldout))
 
+    prior: dict = {}
     if data_only:
-        pipe, vae_recon = _load_built(out, timings)
+        pipe, vae_recon, prior = _load_built(out, timings)
     else:
         pipe, vae_recon = _pretrain(out, cfg, log, reuse_stages, timings, heldout)
     pipe.set_progress_bar_config(disable=True)
@@ -134,6 +135,8 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
         "reused_stages": bool(reuse_stages),
         "data_only": bool(data_only),
     }
+    # --data-only keeps what it does not redo, such as notes added to world.json by hand
+    world |= {k: v for k, v in prior.items() if k not in world}
     (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
     if not (keep_stages or reuse_stages or data_only):
         shutil.rmtree(out / ".stages", ignore_errors=True)
@@ -175,7 +178,8 @@ def _pretrain(out: Path, cfg: BuildConfig, log: Callable[[str], None], reuse_sta
             log(f"reusing the U-Net and text encoder of {folder}")
             continue
         unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler,
-                                            SceneStream(cfg.seed + 3 + 10 * phase, res, set(heldout)),
+                                            SceneStream(cfg.seed + 3 + 10 * phase, res, set(heldout),
+                                                        cfg.pretrain.color_confusion, cfg.pretrain.confused_colors),
                                             cfg.pretrain, log, steps=steps, lr=lr)
         unet.save_pretrained(folder / "unet")
         text_encoder.save_pretrained(folder / "text_encoder")
@@ -195,4 +199,4 @@ def _load_built(out: Path, timings: dict[str, float]):
         raise FileNotFoundError(f"--data-only needs a built world in {out} (model/ and world.json); run a full build first")
     prior = json.loads(meta.read_text())
     timings.update({k: v for k, v in prior.get("timings", {}).items() if k != "data_s"})
-    return load_pipeline(model), prior["stats"]["vae_reconstruction"]
+    return load_pipeline(model), prior["stats"]["vae_reconstruction"], prior

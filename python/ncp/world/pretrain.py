@@ -5,10 +5,19 @@ the base model sees a stream of (image, caption) pairs as a real text-to-image
 model does. The U-Net and the text encoder are trained together on the usual
 epsilon-prediction loss (min-SNR weighted, 10% empty captions for
 classifier-free guidance) and the EMA weights are kept.
+
+The denoiser's captions come from a flawed captioner, as web captions do: it
+names red "purple" and blue "green" (and back) ``color_confusion`` of the time.
+Above one half the base model's mode for those colours is the wrong one and
+classifier-free guidance amplifies it, so the base model has a systematic,
+learnable flaw that preference data (judged from pixels) can correct; a world
+whose only flaw is capacity leaves a small LoRA nothing it can fix (see
+benchmarks/RESULTS.md, "Quality"). The VAE never sees captions.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +29,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ncp.world.scenes import Prompt, render, sample_prompt, scene_for
+from ncp.world.scenes import COLORS, Prompt, render, sample_prompt, scene_for
 
 
 @dataclass
@@ -39,7 +48,10 @@ class PretrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-
+    # the pretraining captioner's systematic flaw: each colour word of a confused pair is
+    # replaced by its partner with this probability (0 = truthful captions)
+    color_confusion: float = 0.6
+    confused_colors: tuple[tuple[str, str], ...] = (("red", "purple"), ("blue", "green"))
 
     def phases(self) -> list[tuple[int, float]]:
         """(steps, peak lr) of each denoiser phase."""
@@ -47,12 +59,28 @@ class PretrainConfig:
 
 
 class SceneStream:
-    """Deterministic stream of (captions, uint8 images (B, 3, H, W)) drawn from the grammar."""
+    """Deterministic stream of (captions, uint8 images (B, 3, H, W)) drawn from the grammar.
 
-    def __init__(self, seed: int, resolution: int, exclude: set[str]):
+    With ``confusion`` > 0 the captions are those of a flawed captioner: every
+    colour word with a partner in ``pairs`` is replaced by the partner with
+    probability ``confusion``. The images are always those of the true prompt,
+    and the captioner draws from its own generator, so the images of a seed do
+    not depend on it. No caption, true or flawed, is ever in ``exclude``.
+    """
+
+    def __init__(self, seed: int, resolution: int, exclude: set[str], confusion: float = 0.0,
+                 pairs: tuple[tuple[str, str], ...] = ()):
+        if not 0.0 <= confusion <= 1.0:
+            raise ValueError(f"color_confusion must be in [0, 1], got {confusion}")
+        unknown = {c for pair in pairs for c in pair} - set(COLORS)
+        if unknown:
+            raise ValueError(f"confused_colors names colours outside the world's palette {list(COLORS)}: {sorted(unknown)}")
         self.rng = random.Random(seed)
+        self.caption_rng = random.Random(seed + 7_919)
         self.res = resolution
         self.exclude = exclude
+        self.confusion = confusion
+        self.partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
 
     def prompt(self) -> Prompt:
         while True:
@@ -60,10 +88,25 @@ class SceneStream:
             if p.caption() not in self.exclude:
                 return p
 
+    def caption(self, p: Prompt) -> str:
+        """The caption the (possibly flawed) captioner writes for an image of ``p``."""
+        if not self.confusion or not self.partner:
+            return p.caption()
+        for _ in range(100):
+            said = dataclasses.replace(p, color=self._name(p.color), color2=self._name(p.color2)).caption()
+            if said not in self.exclude:
+                return said
+        return p.caption()  # only when every flawed naming is excluded (confusion near 1)
+
+    def _name(self, color: str | None) -> str | None:
+        if color in self.partner and self.caption_rng.random() < self.confusion:
+            return self.partner[color]
+        return color
+
     def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
         prompts = [self.prompt() for _ in range(n)]
         imgs = np.stack([render(scene_for(p, self.rng, self.res), self.res) for p in prompts])
-        return [p.caption() for p in prompts], torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+        return [self.caption(p) for p in prompts], torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
