@@ -152,6 +152,23 @@ def test_tiny_build_is_deterministic_for_a_seed(tmp_path):
         build_world(tmp_path / "empty", tiny_config(0), log=quiet, data_only=True)
 
 
+def test_flawed_phases_train_the_unet_and_leave_the_text_encoder_frozen(tmp_path):
+    """Phase 1 (truthful captions) trains the text encoder; phase 2 (the flawed captioner) must not."""
+    from safetensors.torch import load_file
+
+    from ncp.world.build import build_world, tiny_config
+
+    cfg = tiny_config(0)
+    assert cfg.pretrain.clean_phases == 1 and len(cfg.pretrain.phases()) == 2 and cfg.pretrain.color_confusion > 0
+    build_world(tmp_path, cfg, log=lambda s: None, keep_stages=True)
+    phase1, final = tmp_path / ".stages", tmp_path / "model"
+    te1, te2 = load_file(phase1 / "text_encoder" / "model.safetensors"), load_file(final / "text_encoder" / "model.safetensors")
+    assert te1.keys() == te2.keys() and all(torch.equal(te1[k], te2[k]) for k in te1)
+    u1 = load_file(phase1 / "unet" / "diffusion_pytorch_model.safetensors")
+    u2 = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(u1[k], u2[k]) for k in u1)
+
+
 def test_flawed_captioner_swaps_only_confused_colours_at_its_rate_and_keeps_the_images():
     from ncp.world.pretrain import SceneStream
 

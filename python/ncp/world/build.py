@@ -177,10 +177,14 @@ def _pretrain(out: Path, cfg: BuildConfig, log: Callable[[str], None], reuse_sta
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
             log(f"reusing the U-Net and text encoder of {folder}")
             continue
+        clean = phase < cfg.pretrain.clean_phases
+        confusion = 0.0 if clean else cfg.pretrain.color_confusion
+        log(f"denoiser phase {phase + 1}: {steps} steps, lr {lr:g}, "
+            + ("truthful captions, text encoder trained" if clean else f"colour confusion {confusion:g}, text encoder frozen"))
         unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler,
                                             SceneStream(cfg.seed + 3 + 10 * phase, res, set(heldout),
-                                                        cfg.pretrain.color_confusion, cfg.pretrain.confused_colors),
-                                            cfg.pretrain, log, steps=steps, lr=lr)
+                                                        confusion, cfg.pretrain.confused_colors),
+                                            cfg.pretrain, log, steps=steps, lr=lr, train_text_encoder=clean)
         unet.save_pretrained(folder / "unet")
         text_encoder.save_pretrained(folder / "text_encoder")
     timings["unet_s"] = time.time() - t0

@@ -6,13 +6,17 @@ model does. The U-Net and the text encoder are trained together on the usual
 epsilon-prediction loss (min-SNR weighted, 10% empty captions for
 classifier-free guidance) and the EMA weights are kept.
 
-The denoiser's captions come from a flawed captioner, as web captions do: it
-names red "purple" and blue "green" (and back) ``color_confusion`` of the time.
-Above one half the base model's mode for those colours is the wrong one and
-classifier-free guidance amplifies it, so the base model has a systematic,
-learnable flaw that preference data (judged from pixels) can correct; a world
-whose only flaw is capacity leaves a small LoRA nothing it can fix (see
-benchmarks/RESULTS.md, "Quality"). The VAE never sees captions.
+The first denoiser phase sees truthful captions and trains the text encoder
+with the U-Net; the text encoder is then frozen, as Stable Diffusion's CLIP
+is, and the later phases see the captions of a flawed captioner, as web
+captions are: it names red "purple" and blue "green" (and back)
+``color_confusion`` of the time. The flaw so lives in the U-Net, where a LoRA
+can reach it: the base model draws the wrong one of a confused pair much of
+the time, and preference data judged from pixels can correct that. (Training
+the text encoder on the flawed captions too merges the two words' embeddings,
+which no U-Net adapter can separate again; a world whose only flaw is
+capacity leaves a small LoRA nothing to fix: benchmarks/RESULTS.md,
+"Quality".) The VAE never sees captions.
 """
 from __future__ import annotations
 
@@ -48,8 +52,11 @@ class PretrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    # the pretraining captioner's systematic flaw: each colour word of a confused pair is
-    # replaced by its partner with this probability (0 = truthful captions)
+    # denoiser phases on truthful captions that also train the text encoder; the later
+    # phases freeze it and see the flawed captioner
+    clean_phases: int = 1
+    # the flawed captioner: each colour word of a confused pair is replaced by its
+    # partner with this probability (0 = truthful captions throughout)
     color_confusion: float = 0.6
     confused_colors: tuple[tuple[str, str], ...] = (("red", "purple"), ("blue", "green"))
 
@@ -182,15 +189,16 @@ def encode_pool(vae: AutoencoderKL, stream: SceneStream, n: int, batch: int = 25
 def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                    vae: AutoencoderKL, scheduler: DDPMScheduler, stream: SceneStream, cfg: PretrainConfig,
                    log: Callable[[str], None] = print, steps: int | None = None,
-                   lr: float | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Joint U-Net + text-encoder training; returns the EMA copies."""
+                   lr: float | None = None, train_text_encoder: bool = True) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """U-Net (+ text-encoder) training; returns the EMA copies."""
     steps = cfg.unet_steps if steps is None else steps
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(train_text_encoder)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr if lr is None else lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, steps))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text_encoder)
     vae.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(stream.rng.randrange(2**31))
     pool_caps, pool_mean, pool_std = encode_pool(vae, stream, cfg.latent_pool)
