@@ -43,7 +43,7 @@ class BuildConfig:
     samples_per_prompt: int = 4
     sample_steps: int = 20
     guidance_scale: float = 3.0
-    eval_seeds: int = 4  # 64 held-out prompts x 4 seeds = 256 paired images per model in the report
+    eval_seeds: int = 8  # 64 held-out prompts x 8 seeds = 512 paired images per model in the report
     threads: int = 1
 
 
