@@ -12,7 +12,9 @@ is, and the later phases see the captions of a flawed captioner, as web
 captions are: it names red "purple" and blue "green" (and back)
 ``color_confusion`` of the time. The flaw so lives in the U-Net, where a LoRA
 can reach it: the base model draws the wrong one of a confused pair much of
-the time, and preference data judged from pixels can correct that. (Training
+the time, which gives preference data judged from pixels a systematic error
+to correct (how much a short LoRA run corrects: benchmarks/RESULTS.md,
+"Quality"). (Training
 the text encoder on the flawed captions too merges the two words' embeddings,
 which no U-Net adapter can separate again; a world whose only flaw is
 capacity leaves a small LoRA nothing to fix: benchmarks/RESULTS.md,
