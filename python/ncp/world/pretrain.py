@@ -13,12 +13,11 @@ captions are: it names red "purple" and blue "green" (and back)
 ``color_confusion`` of the time. The flaw so lives in the U-Net, where a LoRA
 can reach it: the base model draws the wrong one of a confused pair much of
 the time, which gives preference data judged from pixels a systematic error
-to correct (how much a short LoRA run corrects: benchmarks/RESULTS.md,
-"Quality"). (Training
-the text encoder on the flawed captions too merges the two words' embeddings,
-which no U-Net adapter can separate again; a world whose only flaw is
-capacity leaves a small LoRA nothing to fix: benchmarks/RESULTS.md,
-"Quality".) The VAE never sees captions.
+to correct. Training the text encoder on the flawed captions too merges the
+two words' embeddings, which no U-Net adapter can separate again; a world
+whose only flaw is capacity leaves a small LoRA nothing to fix (both in
+benchmarks/RESULTS.md, "Quality", with how much a short LoRA run corrects).
+The VAE never sees captions.
 """
 from __future__ import annotations
 
@@ -223,7 +222,8 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
+        if train_text_encoder:  # a frozen encoder is its own EMA
+            _ema_update(ema_text, text_encoder, decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     return ema_unet, ema_text
