@@ -18,7 +18,7 @@ OUTDIR=$(realpath -m "${OUT:-$(mktemp -d)}")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR"
-export WHEELS PY
+export WHEELS PY PYTHONUNBUFFERED=1
 T0=$(date +%s)
 STEPS=()   # "name|status|seconds|note"
 FAILED=0
@@ -87,7 +87,8 @@ export -f install_wheels build_extension   # run_step runs them under `timeout b
 run_step install_wheels 60 bash -c install_wheels
 run_step build_extension 180 bash -c build_extension
 run_step pytest_cuda 120 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
-  --junitxml="$OUTDIR/pytest_cuda.xml" tests
+  --junitxml="$OUTDIR/pytest_cuda.xml" tests/test_ops.py   # the only module with cuda tests: a collection
+                                                          # error elsewhere must not stop them
 # shellcheck disable=SC2086  # NCP_OPS_BENCH_ARGS: extra arguments, e.g. "--models sd15 --no-compile"
 run_step ops_benchmark 150 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" ${NCP_OPS_BENCH_ARGS:-}
 
