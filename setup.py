@@ -40,7 +40,26 @@ def _extensions() -> tuple[list, dict]:
         )
     else:
         ext = cpp_extension.CppExtension("ncp._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's builder, plus a check that the built library shares torch's C++ runtime."""
+
+        def build_extension(self, ext_):
+            super().build_extension(ext_)
+            _build_checks().check_shared_cxx_runtime(self.get_ext_fullpath(ext_.name))
+
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _build_checks():
+    """python/ncp/_build_checks.py, loaded by path (importing ncp would need torch & co.)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python", "ncp", "_build_checks.py")
+    spec = importlib.util.spec_from_file_location("ncp_build_checks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 ext_modules, cmdclass = _extensions()

@@ -11,7 +11,8 @@
 #
 # Usage: benchmarks/gpu_check.sh [WHEEL_DIR]     (from any folder; it works in the repo root)
 # Env:   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default nproc),
-#        NCP_OPS_BENCH_ARGS (extra arguments of benchmarks/ops.py)
+#        NCP_OPS_BENCH_ARGS (extra arguments of benchmarks/ops.py), NCP_GPU_CHECK_ONLY (the steps
+#        to run, e.g. "install_wheels build_extension pytest_cuda"; default all), NCP_GPU_CHECK_BUDGET
 set -uo pipefail
 WHEELS=$(realpath -m "${1:-wheels}")   # before the cd: relative to the caller's folder
 OUTDIR=$(realpath -m "${OUT:-$(mktemp -d)}")
@@ -30,6 +31,10 @@ now() { echo $(( $(date +%s) - T0 )); }
 BUDGET=${NCP_GPU_CHECK_BUDGET:-450}
 run_step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${NCP_GPU_CHECK_ONLY:-}" ] && [[ " $NCP_GPU_CHECK_ONLY " != *" $name "* ]]; then
+    STEPS+=("$name|skipped(only)|0|")
+    return 0
+  fi
   local left=$(( BUDGET - $(now) ))
   if [ "$left" -lt 20 ]; then
     echo "== [$(now) s] $name: skipped, ${left} s of the budget left"
@@ -75,6 +80,13 @@ build_extension() {
     fi
   fi
   command -v nvcc && nvcc --version | tail -1
+  # The system compiler, not the image's CXX: a wrapper there (/opt/gcc/bin/g++ on the 2026-11
+  # H100 image) links libstdc++ statically, and every TORCH_CHECK failure in such an ncp._C
+  # segfaults (setup.py now refuses to finish such a build). NCP_KEEP_CXX=1 keeps $CXX.
+  if [ "${NCP_KEEP_CXX:-0}" != "1" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+  fi
+  echo "CXX=${CXX:-c++}"
   $PY -c "import ninja" 2>/dev/null || echo "note: ninja is not installed; the build will be serial"
   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . \
