@@ -22,8 +22,11 @@ Reported:
     python benchmarks/quality.py --steps 60 --eval-every 20 --seeds 3 --eval-prompts 32
     python benchmarks/quality.py --quick              # smoke test: 2 steps, 1 seed, 2 prompts
 
-Runs go to ``--runs`` (default runs/quality); finished runs are cached in
-``runs.json`` there and skipped on a re-run with the same settings. Writes
+Runs go to ``--runs`` (default runs/quality); each finished run's result is kept in
+``<run>/result.json`` there and skipped on a re-run whose settings would give the same
+result (the plan -- objectives, data, taps, seeds -- may differ, so several processes
+with different plans can share one ``--runs`` and a final ``--analyse-only`` with the
+union of their plans collects them all). Writes
 benchmarks/results/quality.json and quality_reward_vs_steps.png and prints the
 tables. Wall times come from ``perf/step_s`` in each run's metrics.jsonl: on a
 shared machine they are noisy.
@@ -35,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +53,14 @@ sys.path.insert(0, str(HERE.parent / "python"))
 OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
 PAIRS = [("ncp-sft", "sft"), ("ncp-dpo", "dpo"), ("ncp-cpo", "cpo")]
 TAPS = ["paper", "mid", "multiscale"]
+PLAN_KEYS = ("objectives", "data", "taps", "seeds", "threads")  # settings that do not change a run's result
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,8 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
         f"objective.beta_cpo={args.beta_cpo}", f"objective.cpo_lambda={args.cpo_lambda}", *args.override, *scaled,
     ]
     cfg = load_config(DEFAULT_CONFIG, overrides)
+    if run_dir.exists():  # a stale run (other settings, or cut off): its checkpoints must not mix in
+        shutil.rmtree(run_dir)
     t0 = time.time()
     train(cfg)
     wall = time.time() - t0
@@ -364,29 +378,40 @@ def main(argv: list[str] | None = None) -> dict:
     runs_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "quick", "analyse_only")} | {
         "eval_prompt_list": prompts, "sample_steps": steps, "guidance": guidance}
-    cache_path = runs_dir / "runs.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if cache.get("settings") != json.loads(json.dumps(settings)):
-        cache = {"settings": settings, "runs": {}}
+    # What a finished run's result depends on: every setting but the plan (which runs, how many
+    # seeds) and the thread count. Each run's result sits in its own folder, so processes with
+    # different plans (say --data full and --data filtered on two cores) can share --runs.
+    key = json.loads(json.dumps({k: v for k, v in settings.items() if k not in PLAN_KEYS}))
     if args.ncp_scale == "auto":
-        args.ncp_scale = cache.get("ncp_scale") or calibrate_ncp_scale(args, runs_dir)
-        cache["ncp_scale"] = args.ncp_scale
+        scale_file = runs_dir / "ncp_scale.json"
+        cached = json.loads(scale_file.read_text()) if scale_file.is_file() else {}
+        if cached.get("settings") == key:
+            args.ncp_scale = cached["ncp_scale"]
+        else:
+            args.ncp_scale = calibrate_ncp_scale(args, runs_dir)
+            _write_json_atomic(scale_file, {"settings": key, "ncp_scale": args.ncp_scale})
         print(f"NCP scale (latent ERR / perceptual PL of the base model): {args.ncp_scale:.4g}", flush=True)
     args.ncp_scale = float(args.ncp_scale)
     evaluator = Evaluator(model_dir, prompts, args.eval_seeds, steps, guidance)
     specs = plan(args)
+    runs: dict[str, dict] = {}
     for i, spec in enumerate(specs):
-        if spec.name in cache["runs"] or args.analyse_only:
+        result_file = runs_dir / spec.name / "result.json"
+        cached = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        if cached.get("settings") == key:
+            runs[spec.name] = cached["run"]
+            continue
+        if args.analyse_only:
             continue
         t0 = time.time()
         run = train_run(spec, args, runs_dir / spec.name)
         run["scores"] = {str(s): evaluator.lora(d) for s, d in sorted(run.pop("checkpoints").items())}
-        cache["runs"][spec.name] = run
-        cache_path.write_text(json.dumps(cache))
+        runs[spec.name] = run
+        _write_json_atomic(result_file, {"settings": key, "run": run})
         last = run["scores"][str(max(int(k) for k in run["scores"]))]
         print(f"[{i + 1}/{len(specs)}] {spec.name}: final reward {np.mean(last):.4f} "
               f"(base {np.mean(evaluator.base):.4f}), {time.time() - t0:.0f}s", flush=True)
-    res = analyse(cache["runs"], evaluator.base, args)
+    res = analyse(runs, evaluator.base, args)
     res["settings"] = settings
     res["ncp_scale"] = args.ncp_scale
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
