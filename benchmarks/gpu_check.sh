@@ -12,7 +12,8 @@
 # Usage: benchmarks/gpu_check.sh [WHEEL_DIR]     (from any folder; it works in the repo root)
 # Env:   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default nproc),
 #        NCP_OPS_BENCH_ARGS (extra arguments of benchmarks/ops.py), NCP_GPU_CHECK_ONLY (the steps
-#        to run, e.g. "install_wheels build_extension pytest_cuda"; default all), NCP_GPU_CHECK_BUDGET
+#        to run, e.g. "install_wheels build_extension pytest_cuda"; default all), NCP_GPU_CHECK_BUDGET,
+#        NCP_KEEP_CXX=1 (build with the image's $CXX instead of /usr/bin/g++)
 set -uo pipefail
 WHEELS=$(realpath -m "${1:-wheels}")   # before the cd: relative to the caller's folder
 OUTDIR=$(realpath -m "${OUT:-$(mktemp -d)}")

@@ -63,6 +63,12 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _read_for_settings(path: Path, key: dict) -> dict | None:
+    """What ``path`` holds if it was written for the settings ``key``; None otherwise."""
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    return cached if cached.get("settings") == key else None
+
+
 @dataclass(frozen=True)
 class RunSpec:
     objective: str
@@ -384,8 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     key = json.loads(json.dumps({k: v for k, v in settings.items() if k not in PLAN_KEYS}))
     if args.ncp_scale == "auto":
         scale_file = runs_dir / "ncp_scale.json"
-        cached = json.loads(scale_file.read_text()) if scale_file.is_file() else {}
-        if cached.get("settings") == key:
+        cached = _read_for_settings(scale_file, key)
+        if cached is not None:
             args.ncp_scale = cached["ncp_scale"]
         else:
             args.ncp_scale = calibrate_ncp_scale(args, runs_dir)
@@ -397,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict] = {}
     for i, spec in enumerate(specs):
         result_file = runs_dir / spec.name / "result.json"
-        cached = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        if cached.get("settings") == key:
+        cached = _read_for_settings(result_file, key)
+        if cached is not None:
             runs[spec.name] = cached["run"]
             continue
         if args.analyse_only:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 
 def elf_needed(path: str) -> list[str] | None:
     """The DT_NEEDED entries of a 64-bit little-endian ELF shared library (None if not one)."""
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return None
     phoff, = struct.unpack_from("<Q", data, 0x20)
