@@ -11,11 +11,7 @@
 # Usage: scripts/build_wheels.sh [OUT_DIR]    (default ./wheels; run with the project venv active)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The Python with torch: $PYTHON, else the active venv's, else the project's .venv, else python3.
-if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
-elif [ -n "${VIRTUAL_ENV:-}" ]; then PY=python
-elif [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python
-else PY=python3; fi
+source scripts/_python.sh  # sets PY
 OUT=${1:-wheels}
 mkdir -p "$OUT"
 start=$(date +%s)

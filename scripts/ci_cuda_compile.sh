@@ -15,11 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The Python with torch: $PYTHON, else the active venv's, else the project's .venv, else python3.
-if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
-elif [ -n "${VIRTUAL_ENV:-}" ]; then PY=python
-elif [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python
-else PY=python3; fi
+source scripts/_python.sh  # sets PY
 CUDA_VER=$($PY -c "import torch; print(torch.version.cuda or '')")
 if [ -z "$CUDA_VER" ]; then
   echo "ci_cuda_compile: torch is a CPU-only build: no CUDA headers to compile against" >&2

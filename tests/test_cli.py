@@ -157,7 +157,7 @@ def test_default_command_trains_on_the_bundle(tmp_path):
     loader) — a few steps, then the LoRA loads into the bundled pipeline."""
     from diffusers import StableDiffusionPipeline
 
-    from ncp.models import bundle_dir
+    from ncp.world import bundle_path
 
     out = tmp_path / "default"
     r = subprocess.run([sys.executable, "-m", "ncp.train", "train.max_steps=2", "data.batch_size=2",
@@ -166,5 +166,5 @@ def test_default_command_trains_on_the_bundle(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and "err/reference_winner" in lines[0]
-    pipe = StableDiffusionPipeline.from_pretrained(str(bundle_dir() / "model"), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(bundle_path("model")), safety_checker=None)
     pipe.load_lora_weights(str(out / "lora"))

@@ -144,10 +144,11 @@ def test_tiny_build_is_deterministic_for_a_seed(tmp_path):
     assert w1["stats"]["pairs"]["rows"] > 0
     # --data-only on a built world redoes the data from its saved pipeline: same files as the full build
     meta = tmp_path / "b" / "world.json"
-    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"build_notes": "by hand"}))
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"build_notes": "by hand", "reused_stages": True}))
     w2 = build_world(tmp_path / "b", tiny_config(0), log=quiet, data_only=True)
     assert _digest(tmp_path / "b") == da
     assert w2["build_notes"] == "by hand" and w2["data_only"] and w2["stats"]["pairs"] == w1["stats"]["pairs"]
+    assert w2["reused_stages"]  # describes how the kept model was built, not this data pass
     with pytest.raises(FileNotFoundError, match="needs a built world"):
         build_world(tmp_path / "empty", tiny_config(0), log=quiet, data_only=True)
 
@@ -194,6 +195,24 @@ def test_flawed_captioner_swaps_only_confused_colours_at_its_rate_and_keeps_the_
     assert not heldout & set(again.batch(300)[0])  # never a held-out caption, true or flawed
     with pytest.raises(ValueError, match="outside the world's palette.*pink"):
         SceneStream(0, 32, set(), confusion=0.5, pairs=(("red", "pink"),))
+
+
+def test_flawed_captioner_warns_once_when_it_must_write_the_truthful_caption():
+    """At confusion 1 with the only flawed naming held out, the captioner falls back to the truth, loudly."""
+    import warnings
+
+    from ncp.world.pretrain import SceneStream
+    from ncp.world.scenes import Prompt
+
+    p = Prompt(kind="single", color="red", shape="circle", size="big", position="on the left", background="white")
+    flawed = Prompt(kind="single", color="purple", shape="circle", size="big", position="on the left", background="white")
+    stream = SceneStream(0, 32, {flawed.caption()}, confusion=1.0, pairs=(("red", "purple"),))
+    with pytest.warns(UserWarning, match="truthful caption"):
+        assert stream.caption(p) == p.caption()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not once per caption
+        assert stream.caption(p) == p.caption()
+    assert SceneStream(0, 32, set(), confusion=1.0, pairs=(("red", "purple"),)).caption(p) == flawed.caption()
 
 
 def test_world_jpegs_keep_full_chroma():

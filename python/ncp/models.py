@@ -15,6 +15,8 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
+from ncp.world import bundle_path
+
 logger = logging.getLogger(__name__)
 
 Tap = Union[int, str]  # a down block index, or "mid"
@@ -26,14 +28,9 @@ class ModelLoadError(RuntimeError):
     """The model folder or hub id cannot be loaded; the message names it."""
 
 
-def bundle_dir() -> Path:
-    """The small text-to-image world shipped inside the package (`python -m ncp.world build`)."""
-    return Path(__file__).resolve().parent / "bundle"
-
-
 def resolve_model_path(path: str) -> str:
     if path == "bundle":
-        folder = bundle_dir() / "model"
+        folder = bundle_path("model")
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"the bundled model is missing at {folder}; rebuild it with `python -m ncp.world build`")
         return str(folder)

@@ -35,9 +35,9 @@ def _resolve_sources(sources: Sequence[str] | str) -> list[str]:
     out = []
     for src in sources:
         if src == "bundle":
-            from ncp.models import bundle_dir
+            from ncp.world import bundle_path
 
-            src = str(bundle_dir() / "data" / "*.parquet")
+            src = str(bundle_path("data", "*.parquet"))
         out.append(str(Path(src).expanduser()))
     return out
 

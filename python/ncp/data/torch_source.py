@@ -28,12 +28,12 @@ logger = logging.getLogger(__name__)
 
 def expand_sources(sources: list[str]) -> list[Path]:
     """Paths and globs to a sorted list of files; 'bundle' is the data shipped with ncp."""
-    from ncp.models import bundle_dir
+    from ncp.world import bundle_path
 
     files: list[Path] = []
     for src in sources:
         if src == "bundle":
-            src = str(bundle_dir() / "data" / "*.parquet")
+            src = str(bundle_path("data", "*.parquet"))
         matches = sorted(glob.glob(str(Path(src).expanduser())))
         if not matches:
             raise DataError(f"data.sources: {src} matches no file")

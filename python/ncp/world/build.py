@@ -132,7 +132,8 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
         "stats": {"vae_reconstruction": vae_recon, "base_heldout": base, "pairs": pair_stats(rows),
                   "preference_samples": judge_summary(imgs, prompts)},
         "timings": {k2: round(v, 1) for k2, v in timings.items()},
-        "reused_stages": bool(reuse_stages),
+        # how the model was built: a --data-only pass keeps the saved model, so it keeps this too
+        "reused_stages": bool(prior.get("reused_stages", False)) if data_only else bool(reuse_stages),
         "data_only": bool(data_only),
     }
     # --data-only keeps what it does not redo, such as notes added to world.json by hand

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,6 +90,7 @@ class SceneStream:
         self.exclude = exclude
         self.confusion = confusion
         self.partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+        self._warned_truthful = False
 
     def prompt(self) -> Prompt:
         while True:
@@ -104,7 +106,12 @@ class SceneStream:
             said = dataclasses.replace(p, color=self._name(p.color), color2=self._name(p.color2)).caption()
             if said not in self.exclude:
                 return said
-        return p.caption()  # only when every flawed naming is excluded (confusion near 1)
+        # Only when every flawed naming is excluded (confusion near 1): say so once.
+        if not self._warned_truthful:
+            self._warned_truthful = True
+            warnings.warn(f"SceneStream: 100 flawed namings of {p.caption()!r} were all held-out captions; "
+                          f"using the truthful caption (color_confusion={self.confusion:g} is near 1)", stacklevel=2)
+        return p.caption()
 
     def _name(self, color: str | None) -> str | None:
         if color in self.partner and self.caption_rng.random() < self.confusion:
