@@ -96,6 +96,15 @@ def test_keep_last_checkpoints(tiny_sd15, tiny_parquet, tmp_path):
     assert not list(out.glob(".tmp-*"))
 
 
+def test_compiled_unet_trains_like_the_eager_one(tiny_sd15, tiny_parquet, tmp_path):
+    """model.compile_unet=true: torch.compile (inductor, CPU) on the policy U-Net gives the eager losses."""
+    common = ["objective.name=ncp-dpo", "train.max_steps=2"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(_args(tiny_sd15, tiny_parquet, eager, *common)) == 0
+    assert main(_args(tiny_sd15, tiny_parquet, compiled, *common, "model.compile_unet=true")) == 0
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4, abs=1e-6)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "ncp.train", *args], capture_output=True, text=True)
 
