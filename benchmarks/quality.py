@@ -89,6 +89,7 @@ def calibrate_ncp_scale(args, runs_dir: Path) -> float:
     means = {}
     for obj in ("dpo", "ncp-dpo"):
         probe = argparse.Namespace(**{**vars(args), "steps": 4, "eval_every": 4, "ncp_scale": 1.0,
+                                      "ncp_lambda_scale": "same",
                                       "override": [*args.override, "optim.lr=1e-12"]})
         run = train_run(RunSpec(obj, "full", 0), probe, runs_dir / f"calibrate-{obj}")
         recs = [json.loads(x) for x in (runs_dir / f"calibrate-{obj}" / "metrics.jsonl").read_text().splitlines() if x]
@@ -104,10 +105,11 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
 
     n_ckpt = args.steps // args.eval_every + 2
     scaled = []
-    if spec.objective.startswith("ncp-") and args.ncp_scale != 1.0:
+    if spec.objective.startswith("ncp-"):
         s = args.ncp_scale  # NCP errors are ~s times smaller than latent ones: same logit scale for both
+        lam = s if args.ncp_lambda_scale == "same" else args.ncp_lambda_scale
         scaled = [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
-                  f"objective.cpo_lambda={args.cpo_lambda * s}"]
+                  f"objective.cpo_lambda={args.cpo_lambda * lam}"]
     overrides = [
         f"objective.name={spec.objective}", f"objective.taps=[{spec.taps}]",
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
@@ -340,6 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ncp-scale", default="auto",
                    help="multiply beta, beta_cpo and cpo_lambda of the NCP objectives by this ('auto': the measured "
                         "ratio of latent to perceptual errors of the base model; 1: the same values as latent)")
+    p.add_argument("--ncp-lambda-scale", default="same",
+                   help="multiply cpo_lambda of the NCP objectives by this instead ('same': --ncp-scale; 'auto': the "
+                        "measured ratio of raw errors, which keeps CPO's likelihood term as heavy against the "
+                        "errors as in latent CPO when --ncp-scale is set from logit differences)")
     p.add_argument("--beta", type=float, default=5000.0, help="objective.beta of every run (before --ncp-scale)")
     p.add_argument("--beta-cpo", type=float, default=5000.0)
     p.add_argument("--cpo-lambda", type=float, default=1.0)
@@ -387,17 +393,24 @@ def main(argv: list[str] | None = None) -> dict:
     # What a finished run's result depends on: every setting but the plan (which runs, how many
     # seeds) and the thread count. Each run's result sits in its own folder, so processes with
     # different plans (say --data full and --data filtered on two cores) can share --runs.
-    key = json.loads(json.dumps({k: v for k, v in settings.items() if k not in PLAN_KEYS}))
-    if args.ncp_scale == "auto":
-        scale_file = runs_dir / "ncp_scale.json"
-        cached = _read_for_settings(scale_file, key)
+    # (--ncp-lambda-scale came later: at its default it stays out of the key, so earlier runs keep theirs.)
+    key = json.loads(json.dumps({k: v for k, v in settings.items()
+                                 if k not in PLAN_KEYS and not (k == "ncp_lambda_scale" and v == "same")}))
+    if "auto" in (args.ncp_scale, args.ncp_lambda_scale):
+        scale_file = runs_dir / "ncp_scale.json"  # the calibration does not depend on the two options
+        calib_key = {k: v for k, v in key.items() if k not in ("ncp_scale", "ncp_lambda_scale")}
+        cached = _read_for_settings(scale_file, calib_key)
         if cached is not None:
-            args.ncp_scale = cached["ncp_scale"]
+            ratio = cached["ncp_scale"]
         else:
-            args.ncp_scale = calibrate_ncp_scale(args, runs_dir)
-            _write_json_atomic(scale_file, {"settings": key, "ncp_scale": args.ncp_scale})
-        print(f"NCP scale (latent ERR / perceptual PL of the base model): {args.ncp_scale:.4g}", flush=True)
+            ratio = calibrate_ncp_scale(args, runs_dir)
+            _write_json_atomic(scale_file, {"settings": calib_key, "ncp_scale": ratio})
+        print(f"latent ERR / perceptual PL of the base model: {ratio:.4g}", flush=True)
+        args.ncp_scale = ratio if args.ncp_scale == "auto" else args.ncp_scale
+        args.ncp_lambda_scale = ratio if args.ncp_lambda_scale == "auto" else args.ncp_lambda_scale
     args.ncp_scale = float(args.ncp_scale)
+    if args.ncp_lambda_scale != "same":
+        args.ncp_lambda_scale = float(args.ncp_lambda_scale)
     evaluator = Evaluator(model_dir, prompts, args.eval_seeds, steps, guidance)
     specs = plan(args)
     runs: dict[str, dict] = {}
@@ -420,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = analyse(runs, evaluator.base, args)
     res["settings"] = settings
     res["ncp_scale"] = args.ncp_scale
+    res["ncp_lambda_scale"] = args.ncp_scale if args.ncp_lambda_scale == "same" else args.ncp_lambda_scale
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "python": platform.python_version(), "torch": torch.__version__}
     res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -83,7 +83,7 @@ def test_sdxl_conditioning_shapes(tiny_sdxl):
 
 
 @pytest.mark.parametrize("objective", ["ncp-dpo", "dpo"])
-def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15):
+def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15, monkeypatch):
     """Checkpointing recomputes the policy in backward; the perceptual encoder (adapters off) must not be
     recomputed with the adapters back on. Same inputs, same LoRA: identical gradients with and without it."""
     from ncp.objectives import OBJECTIVES
@@ -98,6 +98,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15):
     schedule = NoiseSchedule.from_scheduler(models.scheduler, torch.device("cpu"))
     x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = encode_prompts(models, ["a red cube", "two blue balls"])
+    import ncp.models
+
+    calls = []  # the frozen encoder's checkpoints (NCP objectives), counted
+
+    def counted(module, *args):
+        calls.append(type(module).__name__)
+        return adapters_off_checkpoint(module, *args)
+
+    adapters_off_checkpoint = ncp.models._adapters_off_checkpoint
+    monkeypatch.setattr(ncp.models, "_adapters_off_checkpoint", counted)
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -111,3 +121,5 @@ def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-8, msg=name)
+    # NCP: the encoder pass is checkpointed per resnet and transformer block, like the policy's
+    assert ({"ResnetBlock2D", "BasicTransformerBlock"} <= set(calls)) == objective.startswith("ncp-")

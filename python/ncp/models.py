@@ -188,17 +188,46 @@ def adapters_disabled(unet: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def no_checkpointing(unet: nn.Module) -> Iterator[None]:
-    """Switch gradient checkpointing off inside: a recomputation in backward would see the
-    adapters re-enabled and compute the encoder with the policy's weights."""
-    flagged = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
-    for m in flagged:
-        m.gradient_checkpointing = False
+def _layers_disabled(layers: list[nn.Module]) -> Iterator[None]:
+    """These LoRA layers off inside, each back to its own state on exit (so it nests)."""
+    was_off = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
     try:
         yield
     finally:
-        for m in flagged:
-            m.gradient_checkpointing = True
+        for m, off in zip(layers, was_off):
+            m.enable_adapters(not off)
+
+
+def _adapters_off_checkpoint(module: nn.Module, *args):
+    """A diffusers ``_gradient_checkpointing_func`` for the frozen encoder: the module runs with its
+    adapters off in forward and again when backward recomputes it (by then they are back on)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+    def run(*inputs):
+        with _layers_disabled(layers):
+            return module(*inputs)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def frozen_checkpointing(unet: nn.Module) -> Iterator[None]:
+    """Inside, the U-Net's gradient checkpoints (diffusers' per-resnet and per-transformer-block ones)
+    recompute with the adapters off: the frozen encoder's pass keeps the policy's checkpoint
+    granularity, instead of one checkpoint whose recomputation holds the whole encoder at once."""
+    flagged = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    saved = [m._gradient_checkpointing_func for m in flagged]
+    for m in flagged:
+        m._gradient_checkpointing_func = _adapters_off_checkpoint
+    try:
+        yield
+    finally:
+        for m, func in zip(flagged, saved):
+            m._gradient_checkpointing_func = func
 
 
 # ---------------------------------------------------------------- text conditioning

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ncp import ops
-from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, no_checkpointing
+from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, frozen_checkpointing
 from ncp.objectives import Objective
 from ncp.schedule import NoiseSchedule
 
@@ -49,18 +49,13 @@ def frozen_encoder_features(base: nn.Module, x: Tensor, t: Tensor, cond: Conditi
                             taps: list[Tap]) -> list[Tensor]:
     """E(x, t, c) with gradients to ``x`` through the frozen base weights (adapters off).
 
-    With gradient checkpointing on, the whole encoder pass is one checkpoint whose
-    recomputation switches the adapters off again: the blocks' own checkpoints
-    would be recomputed in backward with the adapters back on (the policy's
-    weights), so they are switched off inside.
+    With gradient checkpointing on, each checkpointed module of the encoder
+    recomputes in backward with its adapters switched off again (they are back on
+    by then, for the policy): ``frozen_checkpointing``. Peak memory then stays that
+    of the policy's own checkpointed pass, not that of the whole encoder's activations.
     """
-    def run(sample: Tensor) -> tuple[Tensor, ...]:
-        with adapters_disabled(base), no_checkpointing(base):
-            return tuple(encoder_features(base, sample, t, cond, taps))
-
-    if getattr(base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
-        return list(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False))
-    return list(run(x))
+    with adapters_disabled(base), frozen_checkpointing(base):
+        return list(encoder_features(base, x, t, cond, taps))
 
 
 def branch_errors(
