@@ -89,7 +89,7 @@ def calibrate_ncp_scale(args, runs_dir: Path) -> float:
     means = {}
     for obj in ("dpo", "ncp-dpo"):
         probe = argparse.Namespace(**{**vars(args), "steps": 4, "eval_every": 4, "ncp_scale": 1.0,
-                                      "ncp_lambda_scale": "same",
+                                      "ncp_lambda_scale": 1.0,
                                       "override": [*args.override, "optim.lr=1e-12"]})
         run = train_run(RunSpec(obj, "full", 0), probe, runs_dir / f"calibrate-{obj}")
         recs = [json.loads(x) for x in (runs_dir / f"calibrate-{obj}" / "metrics.jsonl").read_text().splitlines() if x]
@@ -107,9 +107,8 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     scaled = []
     if spec.objective.startswith("ncp-"):
         s = args.ncp_scale  # NCP errors are ~s times smaller than latent ones: same logit scale for both
-        lam = s if args.ncp_lambda_scale == "same" else args.ncp_lambda_scale
         scaled = [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
-                  f"objective.cpo_lambda={args.cpo_lambda * lam}"]
+                  f"objective.cpo_lambda={args.cpo_lambda * args.ncp_lambda_scale}"]
     overrides = [
         f"objective.name={spec.objective}", f"objective.taps=[{spec.taps}]",
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
@@ -409,8 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.ncp_scale = ratio if args.ncp_scale == "auto" else args.ncp_scale
         args.ncp_lambda_scale = ratio if args.ncp_lambda_scale == "auto" else args.ncp_lambda_scale
     args.ncp_scale = float(args.ncp_scale)
-    if args.ncp_lambda_scale != "same":
-        args.ncp_lambda_scale = float(args.ncp_lambda_scale)
+    args.ncp_lambda_scale = args.ncp_scale if args.ncp_lambda_scale == "same" else float(args.ncp_lambda_scale)
     evaluator = Evaluator(model_dir, prompts, args.eval_seeds, steps, guidance)
     specs = plan(args)
     runs: dict[str, dict] = {}
@@ -433,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = analyse(runs, evaluator.base, args)
     res["settings"] = settings
     res["ncp_scale"] = args.ncp_scale
-    res["ncp_lambda_scale"] = args.ncp_scale if args.ncp_lambda_scale == "same" else args.ncp_lambda_scale
+    res["ncp_lambda_scale"] = args.ncp_lambda_scale
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "python": platform.python_version(), "torch": torch.__version__}
     res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
