@@ -51,8 +51,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 
 OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
-PAIRS = [("ncp-sft", "sft"), ("ncp-dpo", "dpo"), ("ncp-cpo", "cpo")]
+SCALE_SEP = "@"  # "ncp-dpo@log": the objective with objective.error_scale=log (docs/error_scale.md)
+
+
+def split_objective(name: str) -> tuple[str, str]:
+    """'ncp-dpo@log' -> ('ncp-dpo', 'log'); 'dpo' -> ('dpo', 'paper')."""
+    objective, _, scale = name.partition(SCALE_SEP)
+    return objective, scale or "paper"
+
+
+def latent_counterpart(name: str) -> str:
+    """The latent objective an NCP variant is compared with: 'ncp-dpo@log' -> 'dpo'."""
+    return split_objective(name)[0].removeprefix("ncp-")
+
+
+def comparisons(objectives: list[str]) -> list[tuple[str, str]]:
+    """(ncp variant, latent counterpart) for every NCP objective of the plan whose counterpart is in it too."""
+    return [(o, latent_counterpart(o)) for o in objectives
+            if o.startswith("ncp-") and latent_counterpart(o) in objectives]
 TAPS = ["paper", "mid", "multiscale"]
+BETA_LOG = 5000.0  # beta of the log-error variants; set from benchmarks/error_scale.py's measurement
 PLAN_KEYS = ("objectives", "data", "taps", "seeds", "threads")  # settings that do not change a run's result
 
 
@@ -104,13 +122,16 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     from ncp.train import DEFAULT_CONFIG, train
 
     n_ckpt = args.steps // args.eval_every + 2
-    scaled = []
-    if spec.objective.startswith("ncp-"):
+    objective, error_scale = split_objective(spec.objective)
+    scaled = [f"objective.error_scale={error_scale}"]
+    if error_scale == "log":  # log errors have no magnitude to rescale: one beta for both spaces
+        scaled += [f"objective.beta={args.beta_log}", f"objective.beta_cpo={args.beta_log}"]
+    elif objective.startswith("ncp-"):
         s = args.ncp_scale  # NCP errors are ~s times smaller than latent ones: same logit scale for both
-        scaled = [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
+        scaled += [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
                   f"objective.cpo_lambda={args.cpo_lambda * args.ncp_lambda_scale}"]
     overrides = [
-        f"objective.name={spec.objective}", f"objective.taps=[{spec.taps}]",
+        f"objective.name={objective}", f"objective.taps=[{spec.taps}]",
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
         f"train.seed={spec.seed}", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.eval_every}",
         f"train.keep_checkpoints={n_ckpt}", f"train.output_dir={run_dir}", "train.report=false",
@@ -127,6 +148,8 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     step_s = [r.get("perf/step_s", float("nan")) for r in recs]
     ckpts = {int(p.name.split("-")[1]): str(p) for p in sorted(run_dir.glob("step-*")) if p.is_dir()}
     return {"spec": asdict(spec), "checkpoints": ckpts, "step_s": step_s, "wall_s": wall,
+            "loss": [r.get("loss", float("nan")) for r in recs],
+            "accuracy": [r.get("rewards/accuracy", float("nan")) for r in recs],
             "final_metrics": {k: v for k, v in recs[-1].items() if isinstance(v, (int, float))} if recs else {}}
 
 
@@ -189,6 +212,20 @@ def win_rate(ncp_runs: list[dict], lat_runs: list[dict], pick) -> dict:
             "mean_diff_ci95": stats["mean_diff_ci95"], "steps_ncp_latent": steps, "n": len(a)}
 
 
+def training_fit(runs: list[dict], window: int = 100) -> dict | None:
+    """Training accuracy per window of steps (mean over seeds), its last-fifth mean, and loss spikes (> 2)."""
+    runs = [r for r in runs if r.get("accuracy")]
+    if not runs:
+        return None
+    n = min(len(r["accuracy"]) for r in runs)
+    acc = np.nanmean([r["accuracy"][:n] for r in runs], axis=0)
+    starts = list(range(0, n, window))
+    return {"window": window, "steps": [s + window for s in starts],
+            "accuracy": [float(np.nanmean(acc[s:s + window])) for s in starts],
+            "accuracy_last_fifth": float(np.nanmean(acc[n - max(1, n // 5):])),
+            "loss_spikes_per_run": float(np.mean([np.sum(np.array(r["loss"][:n]) > 2.0) for r in runs]))}
+
+
 def curve(runs: list[dict]) -> tuple[list[int], list[float]]:
     steps = sorted({int(s) for r in runs for s in r["scores"]})
     means = [float(np.mean([np.mean(r["scores"][str(s)]) for r in runs if str(s) in r["scores"]])) for s in steps]
@@ -213,7 +250,7 @@ def analyse(runs: dict[str, dict], base_scores: list[float], args) -> dict:
                 if RunSpec(obj, data, s, taps).name in runs]
 
     out: dict[str, Any] = {"base_reward": float(np.mean(base_scores)), "base_reward_ci95": bootstrap_ci(base_scores),
-                           "table1": [], "curves": {}, "final": {}, "taps": []}
+                           "table1": [], "curves": {}, "final": {}, "taps": [], "training": {}}
     for data in args.data:
         for obj in args.objectives:
             g = group(obj, data)
@@ -224,8 +261,13 @@ def analyse(runs: dict[str, dict], base_scores: list[float], args) -> dict:
             out["curves"][f"{obj}/{data}"] = {"steps": steps, "reward": means, "train_s": times}
             final = [x for r in g for x in r["scores"][str(max(int(k) for k in r["scores"]))]]
             out["final"][f"{obj}/{data}"] = {"reward": float(np.mean(final)), "ci95": bootstrap_ci(final),
-                                             "step_s": float(np.nanmean([np.nanmean(r["step_s"]) for r in g]))}
-        for ncp, lat in PAIRS:
+                                             "step_s": float(np.nanmean([np.nanmean(r["step_s"]) for r in g])),
+                                             "gain_over_base": float(np.mean(final) - np.mean(base_scores)),
+                                             "seeds": len(g)}
+            fit = training_fit(g)
+            if fit is not None:
+                out["training"][f"{obj}/{data}"] = fit
+        for ncp, lat in comparisons(args.objectives):
             gn, gl = group(ncp, data), group(lat, data)
             if not gn or not gl or len(gn) != len(gl):
                 continue
@@ -276,6 +318,13 @@ def format_tables(res: dict) -> str:
               f"{'objective/data':<22} {'reward':>8} {'95% CI':>18} {'step s':>8}"]
     for k, v in res["final"].items():
         lines.append(f"{k:<22} {v['reward']:8.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] {v['step_s']:8.2f}")
+    if res.get("training"):
+        lines += ["", "Training fit: implicit accuracy (mean over seeds) in the last fifth of the steps, and steps "
+                      "with loss > 2 per run", f"{'objective/data':<22} {'accuracy':>9} {'spikes':>7}   accuracy per "
+                                              f"{next(iter(res['training'].values()))['window']} steps"]
+        for k, v in res["training"].items():
+            lines.append(f"{k:<22} {v['accuracy_last_fifth']:9.3f} {v['loss_spikes_per_run']:7.1f}   "
+                         + " ".join(f"{a:.2f}" for a in v["accuracy"]))
     if res["taps"]:
         lines += ["", "NCP-DPO tap presets (filtered data)",
                   f"{'taps':<12} {'reward':>8} {'95% CI':>18} {'step s':>8} {'win vs dpo (equal steps)':>28}"]
@@ -294,7 +343,18 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datas = sorted({k.split("/")[1] for k in res["curves"]})
-    fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(5.5 * max(1, len(datas)), 4), squeeze=False)
+    rows = 2 if res.get("training") else 1
+    fig, axes = plt.subplots(rows, max(1, len(datas)), figsize=(5.5 * max(1, len(datas)), 4 * rows), squeeze=False)
+    for ax, data in zip(axes[-1] if rows == 2 else [], datas):
+        for k, fit in res["training"].items():
+            obj, d = k.split("/")
+            if d == data:
+                ax.plot(fit["steps"], fit["accuracy"], ls="-" if obj.startswith("ncp-") else "--", label=obj)
+        ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+        ax.set_title(f"training accuracy ({data} data, mean over seeds)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"implicit accuracy, {fit['window']}-step windows")
+        ax.legend(fontsize=8)
     for ax, data in zip(axes[0], datas):
         for k, c in res["curves"].items():
             obj, d = k.split("/")
@@ -347,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "errors as in latent CPO when --ncp-scale is set from logit differences)")
     p.add_argument("--beta", type=float, default=5000.0, help="objective.beta of every run (before --ncp-scale)")
     p.add_argument("--beta-cpo", type=float, default=5000.0)
+    p.add_argument("--beta-log", type=float, default=BETA_LOG,
+                   help="beta and beta_cpo of the objective@log variants (objective.error_scale=log), both spaces")
     p.add_argument("--cpo-lambda", type=float, default=1.0)
     p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
     p.add_argument("--runs", default="runs/quality")
@@ -393,8 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     # seeds) and the thread count. Each run's result sits in its own folder, so processes with
     # different plans (say --data full and --data filtered on two cores) can share --runs.
     # (--ncp-lambda-scale came later: at its default it stays out of the key, so earlier runs keep theirs.)
+    # --beta-log changes only the objective@log runs: it joins their keys alone (run_key).
     key = json.loads(json.dumps({k: v for k, v in settings.items()
-                                 if k not in PLAN_KEYS and not (k == "ncp_lambda_scale" and v == "same")}))
+                                 if k not in (*PLAN_KEYS, "beta_log") and not (k == "ncp_lambda_scale" and v == "same")}))
     if "auto" in (args.ncp_scale, args.ncp_lambda_scale):
         scale_file = runs_dir / "ncp_scale.json"  # the calibration does not depend on the two options
         calib_key = {k: v for k, v in key.items() if k not in ("ncp_scale", "ncp_lambda_scale")}
@@ -414,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict] = {}
     for i, spec in enumerate(specs):
         result_file = runs_dir / spec.name / "result.json"
-        cached = _read_for_settings(result_file, key)
+        run_key = key | ({"beta_log": args.beta_log} if split_objective(spec.objective)[1] == "log" else {})
+        cached = _read_for_settings(result_file, run_key)
         if cached is not None:
             runs[spec.name] = cached["run"]
             continue
@@ -424,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = train_run(spec, args, runs_dir / spec.name)
         run["scores"] = {str(s): evaluator.lora(d) for s, d in sorted(run.pop("checkpoints").items())}
         runs[spec.name] = run
-        _write_json_atomic(result_file, {"settings": key, "run": run})
+        _write_json_atomic(result_file, {"settings": run_key, "run": run})
         last = run["scores"][str(max(int(k) for k in run["scores"]))]
         print(f"[{i + 1}/{len(specs)}] {spec.name}: final reward {np.mean(last):.4f} "
               f"(base {np.mean(evaluator.base):.4f}), {time.time() - t0:.0f}s", flush=True)
