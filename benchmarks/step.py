@@ -13,6 +13,8 @@ as random tensors of the right shapes. Three variants per model:
   xformers; here both sides use PyTorch SDPA.)
 - ``dpo``: ncp's latent-space DPO, ``ncp.step.preference_step``.
 - ``ncp-dpo``: ncp's NCP-DPO, ``ncp.step.preference_step``.
+- ``mapo``, ``ncp-mapo`` (only when named in ``--variants``): ncp's MaPO, which has no reference pass;
+  they join the same worker as ``dpo`` / ``ncp-dpo``, alternating steps with them.
 ncp's variants: LoRA rank 64 on to_q/to_k/to_v/to_out.0 (``ncp.models.add_lora``),
 ``ncp.train.build_optimizer`` (8-bit AdamW on CUDA, torch AdamW on CPU), frozen
 weights and autocast in bf16; the reference is the same U-Net with its adapters
@@ -114,6 +116,7 @@ MODELS: dict[str, dict[str, Any]] = {
                  params=2567.5e6, max_batch=8),
 }
 VARIANTS = ("baseline", "dpo", "ncp-dpo")
+NCP_VARIANTS = ("dpo", "ncp-dpo", "mapo", "ncp-mapo")  # ncp objectives this benchmark can time
 LORA_RANK = 64
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 BETA = 5000.0
@@ -247,7 +250,7 @@ class NcpStep:
         import torch
         from diffusers import DDPMScheduler
 
-        from ncp.config import OptimConfig
+        from ncp.config import ObjectiveConfig, OptimConfig
         from ncp.models import add_lora, resolve_taps
         from ncp.objectives import OBJECTIVES
         from ncp.schedule import NoiseSchedule
@@ -264,7 +267,8 @@ class NcpStep:
         self.opt, self.lr_schedule = _build_optimizer(self.params, OptimConfig(lr=5.12e-6, warmup_steps=1), device)
         self.optimizer_source = _OPTIMIZER_SOURCE
         self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(SCHEDULER), device)
-        self.objectives = {name: OBJECTIVES[name] for name in ("dpo", "ncp-dpo")}
+        self.objectives = {name: OBJECTIVES[name] for name in NCP_VARIANTS}
+        self.loss_values = ObjectiveConfig(beta=BETA, beta_cpo=BETA)  # each objective reads its own fields
         self.taps = resolve_taps(["auto"], spec["model"], len(self.unet.down_blocks))
         self.tap_weights = [1.0 / len(self.taps)] * len(self.taps)
         self.trainable = sum(p.numel() for p in self.params)
@@ -286,7 +290,7 @@ class NcpStep:
         noise = sample_noise(self.batch, tuple(x0.shape[1:]), self.schedule.num_timesteps, self.gen, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype):
             out = preference_step(self.unet, self.unet, self.schedule, self.objectives[variant],
-                                  dict(beta=BETA, beta_cpo=BETA, cpo_lambda=1.0), x0, self.cond, noise,
+                                  self.objectives[variant].loss_kwargs(self.loss_values), x0, self.cond, noise,
                                   self.taps, self.tap_weights)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -535,13 +539,13 @@ def plan_model(args, model: str, device: str) -> list[dict[str, Any]]:
     base = dict(model=model, device=device, resolution=resolution, checkpointing=ckpt, batch=batch,
                 steps=args.steps, warmup=args.warmup, max_batch=args.max_batch, timeout=args.worker_timeout,
                 threads=args.threads, offload_ref=False)
-    ncp = [v for v in ("dpo", "ncp-dpo") if v in args.variants]
+    ncp = [v for v in NCP_VARIANTS if v in args.variants]
     workers = []
     if ncp:
-        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) == 2 else "alone"))
+        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone"))
     if "baseline" in args.variants:
         workers.append(dict(base, variants=["baseline"], offload_ref=offload, role="alone"))
-    if len(ncp) == 2 and batch == "auto":
+    if "dpo" in ncp and len(ncp) >= 2 and batch == "auto":
         workers.append(dict(base, variants=["dpo"], role="own-max"))
     return workers
 
@@ -662,7 +666,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--model", default="both", choices=["sd15", "sdxl", "both"])
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of baseline,dpo,ncp-dpo")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of baseline,dpo,ncp-dpo "
+                                                                             "(and mapo,ncp-mapo on request)")
     p.add_argument("--resolution", type=int, help="pixels (default: 512 / 1024 on CUDA, 128 on CPU, 64 with --quick)")
     p.add_argument("--batch", help="pairs per step, or 'auto' = the largest power of two that fits "
                                    "(default: auto on CUDA, 1 on CPU)")

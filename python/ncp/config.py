@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ncp.objectives import OBJECTIVES
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key."""
@@ -26,7 +28,8 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-OBJECTIVE_NAMES = ("sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo")
+OBJECTIVE_NAMES = tuple(OBJECTIVES)  # one table: ncp.objectives.OBJECTIVES
+ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -71,11 +74,17 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"] = opt(
-        "ncp-dpo", "objective; 'ncp-*' compares in the U-Net encoder's perceptual space")
+    name: ObjectiveName = opt(
+        "ncp-dpo", "objective (docs/objectives.md); 'ncp-*' compares in the U-Net encoder's perceptual space")
     beta: float = opt(5000.0, "DPO beta in -logsigmoid(-beta/2 (d_theta - d_ref)) (Diffusion-DPO: 5000)")
     beta_cpo: float = opt(5000.0, "CPO beta in -logsigmoid(-beta_cpo/2 d_theta)")
     cpo_lambda: float = opt(1.0, "weight of the CPO likelihood term ERR_theta(winner)")
+    beta_mapo: float = opt(0.1, "MaPO weight of the margin term -logsigmoid(T (g(ERR_w) - g(ERR_l))) (MaPO: 0.1)")
+    mapo_snr: float = opt(0.5, "MaPO's s in g(x) = s x / (exp(s x) - 1) (MaPO's snr_value: 0.5)")
+    mapo_lambda: float = opt(1.0, "weight of the MaPO likelihood term ERR_theta(winner) (MaPO: 1)")
+    beta_kto: float = opt(1000.0, "KTO beta in sigmoid(beta (r - z)) (Diffusion-KTO: 1000)")
+    kto_lambda_d: float = opt(1.0, "KTO weight of desirable images (winners) (Diffusion-KTO: 1)")
+    kto_lambda_u: float = opt(1.0, "KTO weight of undesirable images (losers) (Diffusion-KTO: 1)")
     taps: list[str] = opt(["auto"], "encoder taps: a preset (auto, paper, mid, multiscale) or a list of down block "
                                     "indices and/or 'mid'; auto = mid for SD1.5, paper for SDXL")
     tap_weights: list[float] | None = opt(None, "one weight per tap (default 1 / number of taps)")

@@ -106,26 +106,48 @@ def branch_errors(
 def preference_step(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
     x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
+    desirable: Tensor | None = None,
 ) -> StepOutput:
     """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
-    (objectives that do not need losers use the first B rows); ``cond``: B prompts."""
+    (objectives that do not need losers use the first B rows); ``cond``: B prompts.
+    Unpaired data (per-image objectives only): ``x0`` holds N single images, ``desirable`` their (N,)
+    bool labels, ``cond`` and ``noise`` one entry per image.
+    ``loss_kwargs``: the objective's hyperparameters (``Objective.loss_kwargs``); the step adds
+    ``num_timesteps`` where the loss takes it."""
     b = noise.t.shape[0]
-    if not objective.needs_losers:
+    if desirable is not None and not objective.per_image:
+        raise ValueError("unpaired (labelled) images need a per-image objective: kto or ncp-kto")
+    if desirable is None and not objective.needs_losers:
         x0 = x0[:b]  # SFT trains on the winners only
     err, err_ref = branch_errors(unet, base, schedule, objective, x0, cond, noise, taps, tap_weights)
-    err_w, err_l = err[:b], (err[b:] if objective.needs_losers else None)
-    ref_w, ref_l = (err_ref[:b], err_ref[b:]) if err_ref is not None else (None, None)
-    out = objective.loss(err_w, err_l, ref_w, ref_l, **loss_kwargs)
+    # (winner rows, loser rows): slices for pairs (no device sync), the labels' masks for unpaired images
+    groups = (slice(0, b), slice(b, None)) if desirable is None else (desirable, ~desirable)
+    if "num_timesteps" in objective.keyword_arguments:
+        loss_kwargs = {**loss_kwargs, "num_timesteps": schedule.num_timesteps}
+    scaled = [err, err_ref]
+    if objective.per_image:
+        if desirable is None:  # pairs: the winners are desirable, the losers not
+            desirable = torch.arange(err.shape[0], device=err.device) < b
+        out = objective.loss(*scaled, desirable, **loss_kwargs)
+    else:  # (B,) winners' and losers' errors
+        split = [(None, None) if e is None else (e[:b], e[b:] if objective.needs_losers else None) for e in scaled]
+        out = objective.loss(*split[0], *split[1], **loss_kwargs)
     loss = out.loss.mean()
-    metrics = {"loss": loss.detach(), "err/policy_winner": err_w.detach().mean()}
-    if err_l is not None:
-        metrics["err/policy_loser"] = err_l.detach().mean()
-    if ref_w is not None:
-        metrics["err/reference_winner"] = ref_w.detach().mean()
-        metrics["err/reference_loser"] = ref_l.detach().mean()
+    metrics = {"loss": loss.detach(), **out.metrics, **_error_metrics(err, err_ref, groups)}
     if out.logits is not None:
         logits = out.logits.detach()
         metrics["rewards/accuracy"] = ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
         metrics["rewards/margin"] = logits.mean()
     return StepOutput(loss, metrics)
 
+
+def _error_metrics(err: Tensor, err_ref: Tensor | None, groups: tuple) -> dict[str, Tensor]:
+    """Mean raw errors of the winners (desirable images) and losers (undesirable), policy and reference;
+    a group without images has no entry."""
+    metrics = {}
+    for branch, e in (("policy", err), ("reference", err_ref)):
+        for name, rows in zip(("winner", "loser"), groups):
+            picked = None if e is None else e.detach()[rows]
+            if picked is not None and picked.numel() > 0:
+                metrics[f"err/{branch}_{name}"] = picked.mean()
+    return metrics

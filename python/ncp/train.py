@@ -176,9 +176,9 @@ def micro_step(tr: Trainer, batch: PairBatch, micro: int):
     x0 = batch_latents(batch, models, gen)
     cond = batch_conditioning(batch, models, cfg.data.resolution)
     noise = sample_noise(len(batch), tuple(x0.shape[1:]), tr.schedule.num_timesteps, gen, models.device)
-    loss_kwargs = dict(beta=cfg.objective.beta, beta_cpo=cfg.objective.beta_cpo, cpo_lambda=cfg.objective.cpo_lambda)
+    objective = OBJECTIVES[cfg.objective.name]
     with tr.accelerator.autocast():
-        return preference_step(tr.unet, tr.base, tr.schedule, OBJECTIVES[cfg.objective.name], loss_kwargs,
+        return preference_step(tr.unet, tr.base, tr.schedule, objective, objective.loss_kwargs(cfg.objective),
                                x0, cond, noise, tr.taps, tr.tap_weights)
 
 
