@@ -50,7 +50,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 
-OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
+from ncp.objectives import OBJECTIVES as _OBJECTIVE_TABLE  # noqa: E402  (after the path above)
+
+OBJECTIVES = sorted(_OBJECTIVE_TABLE, key=lambda name: name.startswith("ncp-"))  # the latent ones first
+# Options of one objective only: they join the result key of that objective's runs alone (run_key), so
+# adding or changing one leaves the other objectives' finished runs valid.
+OWN_ARGS = {"mapo": ("beta_mapo", "mapo_snr", "mapo_lambda"), "kto": ("beta_kto",)}
 SCALE_SEP = "@"  # "ncp-dpo@log": the objective with objective.error_scale=log (docs/error_scale.md)
 
 
@@ -129,14 +134,20 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     elif objective.startswith("ncp-"):
         s = args.ncp_scale  # NCP errors are ~s times smaller than latent ones: same logit scale for both
         scaled += [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
-                  f"objective.cpo_lambda={args.cpo_lambda * args.ncp_lambda_scale}"]
+                  f"objective.cpo_lambda={args.cpo_lambda * args.ncp_lambda_scale}",
+                  # MaPO's logit is ~ T s/2 (ERR_l - ERR_w) for small s ERR: s plays beta's part
+                  f"objective.mapo_snr={args.mapo_snr * s}",
+                  f"objective.mapo_lambda={args.mapo_lambda * args.ncp_lambda_scale}",
+                  f"objective.beta_kto={args.beta_kto * s}"]
     overrides = [
         f"objective.name={objective}", f"objective.taps=[{spec.taps}]",
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
         f"train.seed={spec.seed}", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.eval_every}",
         f"train.keep_checkpoints={n_ckpt}", f"train.output_dir={run_dir}", "train.report=false",
         "logging.progress=false", "logging.tensorboard=false", f"objective.beta={args.beta}",
-        f"objective.beta_cpo={args.beta_cpo}", f"objective.cpo_lambda={args.cpo_lambda}", *args.override, *scaled,
+        f"objective.beta_cpo={args.beta_cpo}", f"objective.cpo_lambda={args.cpo_lambda}",
+        *(f"objective.{name}={getattr(args, name)}" for names in OWN_ARGS.values() for name in names),
+        *args.override, *scaled,
     ]
     cfg = load_config(DEFAULT_CONFIG, overrides)
     if run_dir.exists():  # a stale run (other settings, or cut off): its checkpoints must not mix in
@@ -410,6 +421,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--beta-log", type=float, default=BETA_LOG,
                    help="beta and beta_cpo of the objective@log variants (objective.error_scale=log), both spaces")
     p.add_argument("--cpo-lambda", type=float, default=1.0)
+    p.add_argument("--beta-mapo", type=float, default=0.1, help="objective.beta_mapo of mapo and ncp-mapo")
+    p.add_argument("--mapo-snr", type=float, default=0.5, help="objective.mapo_snr (before --ncp-scale)")
+    p.add_argument("--mapo-lambda", type=float, default=1.0, help="objective.mapo_lambda (before --ncp-lambda-scale)")
+    p.add_argument("--beta-kto", type=float, default=1000.0, help="objective.beta_kto (before --ncp-scale)")
     p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
@@ -457,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     # (--ncp-lambda-scale came later: at its default it stays out of the key, so earlier runs keep theirs.)
     # --beta-log changes only the objective@log runs: it joins their keys alone (run_key).
     key = json.loads(json.dumps({k: v for k, v in settings.items()
-                                 if k not in (*PLAN_KEYS, "beta_log") and not (k == "ncp_lambda_scale" and v == "same")}))
+                                 if k not in (*PLAN_KEYS, "beta_log", *(a for names in OWN_ARGS.values() for a in names))
+                                 and not (k == "ncp_lambda_scale" and v == "same")}))
     if "auto" in (args.ncp_scale, args.ncp_lambda_scale):
         scale_file = runs_dir / "ncp_scale.json"  # the calibration does not depend on the two options
         calib_key = {k: v for k, v in key.items() if k not in ("ncp_scale", "ncp_lambda_scale")}
@@ -478,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i, spec in enumerate(specs):
         result_file = runs_dir / spec.name / "result.json"
         run_key = key | ({"beta_log": args.beta_log} if split_objective(spec.objective)[1] == "log" else {})
+        run_key |= {a: getattr(args, a) for a in OWN_ARGS.get(latent_counterpart(spec.objective), ())}
         cached = _read_for_settings(result_file, run_key)
         if cached is not None:
             runs[spec.name] = cached["run"]
