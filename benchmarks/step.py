@@ -689,9 +689,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS) - set(NCP_VARIANTS)
     if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(dict.fromkeys(VARIANTS + NCP_VARIANTS))}")
     return args
 
 
