@@ -40,8 +40,15 @@ class ModelConfig:
         "auto", "dtype of the frozen weights (auto: bf16 on GPU, fp32 on CPU)")
     vae_path: str | None = opt(None, "a separate VAE folder (e.g. an fp16-safe SDXL VAE)")
     gradient_checkpointing: bool = opt(False, "recompute U-Net activations in backward to save memory")
-    compile_unet: bool = opt(False, "torch.compile the U-Net forward")
+    compile_unet: bool | Literal["regional", "full"] = opt(
+        False, "torch.compile the U-Net: 'regional' compiles each resnet and transformer block, so the policy, "
+               "reference and encoder passes (adapters on and off) all run compiled code without recompiling "
+               "after the first step; 'full' (= true) compiles the policy's whole forward only; false: eager")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
+        "default", "torch.compile mode of compile_unet; 'reduce-overhead' adds CUDA graphs")
     channels_last: bool = opt(False, "channels-last memory format for the U-Net and VAE")
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = opt(
+        "auto", "scaled-dot-product attention kernel of the U-Net (auto: PyTorch's choice)")
 
 
 @dataclass
@@ -122,6 +129,8 @@ class LoggingConfig:
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "also log to TensorBoard when it is installed")
     log_every: int = opt(1, "write metrics every N optimizer steps")
+    peak_tflops: float | None = opt(None, "peak dense TFLOP/s of one device for perf/mfu (default: ncp.flops' "
+                                          "table by GPU name and precision; no perf/mfu when unknown)")
 
 
 @dataclass

@@ -314,3 +314,75 @@ def encoder_features(unet: nn.Module, sample: Tensor, timestep: Tensor, cond: Co
         else:
             found["mid"] = unet.mid_block(h, emb)
     return [found[t] for t in taps]
+
+
+# ---------------------------------------------------------------- speed levers (model.compile_unet, attention_backend)
+
+# The regions of ``compile_unet="regional"``: the blocks diffusers checkpoints one by one, so a compiled
+# region is exactly what gradient checkpointing recomputes (and what ``frozen_checkpointing`` recomputes
+# with the adapters off). Everything between them (conv_in, embeddings, down/upsamplers, conv_out) stays eager.
+COMPILE_REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Graphs per compiled code object: one per (block shape, grad mode, input requires_grad, adapters on/off)
+# seen in a step. SD1.5 / SDXL reach a few dozen, all in the first step; torch's default limit (8) would
+# silently fall back to eager for the rest.
+RECOMPILE_LIMIT = 128
+
+
+def compile_unet(unet: nn.Module, how: bool | str, mode: str = "default", backend: str = "inductor") -> nn.Module:
+    """torch.compile the U-Net as ``model.compile_unet`` says; returns the module the policy runs.
+
+    - ``"regional"``: each ResnetBlock2D and BasicTransformerBlock is compiled in place with static
+      shapes. The policy, the reference (adapters off, no grad) and the perceptual encoder passes all run
+      compiled code: dynamo compiles one graph per variant it meets in the first step (adapters on/off,
+      grad on/off, batch 2B or KxB, block shape) and reuses them afterwards, so toggling adapters never
+      recompiles after the first step (``compile_counters`` tells).
+    - ``"full"`` (or True): ``torch.compile`` of the whole policy forward (the returned wrapper); the reference and
+      encoder passes run on the unwrapped module, eager.
+    - False: eager.
+    ``mode`` is torch.compile's (``"reduce-overhead"``: CUDA graphs; then call
+    ``torch.compiler.cudagraph_mark_step_begin()`` before each step).
+    """
+    if how is False or how == "off":
+        return unet
+    kwargs = dict(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
+    if how is True or how == "full":
+        return torch.compile(unet, **kwargs)
+    if how != "regional":
+        raise ValueError(f"model.compile_unet must be false, true, 'regional' or 'full'; got {how!r}")
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    regions = [m for m in unet.modules() if type(m).__name__ in COMPILE_REGIONS]
+    for module in regions:
+        module.compile(dynamic=False, **kwargs)
+    logger.info("compile_unet=regional: %d blocks compiled (%s)", len(regions), ", ".join(COMPILE_REGIONS))
+    return unet
+
+
+def compile_counters() -> dict[str, int]:
+    """torch._dynamo's counts so far: graphs compiled, and frames it gave up on (eager fallbacks).
+    Constant from one step to the next = no recompilation."""
+    from torch._dynamo.utils import counters
+
+    return {"compile/graphs": int(counters["stats"]["unique_graphs"]),
+            "compile/frames_failed": int(counters["frames"]["total"] - counters["frames"]["ok"])}
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """The scaled-dot-product-attention kernels the U-Net may use inside (``model.attention_backend``):
+    ``auto`` leaves PyTorch's choice; the others allow only that kernel (an error where it cannot run)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if name not in kernels:
+        raise ValueError(f"model.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    return sdpa_kernel([kernels[name]])

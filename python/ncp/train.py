@@ -23,7 +23,9 @@ from ncp import checkpoint as ckpt
 from ncp.config import Config, ConfigError, DataConfig, help_text, load_config, to_dict
 from ncp.data.batch import DataError, PairBatch
 from ncp.metrics import MetricsLogger
-from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, encode_prompts, load_lora_into, load_models, resolve_model_path,
+from ncp.flops import Throughput, training_throughput
+from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, attention_backend, compile_counters,
+                        compile_unet, encode_prompts, load_lora_into, load_models, resolve_model_path,
                         resolve_taps, save_lora, sdxl_time_ids)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
@@ -82,6 +84,7 @@ class Trainer:
     tap_weights: list[float]
     output_dir: Path
     step: int = 0
+    throughput: Throughput | None = None  # perf/tflops, perf/mfu
 
     @property
     def base(self) -> torch.nn.Module:
@@ -112,16 +115,21 @@ def setup(cfg: Config) -> Trainer:
     # The LR scheduler stays unprepared: accelerate's wrapper steps it once per process,
     # which would end the warmup num_processes times too early.
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    if cfg.model.compile_unet:
-        unet = torch.compile(unet)
+    unet = compile_unet(unet, cfg.model.compile_unet, cfg.model.compile_mode)
     source = build_source(cfg.data, cfg.train.seed, accelerator.process_index, accelerator.num_processes,
                           resolve_model_path(cfg.model.path))
     taps = resolve_taps(cfg.objective.taps, models.kind, len(models.unet.down_blocks))
     weights = cfg.objective.tap_weights or [1.0 / len(taps)] * len(taps)
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    throughput = training_throughput(
+        models.unet, models.kind, cfg.data.resolution, models.tokenizers[0].model_max_length, cfg.objective.name, taps,
+        cfg.lora.rank, cfg.lora.target_modules, accelerator.device,
+        precision if precision != "no" else next(k for k, v in DTYPES.items() if v == weight_dtype),
+        accelerator.num_processes, cfg.logging.peak_tflops)
     return Trainer(cfg, accelerator, models, unet, params, optimizer, lr_scheduler, source,
-                   NoiseSchedule.from_scheduler(models.scheduler, accelerator.device), taps, weights, output_dir)
+                   NoiseSchedule.from_scheduler(models.scheduler, accelerator.device), taps, weights, output_dir,
+                   throughput=throughput)
 
 
 def resume(tr: Trainer, spec: str) -> None:
@@ -177,7 +185,9 @@ def micro_step(tr: Trainer, batch: PairBatch, micro: int):
     cond = batch_conditioning(batch, models, cfg.data.resolution)
     noise = sample_noise(len(batch), tuple(x0.shape[1:]), tr.schedule.num_timesteps, gen, models.device)
     objective = OBJECTIVES[cfg.objective.name]
-    with tr.accelerator.autocast():
+    if cfg.model.compile_mode == "reduce-overhead":  # CUDA graphs: the previous step's outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+    with tr.accelerator.autocast(), attention_backend(cfg.model.attention_backend):
         return preference_step(tr.unet, tr.base, tr.schedule, objective, objective.loss_kwargs(cfg.objective),
                                x0, cond, noise, tr.taps, tr.tap_weights)
 
@@ -271,6 +281,10 @@ def run_loop(tr: Trainer) -> dict[str, float]:
             metrics.update({"perf/step_s": elapsed, "perf/pairs_per_s": metrics.pop("perf/pairs") / elapsed,
                             "perf/peak_mem_mb": peak_memory_mb(acc.device), "train/nonfinite_skipped": nonfinite_total,
                             "data/skipped": tr.source.stats().get("skipped", 0)})
+            if tr.throughput is not None:
+                metrics.update(tr.throughput.metrics(metrics["perf/pairs_per_s"]))
+            if cfg.model.compile_unet:
+                metrics.update(compile_counters())  # constant after the first step: no recompilation
             if tr.step % cfg.logging.log_every == 0 or tr.step == cfg.train.max_steps:
                 log.log(tr.step, metrics)
             log.advance(tr.step, metrics)

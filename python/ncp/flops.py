@@ -1,0 +1,209 @@
+"""Model FLOPs of a training step, and model FLOP utilisation (MFU).
+
+A step's FLOPs are counted once per (U-Net config, resolution, text length,
+objective shape, taps, LoRA) with ``torch.utils.flop_counter`` on ``meta``
+tensors: the real step code (``ncp.step.branch_errors`` and its backward) runs
+on a U-Net that has shapes but no storage, so counting SDXL at 1024 px takes
+seconds and no memory. The counter sees only matrix products, convolutions and
+attention (elementwise work is not counted, as in every MFU figure), and counts
+what autograd actually runs: a frozen weight's backward computes only the
+input gradient, a LoRA weight's also its weight gradient, an attention's
+backward both operands' gradients. Gradient checkpointing's recomputation is not
+counted (model FLOPs, not hardware FLOPs), so MFU does not reward recomputing.
+
+FLOPs are linear in the batch (every op is per-sample), so they are counted for
+one pair and multiplied.
+
+    >>> flops_per_pair = step_flops(unet.config, "sd15", 512, "ncp-dpo", ["mid"])
+    >>> mfu = flops_per_pair * pairs_per_s / peak_flops("cuda", torch.bfloat16)
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Peak dense (no sparsity) tensor-core FLOP/s of bf16 and fp16 inputs, per GPU, from the vendors'
+# data sheets. Matched against torch.cuda.get_device_name() by substring, first match wins (so the
+# more specific names come first). fp32 training (TF32 or not) has no entry: MFU is then None.
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12}),
+    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12}),
+    ("H100 PCIe", {"bf16": 756.0e12, "fp16": 756.0e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12}),
+    ("L40S", {"bf16": 362.05e12, "fp16": 362.05e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12}),
+]
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype | str, override_tflops: float | None = None
+               ) -> float | None:
+    """Peak dense FLOP/s of ``device`` for ``dtype`` (bf16 / fp16), or None when unknown (a CPU, fp32,
+    a GPU not in ``PEAK_FLOPS``). ``override_tflops`` (config ``logging.peak_tflops``) wins."""
+    if override_tflops:
+        return float(override_tflops) * 1e12
+    device = torch.device(device)
+    name = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    if device.type != "cuda" or not torch.cuda.is_available() or name not in ("bf16", "fp16"):
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device), name)
+
+
+def peak_flops_of(gpu_name: str, dtype_name: str) -> float | None:
+    """Peak dense FLOP/s of a GPU named as ``torch.cuda.get_device_name`` names it."""
+    for key, peaks in PEAK_FLOPS:
+        if key in gpu_name:
+            return peaks.get(dtype_name)
+    return None
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward), by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def meta_unet(config: Mapping[str, Any]) -> torch.nn.Module:
+    """A ``UNet2DConditionModel`` of this config with meta parameters (shapes only), frozen."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(config))
+    return unet.requires_grad_(False)
+
+
+def meta_conditioning(config: Mapping[str, Any], batch: int, text_len: int):
+    """Random-shaped text condition on meta: hidden states, and SDXL's pooled embedding and time ids."""
+    from ncp.models import Conditioning
+
+    width = config["cross_attention_dim"]
+    hidden = torch.empty(batch, text_len, width, device="meta")
+    if config.get("addition_embed_type") != "text_time":
+        return Conditioning(hidden)
+    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return Conditioning(hidden, torch.empty(batch, pooled_dim, device="meta"), torch.empty(batch, 6, device="meta"))
+
+
+def _meta_schedule():
+    from ncp.schedule import NoiseSchedule
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # the SD schedule; values do not change FLOPs
+    return NoiseSchedule(betas=betas.to("meta"), alphas_cumprod=torch.cumprod(1 - betas, 0).to("meta"),
+                         prediction_type="epsilon")
+
+
+@functools.lru_cache(maxsize=32)
+def _flops_per_pair(config_json: str, kind: str, resolution: int, text_len: int, objective: str,
+                    taps: tuple, lora_rank: int, lora_targets: tuple[str, ...]) -> int:
+    from ncp.models import add_lora, resolve_taps
+    from ncp.objectives import OBJECTIVES
+    from ncp.step import StepNoise, branch_errors
+
+    config = json.loads(config_json)
+    unet = meta_unet(config)
+    if lora_rank > 0:
+        add_lora(unet, lora_rank, float(lora_rank), list(lora_targets), 0.0)
+    obj = OBJECTIVES[objective]
+    tap_list = resolve_taps([str(t) for t in taps], kind, len(unet.down_blocks))
+    n = 2 if obj.needs_losers else 1
+    latent = (config.get("in_channels", 4), resolution // 8, resolution // 8)
+    noise = StepNoise(torch.ones(1, dtype=torch.long, device="meta"), torch.empty(1, *latent, device="meta"),
+                      torch.empty(1, *latent, device="meta"))
+    x0 = torch.empty(n, *latent, device="meta")
+    cond = meta_conditioning(config, 1, text_len)
+
+    def step() -> None:
+        err, err_ref = branch_errors(unet, unet, _meta_schedule(), obj, x0, cond, noise, tap_list,
+                                     [1.0 / len(tap_list)] * len(tap_list))
+        err.sum().backward()  # the loss is elementwise in the errors: its backward has the step's FLOPs
+
+    return count_flops(step)
+
+
+def step_flops(unet_config: Mapping[str, Any], kind: str, resolution: int, objective: str, taps: Sequence[Any],
+               text_len: int = 77, lora_rank: int = 64,
+               lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), batch: int = 1) -> int:
+    """Model FLOPs of one training micro-step of ``batch`` pairs (forward and backward of every U-Net pass
+    the objective runs: policy, reference, perceptual encoder branches). Counted once per setting."""
+    config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+    key = json.dumps(config, sort_keys=True, default=list)
+    return batch * _flops_per_pair(key, kind, resolution, text_len, objective, tuple(str(t) for t in taps),
+                                   lora_rank, tuple(lora_targets))
+
+
+def full_finetune_dpo_flops(unet_config: Mapping[str, Any], resolution: int, text_len: int = 77,
+                            batch: int = 1) -> int:
+    """Model FLOPs of Diffusion-DPO's own step (``benchmarks/step.py``'s baseline): the whole U-Net trained
+    on 2B images (forward, backward with weight gradients), plus the frozen reference copy's forward."""
+    config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+    unet = meta_unet(config)
+    latent = (config.get("in_channels", 4), resolution // 8, resolution // 8)
+    cond = meta_conditioning(config, 2, text_len)
+    x = torch.empty(2, *latent, device="meta")
+    t = torch.ones(2, dtype=torch.long, device="meta")
+    kwargs = dict(encoder_hidden_states=cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
+
+    def step() -> None:
+        with torch.no_grad():
+            unet(x, t, **kwargs)  # the reference
+        unet.requires_grad_(True)
+        try:
+            unet(x, t, **kwargs).sample.sum().backward()
+        finally:
+            unet.requires_grad_(False)
+
+    return batch * count_flops(step)
+
+
+def mfu(flops_per_s: float, peak: float | None) -> float | None:
+    """Model FLOP utilisation: achieved model FLOP/s over the device's peak (None when the peak is unknown)."""
+    return None if not peak else flops_per_s / peak
+
+
+@dataclass
+class Throughput:
+    """Turns a step's pairs/s into ``perf/tflops`` (model TFLOP/s per device) and ``perf/mfu``."""
+
+    flops_per_pair: float | None  # model FLOPs of one pair's micro-step (None: not counted)
+    peak: float | None  # peak FLOP/s of one device (None: unknown, no perf/mfu)
+    world_size: int = 1
+
+    def metrics(self, pairs_per_s: float) -> dict[str, float]:
+        if not self.flops_per_pair:
+            return {}
+        per_device = self.flops_per_pair * pairs_per_s / self.world_size
+        out = {"perf/tflops": per_device / 1e12}
+        if self.peak:
+            out["perf/mfu"] = per_device / self.peak
+        return out
+
+
+def training_throughput(unet: torch.nn.Module, kind: str, resolution: int, text_len: int, objective: str,
+                        taps: Sequence[Any], lora_rank: int, lora_targets: Sequence[str], device: torch.device,
+                        precision: str, world_size: int, peak_tflops: float | None = None) -> Throughput:
+    """The trainer's ``Throughput``: the step's FLOPs counted once (a failure to count is logged and leaves
+    perf/tflops out; it never stops training). ``precision``: the autocast or weight dtype (bf16, fp16, fp32)."""
+    try:
+        flops = step_flops(unet.config, kind, resolution, objective, taps, text_len, lora_rank, lora_targets)
+    except Exception as err:  # noqa: BLE001 - a metric must not stop a run
+        logger.warning("could not count the step's FLOPs (%s): no perf/tflops, perf/mfu", err)
+        flops = None
+    peak = peak_flops(device, precision, peak_tflops)
+    if flops:
+        logger.info("model FLOPs per pair and micro-step: %.3g TFLOP; peak %s", flops / 1e12,
+                    f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no perf/mfu)")
+    return Throughput(flops, peak, world_size)
