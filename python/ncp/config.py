@@ -129,6 +129,13 @@ class LoggingConfig:
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "also log to TensorBoard when it is installed")
     log_every: int = opt(1, "write metrics every N optimizer steps")
+    validation_prompts: str | None = opt(None, "a prompt file (one a line) for validation images while training")
+    validation_every: int = opt(0, "draw the validation grid (base vs LoRA) every N optimizer steps and at the end; "
+                                   "0: never. PNG under <output_dir>/validation/ and in TensorBoard")
+    validation_seeds: int = opt(2, "validation images per prompt (fixed seeds: the same noise at every step)")
+    validation_steps: int = opt(0, "sampling steps of the validation images (0: the model's, see world.json; else 20)")
+    validation_guidance: float | None = opt(None, "classifier-free guidance of the validation images "
+                                                  "(default: the model's, see world.json; else 3.0)")
     peak_tflops: float | None = opt(None, "peak dense TFLOP/s of one device for perf/mfu (default: ncp.flops' "
                                           "table by GPU name and precision; no perf/mfu when unknown)")
 
@@ -158,6 +165,10 @@ class Config:
             ("train.grad_accum", self.train.grad_accum > 0, "positive"),
             ("train.keep_checkpoints", self.train.keep_checkpoints > 0, "positive"),
             ("train.max_nonfinite", self.train.max_nonfinite > 0, "positive"),
+            ("logging.validation_every", self.logging.validation_every >= 0, "0 or positive"),
+            ("logging.validation_seeds", self.logging.validation_seeds > 0, "positive"),
+            ("logging.validation_prompts", not self.logging.validation_every or self.logging.validation_prompts,
+             "set (a prompt file) when logging.validation_every > 0"),
         ]
         for key, ok, what in checks:
             if not ok:

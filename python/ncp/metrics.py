@@ -43,6 +43,19 @@ class MetricsLogger:
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
         self.bar.update(step - self.bar.n)
 
+    def image(self, step: int, tag: str, path: Path) -> None:
+        """An image written to ``path`` (a validation grid): to TensorBoard, and a line under the progress bar."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            from ncp.validation import read_grid
+
+            self.tb.add_image(tag, read_grid(path), step, dataformats="HWC")
+        if self.bar.disable:
+            logger.info("step %d: %s %s", step, tag, path)
+        else:
+            self.bar.write(f"step {step}: {tag} {path}")
+
     def close(self) -> None:
         self.bar.close()
         if self.file is not None:

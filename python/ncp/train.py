@@ -255,12 +255,29 @@ def write_checkpoint(tr: Trainer) -> None:
     acc.wait_for_everyone()
 
 
+def build_validator(tr: Trainer):
+    """The validation grid of ``logging.validation_*`` (ncp.validation), drawn by the main process; None when off."""
+    lc = tr.cfg.logging
+    if not lc.validation_every or not tr.accelerator.is_main_process:
+        return None
+    from ncp.evaluate import read_prompts
+    from ncp.validation import Validator
+    from ncp.world.sampling import sampling_defaults
+
+    model_path = resolve_model_path(tr.cfg.model.path)
+    steps, guidance = sampling_defaults(model_path)
+    return Validator(tr.models, tr.base, model_path, read_prompts(lc.validation_prompts), lc.validation_seeds,
+                     lc.validation_steps or steps, guidance if lc.validation_guidance is None else lc.validation_guidance,
+                     tr.output_dir)
+
+
 def run_loop(tr: Trainer) -> dict[str, float]:
     cfg, acc = tr.cfg, tr.accelerator
     log = MetricsLogger(tr.output_dir, cfg.train.max_steps, tr.step, acc.is_main_process,
                         cfg.logging.progress, cfg.logging.tensorboard)
     data = batches(tr.source)
     nonfinite_in_row, nonfinite_total, last = 0, 0, {}
+    validator = build_validator(tr)
     tr.unet.train()
     try:
         while tr.step < cfg.train.max_steps:
@@ -288,6 +305,9 @@ def run_loop(tr: Trainer) -> dict[str, float]:
             if tr.step % cfg.logging.log_every == 0 or tr.step == cfg.train.max_steps:
                 log.log(tr.step, metrics)
             log.advance(tr.step, metrics)
+            if validator is not None and (tr.step % cfg.logging.validation_every == 0
+                                          or tr.step == cfg.train.max_steps):
+                log.image(tr.step, "validation", validator(tr.step))
             last = metrics
             every = cfg.train.checkpoint_every
             if (every and tr.step % every == 0) or tr.step == cfg.train.max_steps:
