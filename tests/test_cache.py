@@ -1,4 +1,4 @@
-"""The latent cache (`python -m ncp.cache`, `CachedPairSource`) on tiny models built from configs."""
+"""The latent cache (`python -m ncp.cache`, `ncp.data.cache`) on tiny models built from configs."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,18 @@ import torch
 ncp_dataloader = pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not installed")
 
 from fixtures import build_tiny_sd15, random_pairs, write_pickapic_parquet  # noqa: E402
-from ncp.cache import (CachedPairSource, StaleCacheError, _load_encoders, build_cache, check_cache,  # noqa: E402
-                       main, read_index)
+from ncp.data.cache import (CachedPairSource, StaleCacheError, build_cache, check_cache, main,  # noqa: E402
+                            read_index)
 from ncp.data.rust import RustPairSource  # noqa: E402
-from ncp.models import encode_prompts  # noqa: E402
+from ncp.models import encode_prompts, load_models  # noqa: E402
 from ncp.train import batch_latents  # noqa: E402
 
 RES = 32
+
+
+def _encoders(model):
+    """The VAE and text encoder(s) as the cache writer loads them."""
+    return load_models(str(model), "auto", torch.device("cpu"), torch.float32, with_unet=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def test_cache_batches_equal_pixel_batches_encoded(cache, sd15, shard):
     kw = dict(batch_size=4, seed=7, empty_prompt_prob=0.4)
     cached = CachedPairSource(cache, **kw, random_flip=True)
     pixels = RustPairSource([shard], RES, random_flip=True, random_crop=False, **kw)
-    models = _load_encoders(sd15, torch.float32, torch.device("cpu"))
+    models = _encoders(sd15)
     n_dropped = 0
     for epoch in range(2):
         cached.set_epoch(epoch)
@@ -143,7 +148,7 @@ def test_sdxl_cache_has_pooled_embeddings(tmp_path, shard, tiny_sdxl):
     out = build_cache(model, [shard], tmp_path / "c", RES, batch_size=6)
     src = CachedPairSource(out, batch_size=4, random_flip=False)
     b = next(iter(src))
-    models = _load_encoders(model, torch.float32, torch.device("cpu"))
+    models = _encoders(model)
     cond = encode_prompts(models, b.captions)
     torch.testing.assert_close(b.prompt_embeds, cond.hidden_states, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(b.pooled_prompt_embeds, cond.pooled, atol=1e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,11 +35,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    """'latest' or an explicit folder -> a complete checkpoint folder (an error names what is missing)."""
-    if resume == "latest":
+class CheckpointError(OSError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """'latest', 'auto' or an explicit folder -> a complete checkpoint folder (an error names what is missing).
+    'auto' is 'latest' when a checkpoint exists and None (start afresh) when none does: for jobs that a
+    scheduler restarts."""
+    if resume in ("latest", "auto"):
         found = list_checkpoints(output_dir)
         if not found:
+            if resume == "auto":
+                return None
             raise FileNotFoundError(f"--resume latest: no checkpoint (step-*/state.json) in {output_dir}")
         return found[-1]
     path = Path(resume)
@@ -48,7 +57,10 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain data (what ``torch.load(weights_only=True)`` reads back)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,7 +68,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -88,9 +101,21 @@ def save_checkpoint(output_dir: Path, step: int, write_lora, optimizer, lr_sched
     return final
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` read without running code: tensors and plain data only (``weights_only``), so a
+    checkpoint folder from elsewhere cannot execute anything when resumed; anything else is refused by name."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain data, which could run code "
+            f"when loaded (a checkpoint of another program or an altered one; ncp's own hold none). "
+            f"{str(err).splitlines()[0]}") from err
+
+
 def load_trainer_state(folder: Path, optimizer, lr_scheduler) -> dict:
     """Restore optimizer, scheduler and RNG; return state.json ({step, data})."""
-    blob = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+    blob = read_trainer_state(folder / "trainer_state.pt")
     optimizer.load_state_dict(blob["optimizer"])
     lr_scheduler.load_state_dict(blob["lr_scheduler"])
     set_rng_state(blob["rng"])

@@ -117,7 +117,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "autocast dtype (auto: bf16 on GPU, no on CPU)")
     checkpoint_every: int = opt(500, "write a checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = opt(3, "keep the last K checkpoints")
-    resume: str | None = opt(None, "'latest' or a checkpoint folder to resume from")
+    resume: str | None = opt(None, "'latest', 'auto' (latest if one exists, else start afresh: for restarted "
+                                   "jobs) or a checkpoint folder to resume from")
     max_nonfinite: int = opt(10, "stop after this many non-finite losses in a row (each is skipped)")
     report: bool = opt(False, "after training on the bundled world: image grid, curves and judge rewards")
     device: str = opt("auto", "torch device (auto: cuda when available)")

@@ -15,7 +15,7 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
-from ncp.world import bundle_path
+from ncp.paths import bundle_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,27 +92,29 @@ def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
 
 def load_models(
     path: str, kind: str, device: torch.device, weight_dtype: torch.dtype, vae_path: str | None = None,
-    encoders_on_device: bool = True,
+    encoders_on_device: bool = True, with_unet: bool = True,
 ) -> Models:
     """Load a diffusers-format pipeline: frozen VAE and text encoder(s), U-Net, DDPM scheduler.
 
     With ``encoders_on_device=False`` (training from the latent cache) the VAE and
     text encoders stay on the CPU, leaving the accelerator's memory to the U-Net.
+    With ``with_unet=False`` (writing the latent cache) there is no U-Net and no
+    scheduler, and ``path`` is taken as it is (a folder of the VAE and text encoder(s) will do).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    path = resolve_model_path(path)
+    path = resolve_model_path(path) if with_unet else path
     kind = detect_kind(path) if kind == "auto" else kind
-    scheduler = _from_pretrained(DDPMScheduler, path, "scheduler")
-    unet = _from_pretrained(UNet2DConditionModel, path, "unet")
+    scheduler = _from_pretrained(DDPMScheduler, path, "scheduler") if with_unet else None
+    unet = _from_pretrained(UNet2DConditionModel, path, "unet") if with_unet else None
     vae = _from_pretrained(AutoencoderKL, vae_path or path, None if vae_path else "vae")
     tokenizers = [_from_pretrained(AutoTokenizer, path, "tokenizer")]
     text_encoders = [_from_pretrained(CLIPTextModel, path, "text_encoder")]
     if kind == "sdxl":
         tokenizers.append(_from_pretrained(AutoTokenizer, path, "tokenizer_2"))
         text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2"))
-    for module in [unet, vae, *text_encoders]:
+    for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
         module.requires_grad_(False)
         module.eval()
         on_device = module is unet or encoders_on_device

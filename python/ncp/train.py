@@ -6,6 +6,7 @@ and the optimizer, run the one loop every objective shares, clean up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -20,8 +21,10 @@ from typing import Any, Iterator
 import torch
 
 from ncp import checkpoint as ckpt
-from ncp.config import Config, ConfigError, DataConfig, help_text, load_config, to_dict
-from ncp.data.batch import DataError, PairBatch
+from ncp.config import Config, ConfigError, help_text, load_config, to_dict
+from ncp.data.batch import DataError, PairBatch, vae_posterior
+from ncp.data.options import LoaderOptions
+from ncp.data.sources import PairSource, build_source, endless
 from ncp.metrics import MetricsLogger
 from ncp.flops import Throughput, training_throughput
 from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, attention_backend, compile_counters,
@@ -38,35 +41,6 @@ logger = logging.getLogger("ncp.train")
 # ---------------------------------------------------------------- building blocks
 
 
-def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int, model_path: str):
-    """The configured loader backend; every backend yields PairBatch and resumes from state()."""
-    common = dict(batch_size=cfg.batch_size, seed=seed, rank=rank, world_size=world_size)
-    if cfg.cache_dir:
-        from ncp.cache import CachedPairSource
-
-        # the cache must have been built from this model, data and selection: a mismatch is named, never used
-        return CachedPairSource(cfg.cache_dir, empty_prompt_prob=cfg.empty_prompt_prob, random_flip=cfg.random_flip,
-                                model=model_path, sources=cfg.sources, resolution=cfg.resolution,
-                                columns=cfg.columns, drop_ties=cfg.drop_ties,
-                                absolute_winners=cfg.absolute_winners, **common)
-    if cfg.backend == "rust":
-        try:
-            from ncp.data.rust import RustPairSource
-        except ImportError as err:
-            raise ImportError(f"data.backend=rust needs the ncp_dataloader wheel ({err}); build it with "
-                              f"`bash scripts/setup.sh` or choose data.backend=torch") from err
-        return RustPairSource(cfg.sources, cfg.resolution, random_crop=cfg.random_crop,
-                              random_flip=cfg.random_flip, drop_ties=cfg.drop_ties,
-                              absolute_winners=cfg.absolute_winners, columns=cfg.columns,
-                              num_threads=cfg.num_workers, strict=cfg.strict,
-                              empty_prompt_prob=cfg.empty_prompt_prob, **common)
-    from ncp.data.torch_source import PreferencePairs, TorchPairSource
-
-    dataset = PreferencePairs(cfg.sources, cfg.resolution, cfg.columns, cfg.drop_ties, cfg.absolute_winners,
-                              cfg.random_crop, cfg.random_flip, cfg.empty_prompt_prob, seed, cfg.strict)
-    return TorchPairSource(dataset, num_workers=cfg.num_workers, **common)
-
-
 @dataclass
 class Trainer:
     """Everything the loop needs, built once from the config."""
@@ -78,7 +52,7 @@ class Trainer:
     params: list[torch.nn.Parameter]
     optimizer: Any
     lr_scheduler: Any
-    source: Any
+    source: PairSource
     schedule: NoiseSchedule
     taps: list
     tap_weights: list[float]
@@ -116,9 +90,13 @@ def setup(cfg: Config) -> Trainer:
     # which would end the warmup num_processes times too early.
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
     unet = compile_unet(unet, cfg.model.compile_unet, cfg.model.compile_mode)
-    source = build_source(cfg.data, cfg.train.seed, accelerator.process_index, accelerator.num_processes,
-                          resolve_model_path(cfg.model.path))
-    taps = resolve_taps(cfg.objective.taps, models.kind, len(models.unet.down_blocks))
+    options = LoaderOptions.from_config(cfg.data, cfg.train.seed, accelerator.process_index,
+                                        accelerator.num_processes)
+    source = build_source(options, resolve_model_path(cfg.model.path))
+    try:
+        taps = resolve_taps(cfg.objective.taps, models.kind, len(models.unet.down_blocks))
+    except ValueError as err:  # an unknown tap name: a config error, not a traceback
+        raise ConfigError(str(err)) from err
     weights = cfg.objective.tap_weights or [1.0 / len(taps)] * len(taps)
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +112,9 @@ def setup(cfg: Config) -> Trainer:
 
 def resume(tr: Trainer, spec: str) -> None:
     folder = ckpt.find_checkpoint(tr.output_dir, spec)
+    if folder is None:  # --resume auto with no checkpoint yet
+        logger.info("--resume auto: no checkpoint in %s, starting at step 0", tr.output_dir)
+        return
     load_lora_into(tr.base, folder)
     state = ckpt.load_trainer_state(folder, tr.optimizer, tr.lr_scheduler)
     tr.source.resume(state["data"])
@@ -156,10 +137,8 @@ def batch_latents(batch: PairBatch, models: Models, generator: torch.Generator) 
     if batch.latents is not None:
         mean, logvar = batch.latents.to(models.device, torch.float32).unbind(1)
     else:
-        pixels = torch.cat([batch.winners, batch.losers]).to(vae.device)
-        pixels = pixels.to(vae.dtype) / 127.5 - 1.0  # uint8 -> [-1, 1] on the device
-        dist = vae.encode(pixels).latent_dist
-        mean, logvar = dist.mean.to(models.device, torch.float32), dist.logvar.to(models.device, torch.float32)
+        mean, logvar = vae_posterior(vae, torch.cat([batch.winners, batch.losers]))  # uint8 -> [-1, 1] on the device
+        mean, logvar = mean.to(models.device, torch.float32), logvar.to(models.device, torch.float32)
     sample = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((sample - shift) * vae.config.scaling_factor).to(models.weight_dtype)
@@ -192,11 +171,10 @@ def micro_step(tr: Trainer, batch: PairBatch, micro: int):
                                x0, cond, noise, tr.taps, tr.tap_weights)
 
 
-def batches(source) -> Iterator[PairBatch]:
-    """Endless batches: epoch after epoch, continuing mid-epoch after a resume."""
-    while True:
-        yield from source
-        source.set_epoch(source.state()["epoch"] + 1)
+def batches(source: PairSource) -> Iterator[PairBatch]:
+    """Endless batches: epoch after epoch, continuing mid-epoch after a resume. The source owns the
+    epoch counter (it moves to the next epoch as a pass ends); the trainer only iterates."""
+    return endless(source)
 
 
 def optimizer_step(tr: Trainer, data: Iterator[PairBatch]) -> dict[str, float] | None:
@@ -211,7 +189,7 @@ def optimizer_step(tr: Trainer, data: Iterator[PairBatch]) -> dict[str, float] |
         if not finite:  # every rank skips the same step: no rank waits in an all-reduce
             tr.optimizer.zero_grad(set_to_none=True)
             return None
-        with acc.no_sync(tr.unet) if micro < accum - 1 else _nullcontext():
+        with acc.no_sync(tr.unet) if micro < accum - 1 else contextlib.nullcontext():
             acc.backward(out.loss / accum)
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) / accum
@@ -226,14 +204,6 @@ def optimizer_step(tr: Trainer, data: Iterator[PairBatch]) -> dict[str, float] |
     sums["perf/pairs"] = pairs * acc.num_processes
     sums["train/world_size"] = acc.num_processes
     return sums
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -371,7 +341,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                     "trains NCP-DPO on the small world bundled with ncp.",
         epilog="options (set in the YAML file or as section.key=value):\n" + help_text())
     parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name}, the bundled world)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")
+    parser.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint "
+                                         "folder (same as train.resume=...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)

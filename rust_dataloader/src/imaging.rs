@@ -55,11 +55,120 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, DecodeError> {
     }
 }
 
+/// The JPEG marker structure walked from SOI to EOI: segments by their lengths,
+/// entropy-coded data (with its stuffed `FF 00` and restart markers) up to the
+/// next marker. A JPEG whose bytes end before its end-of-image marker is refused,
+/// as Pillow refuses it ("image file is truncated"): zune-jpeg would fill the
+/// missing blocks with grey and report no error. Bytes after EOI are ignored
+/// (Pillow ignores them too); a bad byte inside the entropy data is the decoder's
+/// business (Pillow/libjpeg decode it with a warning, so does zune-jpeg).
+pub fn check_jpeg_complete(bytes: &[u8]) -> Result<(), DecodeError> {
+    let truncated = |what: &str| {
+        Err(DecodeError::Corrupt(format!(
+            "truncated JPEG: the data ends {what} before its end-of-image marker ({} bytes)",
+            bytes.len()
+        )))
+    };
+    let n = bytes.len();
+    let mut i = 2; // after SOI
+    let mut progressive = false;
+    loop {
+        // a marker: optional fill bytes FF FF ..., then FF xx (bytes before it are skipped, as libjpeg does)
+        while i < n && bytes[i] != 0xFF {
+            i += 1;
+        }
+        while i < n && bytes[i] == 0xFF {
+            i += 1;
+        }
+        if i >= n {
+            return truncated("between segments");
+        }
+        let marker = bytes[i];
+        i += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD8 => continue, // markers without a length
+            _ => {}
+        }
+        if i + 2 > n {
+            return truncated("in a segment header");
+        }
+        let len = u16::from_be_bytes([bytes[i], bytes[i + 1]]) as usize;
+        if len < 2 {
+            return Err(DecodeError::Corrupt(format!("corrupt JPEG: segment {marker:#04x} of length {len}")));
+        }
+        if i + len > n {
+            return truncated("inside a segment");
+        }
+        progressive |= marker == 0xC2;
+        if marker == 0xDA && progressive {
+            check_progressive_scan(&bytes[i..i + len])?;
+        }
+        i += len;
+        if marker == 0xDA {
+            // entropy-coded data of the scan, up to the next real marker
+            loop {
+                if i >= n || (bytes[i] == 0xFF && i + 1 >= n) {
+                    return truncated("in the entropy-coded data");
+                }
+                if bytes[i] == 0xFF && !matches!(bytes[i + 1], 0x00 | 0xD0..=0xD7) {
+                    break;
+                }
+                i += if bytes[i] == 0xFF { 2 } else { 1 };
+            }
+        }
+    }
+}
+
+/// The scan parameters libjpeg (Pillow) refuses in a progressive JPEG ("Invalid
+/// progressive parameters"), which zune-jpeg would decode: a DC scan with Se != 0,
+/// an AC band out of order or over several components, a refinement that is not
+/// one bit below the last, Al > 13. `sos` is the segment from its length bytes.
+fn check_progressive_scan(sos: &[u8]) -> Result<(), DecodeError> {
+    let components = *sos.get(2).unwrap_or(&0) as usize;
+    let Some(&[ss, se, a]) = sos.get(3 + 2 * components..6 + 2 * components).map(|p| <&[u8; 3]>::try_from(p).unwrap()) else {
+        return Err(DecodeError::Corrupt("corrupt JPEG: short start-of-scan segment".into()));
+    };
+    let (ah, al) = (a >> 4, a & 0x0F);
+    let bad_band = if ss == 0 { se != 0 } else { ss > se || se >= 64 || components != 1 };
+    if bad_band || (ah != 0 && al + 1 != ah) || al > 13 {
+        return Err(DecodeError::Corrupt(format!(
+            "corrupt JPEG: invalid progressive scan parameters Ss={ss} Se={se} Ah={ah} Al={al}"
+        )));
+    }
+    Ok(())
+}
+
+/// A WebP shorter than its RIFF header says: libwebp (Pillow) refuses it, the
+/// `image-webp` crate would decode what is there.
+fn check_webp_complete(bytes: &[u8]) -> Result<(), DecodeError> {
+    let declared = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+    if declared.saturating_add(8) > bytes.len() {
+        return Err(DecodeError::Corrupt(format!(
+            "truncated WebP: its RIFF header says {} bytes, the data has {}",
+            declared.saturating_add(8),
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What `decode` refuses before decoding: a JPEG that ends before its EOI marker,
+/// a WebP shorter than its header says (`sniff` has checked the magic bytes).
+fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), DecodeError> {
+    match format {
+        ImageFormat::Jpeg => check_jpeg_complete(bytes),
+        ImageFormat::WebP => check_webp_complete(bytes),
+        _ => Ok(()),
+    }
+}
+
 /// Decode to 8-bit gray or RGB like Pillow's `convert("RGB")`: alpha is dropped
 /// (not composited), gray stays one channel (replicated at crop time), CMYK is
 /// converted by the decoder.
 pub fn decode(bytes: &[u8]) -> Result<Pixels, DecodeError> {
     let format = sniff(bytes)?;
+    check_complete(bytes, format)?;
     let img = image::load_from_memory_with_format(bytes, format).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     let (width, height) = (img.width(), img.height());
     if width == 0 || height == 0 {
@@ -182,6 +291,7 @@ pub fn transform_into(
     out: &mut [u8],
 ) -> Result<[i64; 4], DecodeError> {
     let format = sniff(bytes)?;
+    check_complete(bytes, format)?;
     DECODED.with(|cell| {
         let mut buf = cell.borrow_mut();
         let owned;
@@ -493,6 +603,54 @@ mod tests {
         let half = jpeg(64, 64, 3, 1);
         let (a, b) = (transform_into(&half[..half.len() / 2], 4, None, false, &mut out), decode(&half[..half.len() / 2]));
         assert_eq!(a.is_ok(), b.is_ok(), "truncated JPEG: {a:?} vs {:?}", b.map(|p| p.width));
+    }
+
+    #[test]
+    fn a_jpeg_cut_anywhere_before_its_end_is_refused() {
+        let full = jpeg(64, 48, 3, 1);
+        assert!(check_jpeg_complete(&full).is_ok());
+        assert!(decode(&full).is_ok());
+        let mut out = vec![0u8; 3 * 16 * 16];
+        for cut in [full.len() / 2, full.len() - 1, full.len() - 2, full.len() - 3, 200, 3] {
+            let part = &full[..cut];
+            assert!(matches!(decode(part), Err(DecodeError::Corrupt(_))), "cut at {cut}");
+            assert!(matches!(transform_into(part, 16, None, false, &mut out), Err(DecodeError::Corrupt(_))), "cut at {cut}");
+        }
+        // trailing bytes after EOI are ignored; a half file that still ends in EOI decodes (as in Pillow)
+        let mut trailing = full.clone();
+        trailing.extend_from_slice(b"trailing bytes");
+        assert!(decode(&trailing).is_ok());
+        let mut half_eoi = full[..full.len() / 2].to_vec();
+        half_eoi.extend_from_slice(&[0xFF, 0xD9]);
+        assert!(check_jpeg_complete(&half_eoi).is_ok());
+        // an embedded thumbnail's EOI inside an APP1 segment is not the image's end
+        let mut app1 = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
+        app1.extend_from_slice(&full[2..full.len() / 2]);
+        assert!(check_jpeg_complete(&app1).is_err());
+    }
+
+    #[test]
+    fn random_truncations_and_byte_flips_never_panic() {
+        let mut png = Vec::new();
+        image::RgbImage::from_raw(45, 37, texture(45, 37, 3, 4)).unwrap()
+            .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        let mut rng = crate::rng::Rng::keyed(&[7]);
+        let mut out = vec![0u8; 3 * 16 * 16];
+        for bytes in [jpeg(40, 33, 3, 2), jpeg(33, 40, 1, 3), png] {
+            for _ in 0..200 {
+                let mut b = bytes.clone();
+                if rng.unit() < 0.5 {
+                    b.truncate(rng.below(b.len() as u64) as usize);
+                } else {
+                    for _ in 0..1 + rng.below(4) {
+                        let k = rng.below(b.len() as u64) as usize;
+                        b[k] ^= 1 << rng.below(8);
+                    }
+                }
+                let (a, d) = (transform_into(&b, 16, None, false, &mut out), decode(&b));
+                assert_eq!(a.is_ok(), d.is_ok(), "the fused and the plain decoder disagree");
+            }
+        }
     }
 
     #[test]

@@ -465,6 +465,13 @@ fn augment_draws<'py>(
     Ok((PyArray1::from_vec(py, flips).into_any(), PyArray1::from_vec(py, drops).into_any()))
 }
 
+/// The files `PairLoader` reads for `sources` (paths, globs, folders), in order:
+/// the answers `ncp.data.paths.expand_sources` must give.
+#[pyfunction]
+fn expand_sources(sources: Vec<String>) -> PyResult<Vec<String>> {
+    crate::source::expand_sources(&sources).map_err(to_py)
+}
+
 /// xxh3-64 of bytes: the image content hash of the latent cache's keys.
 #[pyfunction]
 fn content_hash(data: &Bound<'_, PyBytes>) -> u64 {
@@ -480,6 +487,7 @@ fn ncp_dataloader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(epoch_order, m)?)?;
     m.add_function(wrap_pyfunction!(augment_draws, m)?)?;
     m.add_function(wrap_pyfunction!(content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(expand_sources, m)?)?;
     m.add("CorruptImageError", m.py().get_type::<CorruptImageError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

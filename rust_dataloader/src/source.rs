@@ -131,14 +131,27 @@ struct RawRow {
     uids: (String, String),
 }
 
-/// Expand paths, globs and folders (their `*.parquet`, sorted) into files.
+/// A leading `~` (alone or before `/`) as the home folder, as Python's `os.path.expanduser`.
+fn expand_home(s: &str) -> String {
+    match (s.strip_prefix('~'), std::env::var("HOME")) {
+        (Some(rest), Ok(home)) if rest.is_empty() || rest.starts_with('/') => format!("{home}{rest}"),
+        _ => s.to_string(),
+    }
+}
+
+/// Expand paths, globs and folders (their `*.parquet`, sorted) into files, with the
+/// rules of `ncp.data.paths.expand_sources`: `~` is the home folder, an existing
+/// file is taken as it is (also with `*?[` in its name), a glob includes hidden files.
 pub fn expand_sources(sources: &[String]) -> Result<Vec<String>> {
     if sources.is_empty() {
         return Err(LoadError::Config("sources is empty".into()));
     }
     let mut out = Vec::new();
     for s in sources {
-        if s.contains(['*', '?', '[']) {
+        let s = &expand_home(s);
+        if Path::new(s).is_file() {
+            out.push(s.clone());
+        } else if s.contains(['*', '?', '[']) {
             let paths = glob::glob(s).map_err(|e| LoadError::Config(format!("bad glob '{s}': {e}")))?;
             let mut found: Vec<String> = paths.filter_map(|p| p.ok()).map(|p| p.to_string_lossy().into_owned()).collect();
             if found.is_empty() {

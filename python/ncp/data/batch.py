@@ -38,3 +38,11 @@ class PairBatch:
             raise ValueError("PairBatch needs either winners and losers pixels or cached latents, not both")
         if has_pixels and self.winners.shape != self.losers.shape:
             raise ValueError(f"winners {tuple(self.winners.shape)} and losers {tuple(self.losers.shape)} differ")
+
+
+def vae_posterior(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Posterior (mean, logvar) of uint8 pixels (N, 3, H, W): normalized to [-1, 1] on the VAE's device and
+    dtype, then encoded. The one pixel encoding of the trainer and the latent cache writer."""
+    x = pixels.to(vae.device, vae.dtype) / 127.5 - 1.0
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.logvar

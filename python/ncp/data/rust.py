@@ -7,13 +7,14 @@ torch tensors (zero-copy) and carries the position for resume.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ncp.data.batch import DataError, PairBatch
+from ncp.data.options import LoaderOptions
+from ncp.data.paths import expand_sources
+from ncp.data.sources import STATE_KEYS, DataState, check_resume
 
 
 def _import_loader() -> Any:
@@ -28,34 +29,15 @@ def _import_loader() -> Any:
     return ncp_dataloader
 
 
-def _resolve_sources(sources: Sequence[str] | str) -> list[str]:
-    """'bundle' is the data shipped with ncp (as in the torch backend); '~' is expanded."""
-    if isinstance(sources, str):
-        sources = [sources]
-    out = []
-    for src in sources:
-        if src == "bundle":
-            from ncp.world import bundle_path
-
-            src = str(bundle_path("data", "*.parquet"))
-        out.append(str(Path(src).expanduser()))
-    return out
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """Zero-copy view of a numpy array that the Rust side handed over."""
-    return torch.from_numpy(a)
-
-
 def batch_from_dict(d: Mapping[str, Any]) -> PairBatch:
-    """A `PairBatch` from one dict batch of `ncp_dataloader.PairLoader`."""
+    """A `PairBatch` from one dict batch of `ncp_dataloader.PairLoader` (zero-copy views of its arrays)."""
     return PairBatch(
         captions=list(d["captions"]),
-        winners=_tensor(d["winners"]),
-        losers=_tensor(d["losers"]),
-        original_sizes=_tensor(d["original_sizes"]),
-        crop_top_left=_tensor(d["crop_top_left"]),
-        indices=_tensor(d["indices"]),
+        winners=torch.from_numpy(d["winners"]),
+        losers=torch.from_numpy(d["losers"]),
+        original_sizes=torch.from_numpy(d["original_sizes"]),
+        crop_top_left=torch.from_numpy(d["crop_top_left"]),
+        indices=torch.from_numpy(d["indices"]),
     )
 
 
@@ -74,49 +56,26 @@ class RustPairSource:
     (0: read only the selected rows, per batch).
     """
 
-    def __init__(
-        self,
-        sources: Sequence[str] | str,
-        resolution: int,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        random_crop: bool = False,
-        random_flip: bool = True,
-        drop_ties: bool = True,
-        absolute_winners: bool = False,
-        columns: Mapping[str, str] | None = None,
-        num_threads: int = 0,
-        strict: bool = False,
-        empty_prompt_prob: float = 0.0,
-        prefetch: int = 4,
-        drop_last: bool = True,
-        row_group_cache_mb: int = 512,
-    ) -> None:
+    def __init__(self, sources: Sequence[str] | str, resolution: int, batch_size: int, **options: Any) -> None:
+        """Keyword arguments: the fields of :class:`ncp.data.options.LoaderOptions` (seed, rank, world_size,
+        random_crop, random_flip, drop_ties, absolute_winners, columns, num_workers, strict,
+        empty_prompt_prob, prefetch, drop_last, row_group_cache_mb)."""
+        if "num_threads" in options:  # the loader's own name of num_workers
+            options["num_workers"] = options.pop("num_threads")
+        self._open(LoaderOptions(sources=sources, resolution=resolution, batch_size=batch_size, **options))
+
+    @classmethod
+    def from_options(cls, options: LoaderOptions) -> RustPairSource:
+        self = cls.__new__(cls)
+        self._open(options)
+        return self
+
+    def _open(self, options: LoaderOptions) -> None:
         lib = _import_loader()
-        self.resolution = resolution
-        self.batch_size = batch_size
+        self.options = options
+        self.resolution, self.batch_size = options.resolution, options.batch_size
         try:
-            self._loader = lib.PairLoader(
-                _resolve_sources(sources),
-                resolution,
-                batch_size,
-                seed=seed,
-                rank=rank,
-                world_size=world_size,
-                random_crop=random_crop,
-                random_flip=random_flip,
-                drop_ties=drop_ties,
-                absolute_winners=absolute_winners,
-                columns=dict(columns) if columns else None,
-                num_threads=num_threads,
-                prefetch=prefetch,
-                strict=strict,
-                drop_last=drop_last,
-                empty_prompt_prob=empty_prompt_prob,
-                row_group_cache_mb=row_group_cache_mb,
-            )
+            self._loader = lib.PairLoader(**options.pair_loader_kwargs(expand_sources(options.sources)))
         except (KeyError, ValueError) as err:  # a missing column, a bad argument: the message names it
             raise DataError(str(err).strip("'\"")) from err
 
@@ -133,13 +92,14 @@ class RustPairSource:
         """Start `epoch` (a no-op for the current one, so a resumed position survives)."""
         self._loader.set_epoch(epoch)
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> DataState:
         """{epoch, sample_in_epoch, seed, world_size, rank, batch_size}: where the next batch comes from."""
-        return dict(self._loader.state())
+        return DataState(**self._loader.state())
 
     def resume(self, state: Mapping[str, int]) -> None:
         """Continue exactly at `state` (seed, world_size and batch_size must match)."""
-        self._loader.resume({k: int(v) for k, v in state.items()})
+        check_resume(state, self._loader.state())
+        self._loader.resume({k: int(state[k]) for k in STATE_KEYS if k in state})
 
     def stats(self) -> dict[str, Any]:
         """Index counts (rows, ties, pairs) and iteration counts (yielded, skipped with file and row)."""

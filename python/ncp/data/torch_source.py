@@ -7,13 +7,13 @@ against. Order and augmentation follow docs/internals.md: a permutation per
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,26 +21,12 @@ import torch
 from PIL import Image
 
 from ncp.data.batch import DataError, PairBatch
+from ncp.data.options import LoaderOptions
+from ncp.data.paths import expand_sources
 from ncp.data.pairs import REQUIRED_COLUMNS, PairRef, column_map, image_uid, select_pairs
+from ncp.data.sources import Position, PositionedSource, num_batches, rank_share
 
 logger = logging.getLogger(__name__)
-
-
-def expand_sources(sources: list[str]) -> list[Path]:
-    """Paths and globs to a sorted list of files; 'bundle' is the data shipped with ncp."""
-    from ncp.world import bundle_path
-
-    files: list[Path] = []
-    for src in sources:
-        if src == "bundle":
-            src = str(bundle_path("data", "*.parquet"))
-        matches = sorted(glob.glob(str(Path(src).expanduser())))
-        if not matches:
-            raise DataError(f"data.sources: {src} matches no file")
-        files.extend(Path(m) for m in matches)
-    if len(files) > 1 and any(f.suffix == ".jsonl" for f in files):
-        raise DataError("data.sources: a JSONL source must be the only source")
-    return files
 
 
 # ---------------------------------------------------------------- transforms
@@ -102,7 +88,10 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __init__(self, sources: list[str], resolution: int, columns: dict[str, str] | None = None,
                  drop_ties: bool = True, absolute_winners: bool = False, random_crop: bool = False,
                  random_flip: bool = True, empty_prompt_prob: float = 0.0, seed: int = 0, strict: bool = False):
-        self.files = expand_sources(sources)
+        self.files = [Path(f) for f in expand_sources(sources)]
+        missing = [str(f) for f in self.files if not f.is_file()]
+        if missing:
+            raise DataError(f"data.sources: no such file {missing[0]}")
         self.columns = column_map(columns or {})
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.empty_prompt_prob, self.seed, self.strict, self.epoch = empty_prompt_prob, seed, strict, 0
@@ -225,54 +214,50 @@ def collate(samples: list[Sample | None]) -> tuple[PairBatch | None, int]:
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's pair indices for an epoch: a permutation per (seed, epoch), split by rank, equal lengths."""
+    """This rank's pair indices for an epoch: a permutation per (seed, epoch), every world_size-th entry from
+    ``rank`` (the rule of every backend, :func:`ncp.data.sources.rank_share`), equal lengths over ranks."""
     perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_pairs)
-    per_rank = num_pairs // world_size
-    return perm[rank * per_rank:(rank + 1) * per_rank]
+    return rank_share(perm, rank, world_size)[:num_pairs // world_size]
 
 
-class TorchPairSource:
-    """Batches of a :class:`PreferencePairs` through a torch DataLoader, resumable mid-epoch."""
+class TorchPairSource(PositionedSource):
+    """Batches of a :class:`PreferencePairs` through a torch DataLoader, resumable mid-epoch
+    (a :class:`ncp.data.sources.PairSource`)."""
 
     def __init__(self, dataset: PreferencePairs, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.epoch, self.sample_in_epoch, self.skipped = 0, 0, 0
+        self.position, self.skipped = Position(), 0
         if len(self) == 0:
             raise DataError(f"{len(dataset)} pairs are fewer than one batch of {batch_size} per rank "
                             f"({world_size} rank(s))")
 
+    @classmethod
+    def from_options(cls, o: LoaderOptions) -> TorchPairSource:
+        dataset = PreferencePairs(list(o.sources), o.resolution, dict(o.columns), o.drop_ties, o.absolute_winners,
+                                  o.random_crop, o.random_flip, o.empty_prompt_prob, o.seed, o.strict)
+        return cls(dataset, o.batch_size, o.seed, o.rank, o.world_size, o.num_workers)
+
     def __len__(self) -> int:
-        return (len(self.dataset) // self.world_size) // self.batch_size
+        return num_batches(len(self.dataset), self.batch_size, self.rank, self.world_size, drop_last=True)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.sample_in_epoch = epoch, 0
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch, "seed": self.seed,
-                "world_size": self.world_size}
-
-    def resume(self, state: dict) -> None:
-        if state["seed"] != self.seed or state["world_size"] != self.world_size:
-            raise DataError(f"cannot resume data order saved with seed {state['seed']} and world size "
-                            f"{state['world_size']} under seed {self.seed} and world size {self.world_size}")
-        self.epoch, self.sample_in_epoch = state["epoch"], state["sample_in_epoch"]
-
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {"skipped": self.skipped}
 
     def __iter__(self) -> Iterator[PairBatch]:
-        self.dataset.set_epoch(self.epoch)
-        order = epoch_order(len(self.dataset), self.seed, self.epoch, self.rank, self.world_size)
-        usable = len(self) * self.batch_size
-        batches = [order[i:i + self.batch_size].tolist() for i in range(self.sample_in_epoch, usable, self.batch_size)]
+        n = len(self)
+        self.position.start(n)
+        epoch = self.position.epoch
+        self.dataset.set_epoch(epoch)
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size)
+        batches = [order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+                   for k in range(self.position.batch, n)]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers,
                                              persistent_workers=False)
         for batch, skipped in loader:
-            self.sample_in_epoch += self.batch_size
+            self.position.took(n)
             self.skipped += skipped
             if batch is not None:
                 yield batch

@@ -4,11 +4,6 @@ Build it with ``python -m ncp.world build``; the built copy ships in ``ncp/bundl
 """
 from __future__ import annotations
 
-from pathlib import Path
+from ncp.paths import BUNDLE_DIR, bundle_path
 
-BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundle"
-
-
-def bundle_path(*parts: str) -> Path:
-    """A path inside the shipped bundle (``ncp/bundle``)."""
-    return BUNDLE_DIR.joinpath(*parts)
+__all__ = ["BUNDLE_DIR", "bundle_path"]

@@ -1,0 +1,33 @@
+"""The latent cache, a loader backend: every pair encoded once by the VAE, every prompt once by the text encoder(s).
+
+``python -m ncp.cache --model M --sources S... --out DIR --resolution R [--flip]``
+reads the pairs with the Rust loader (index order, center crop), stores the VAE
+posterior (mean, logvar) of winner and loser (and of their mirror images with
+``--flip``) and the text embeddings of each distinct caption, in mmap-able
+safetensors shards plus ``index.json``. Training then reads batches with
+:class:`CachedPairSource` without decoding an image or running an encoder.
+
+A cache is only valid for what went into it. Its key holds the VAE and text
+encoder identity (config and weight hashes) and dtype, the resolution, the
+crop, the flip, the selection rules and every source file (size); each pair
+keeps the content hash of its two images. :func:`check_cache` compares a key with
+the run's settings (``deep=True`` re-hashes every image) and raises
+:class:`StaleCacheError` naming what differs; a cache is never used silently
+against other settings.
+
+Layout of DIR::
+
+    index.json                   format, key, shapes, shard lists, counts, skipped pairs
+    captions.json                the distinct captions, by caption id
+    pairs-00000.safetensors      per pair (shard_size rows): latents (n, F, 2, 2, C, h, w) =
+                                 (pair, flip, winner/loser, mean/logvar, ...), caption_ids, valid,
+                                 original_sizes, crop_top_left, image_hashes
+    embeds-00000.safetensors     per caption: prompt_embeds (m, L, D) [, pooled_prompt_embeds (m, D2)]
+    empty.safetensors            the empty prompt's embeddings (empty-prompt dropout)
+"""
+from ncp.data.cache.key import FORMAT, StaleCacheError, cache_key, check_cache, read_index
+from ncp.data.cache.read import CachedPairSource
+from ncp.data.cache.write import build_cache, main
+
+__all__ = ["FORMAT", "CachedPairSource", "StaleCacheError", "build_cache", "cache_key", "check_cache", "main",
+           "read_index"]
