@@ -55,7 +55,7 @@ from ncp.objectives import OBJECTIVES as _OBJECTIVE_TABLE  # noqa: E402  (after 
 OBJECTIVES = sorted(_OBJECTIVE_TABLE, key=lambda name: name.startswith("ncp-"))  # the latent ones first
 # Options of one objective only: they join the result key of that objective's runs alone (run_key), so
 # adding or changing one leaves the other objectives' finished runs valid.
-OWN_ARGS = {"mapo": ("beta_mapo", "mapo_snr", "mapo_lambda"), "kto": ("beta_kto",)}
+OWN_ARGS = {"mapo": ("beta_mapo", "mapo_snr", "mapo_lambda", "ncp_mapo_snr"), "kto": ("beta_kto", "ncp_beta_kto")}
 SCALE_SEP = "@"  # "ncp-dpo@log": the objective with objective.error_scale=log (docs/error_scale.md)
 
 
@@ -136,9 +136,9 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
         scaled += [f"objective.beta={args.beta * s}", f"objective.beta_cpo={args.beta_cpo * s}",
                   f"objective.cpo_lambda={args.cpo_lambda * args.ncp_lambda_scale}",
                   # MaPO's logit is ~ T s/2 (ERR_l - ERR_w) for small s ERR: s plays beta's part
-                  f"objective.mapo_snr={args.mapo_snr * s}",
+                  f"objective.mapo_snr={args.mapo_snr * s if args.ncp_mapo_snr is None else args.ncp_mapo_snr}",
                   f"objective.mapo_lambda={args.mapo_lambda * args.ncp_lambda_scale}",
-                  f"objective.beta_kto={args.beta_kto * s}"]
+                  f"objective.beta_kto={args.beta_kto * s if args.ncp_beta_kto is None else args.ncp_beta_kto}"]
     overrides = [
         f"objective.name={objective}", f"objective.taps=[{spec.taps}]",
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
@@ -146,7 +146,8 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
         f"train.keep_checkpoints={n_ckpt}", f"train.output_dir={run_dir}", "train.report=false",
         "logging.progress=false", "logging.tensorboard=false", f"objective.beta={args.beta}",
         f"objective.beta_cpo={args.beta_cpo}", f"objective.cpo_lambda={args.cpo_lambda}",
-        *(f"objective.{name}={getattr(args, name)}" for names in OWN_ARGS.values() for name in names),
+        *(f"objective.{name}={getattr(args, name)}" for names in OWN_ARGS.values() for name in names
+          if not name.startswith("ncp_")),
         *args.override, *scaled,
     ]
     cfg = load_config(DEFAULT_CONFIG, overrides)
@@ -425,6 +426,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mapo-snr", type=float, default=0.5, help="objective.mapo_snr (before --ncp-scale)")
     p.add_argument("--mapo-lambda", type=float, default=1.0, help="objective.mapo_lambda (before --ncp-lambda-scale)")
     p.add_argument("--beta-kto", type=float, default=1000.0, help="objective.beta_kto (before --ncp-scale)")
+    p.add_argument("--ncp-mapo-snr", type=float, default=None,
+                   help="objective.mapo_snr of ncp-mapo as it is, instead of --mapo-snr x --ncp-scale "
+                        "(benchmarks/objective_scale.py measures one)")
+    p.add_argument("--ncp-beta-kto", type=float, default=None,
+                   help="objective.beta_kto of ncp-kto as it is, instead of --beta-kto x --ncp-scale")
     p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
