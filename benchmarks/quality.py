@@ -155,14 +155,25 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     t0 = time.time()
     train(cfg)
-    wall = time.time() - t0
+    return read_run(spec, run_dir) | {"wall_s": time.time() - t0}
+
+
+def read_run(spec: RunSpec, run_dir: Path, max_step: int | None = None) -> dict[str, Any]:
+    """A run folder's checkpoints and per-step curves (up to ``max_step``: a run cut off later)."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    step_s = [r.get("perf/step_s", float("nan")) for r in recs]
+    recs = recs[:max_step] if max_step else recs
     ckpts = {int(p.name.split("-")[1]): str(p) for p in sorted(run_dir.glob("step-*")) if p.is_dir()}
-    return {"spec": asdict(spec), "checkpoints": ckpts, "step_s": step_s, "wall_s": wall,
+    ckpts = {s: d for s, d in ckpts.items() if max_step is None or s <= max_step}
+    return {"spec": asdict(spec), "checkpoints": ckpts, "step_s": [r.get("perf/step_s", float("nan")) for r in recs],
             "loss": [r.get("loss", float("nan")) for r in recs],
             "accuracy": [r.get("rewards/accuracy", float("nan")) for r in recs],
             "final_metrics": {k: v for k, v in recs[-1].items() if isinstance(v, (int, float))} if recs else {}}
+
+
+def truncated(run: dict, max_step: int) -> dict:
+    """A finished run as it stood at ``max_step``: scores, step times and curves up to it."""
+    return run | {"scores": {s: v for s, v in run["scores"].items() if int(s) <= max_step},
+                  **{k: run[k][:max_step] for k in ("step_s", "loss", "accuracy") if k in run}}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -435,6 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     p.add_argument("--analyse-only", action="store_true", help="no training: tables from the finished runs")
+    p.add_argument("--partial", type=int, default=0, metavar="STEP",
+                   help="no training: every run taken at step STEP, finished runs truncated to it, cut-off runs "
+                        "(stopped after their step-STEP checkpoint, same settings) evaluated from their checkpoints")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 seed, 2 prompts, dpo/ncp-dpo")
     args = p.parse_args(argv)
     if args.quick:
@@ -470,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.sample_steps or steps
     runs_dir = Path(args.runs)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "quick", "analyse_only")} | {
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "quick", "analyse_only", "partial")} | {
         "eval_prompt_list": prompts, "sample_steps": steps, "guidance": guidance}
     # What a finished run's result depends on: every setting but the plan (which runs, how many
     # seeds) and the thread count. Each run's result sits in its own folder, so processes with
@@ -505,6 +519,17 @@ def main(argv: list[str] | None = None) -> dict:
         if cached is not None:
             runs[spec.name] = cached["run"]
             continue
+        if args.partial:  # a run cut off after its checkpoint at step --partial: evaluate what it has
+            partial_file = runs_dir / spec.name / f"partial-{args.partial}.json"
+            cached = _read_for_settings(partial_file, run_key)
+            if cached is None and (runs_dir / spec.name / f"step-{args.partial:06d}").is_dir():
+                run = read_run(spec, runs_dir / spec.name, args.partial)
+                run["scores"] = {str(s): evaluator.lora(d) for s, d in sorted(run.pop("checkpoints").items())}
+                cached = {"settings": run_key, "run": run}
+                _write_json_atomic(partial_file, cached)
+            if cached is not None:
+                runs[spec.name] = cached["run"]
+            continue
         if args.analyse_only:
             continue
         t0 = time.time()
@@ -515,12 +540,15 @@ def main(argv: list[str] | None = None) -> dict:
         last = run["scores"][str(max(int(k) for k in run["scores"]))]
         print(f"[{i + 1}/{len(specs)}] {spec.name}: final reward {np.mean(last):.4f} "
               f"(base {np.mean(evaluator.base):.4f}), {time.time() - t0:.0f}s", flush=True)
+    if args.partial:
+        runs = {name: truncated(run, args.partial) for name, run in runs.items()}
     res = analyse(runs, evaluator.base, args)
     res["settings"] = settings
     res["ncp_scale"] = args.ncp_scale
     res["ncp_lambda_scale"] = args.ncp_lambda_scale
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                       "python": platform.python_version(), "torch": torch.__version__}
+    res["partial_step"] = args.partial or None
     res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     res["total_s"] = round(time.time() - t_start, 1)
     out = Path(args.out)

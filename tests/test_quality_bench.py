@@ -34,3 +34,12 @@ def test_training_fit_hand_computed():
     assert fit["accuracy_last_fifth"] == pytest.approx((0.5 + 1.0) / 2)
     assert fit["loss_spikes_per_run"] == pytest.approx(1.0)  # one step each (2.0 is not > 2)
     assert quality.training_fit([{"step_s": [1.0]}]) is None  # results written before the curves were kept
+
+
+def test_truncated_run_keeps_what_it_had_at_the_step():
+    run = {"scores": {"300": [0.1], "600": [0.2], "900": [0.3]}, "step_s": [1.0] * 900, "loss": [0.5] * 900,
+           "accuracy": [0.6] * 900, "spec": {"objective": "dpo"}}
+    cut = quality.truncated(run, 600)
+    assert sorted(cut["scores"]) == ["300", "600"]
+    assert len(cut["step_s"]) == len(cut["loss"]) == len(cut["accuracy"]) == 600
+    assert cut["spec"] == run["spec"] and len(run["step_s"]) == 900  # the original is left as it was
