@@ -4,10 +4,13 @@
 #   1. installs the wheels it is handed (folder $1, default ./wheels; see scripts/build_wheels.sh),
 #   2. builds ncp._C from source with its CUDA kernels (ninja, sm_90 by default),
 #   3. runs the `cuda` tests (pytest -m cuda),
-#   4. runs the op benchmark (benchmarks/ops.py),
-#   5. (the training-step benchmark goes here: see STEP BENCHMARK below),
-# then prints a short table. With $OUT set it writes there: gpu_check.json (steps,
-# times, status), ops.json (benchmark), pytest_cuda.xml and the logs.
+#   4. issue 13, SD1.5 at 512 px first (the goals' model): the step benchmark with MFU, the speed-lever
+#      sweep (channels_last, SDPA backends, fp16, regional torch.compile, CUDA graphs) and ncp's largest
+#      batch (benchmarks/step.py); then the end-to-end benchmark (benchmarks/e2e.py: Rust loader + VAE +
+#      text encoders + step, the latent cache, the Diffusion-DPO pipeline),
+#   5. what the budget leaves: SDXL's step benchmark, the op benchmark (benchmarks/ops.py),
+# then prints a short table. With $OUT set it writes there: gpu_check.json (steps, times, status, the
+# benchmarks' tables), step_sd15.json, e2e_sd15.json, step_sdxl.json, ops.json, pytest_cuda.xml, logs.
 #
 # Usage: benchmarks/gpu_check.sh [WHEEL_DIR]     (from any folder; it works in the repo root)
 # Env:   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default nproc),
@@ -102,17 +105,28 @@ run_step build_extension 180 bash -c build_extension
 run_step pytest_cuda 120 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_cuda.xml" tests/test_ops.py   # the only module with cuda tests: a collection
                                                           # error elsewhere must not stop them
+# ---- ISSUE 13: STEP BENCHMARK WITH MFU AND THE LEVER SWEEP, SD1.5 512 px (benchmarks/step.py) ----
+# Workers: ncp's DPO + NCP-DPO paired at batch 16, then on the same U-Net every lever configuration of
+# step.py's SWEEP (eager ones, then regional torch.compile, then + CUDA graphs; a failing one is recorded
+# and skipped); the baseline Diffusion-DPO step; ncp's DPO alone from batch 32 down (its largest batch).
+# Each row: pairs/s, peak memory, model TFLOP/s and MFU (ncp.flops). Rows land in step_sd15.json as each
+# worker ends, so a timeout keeps the finished ones. NCP_STEP_ARGS: extra arguments (e.g. --no-sweep-compile).
+# shellcheck disable=SC2086
+run_step step_sd15 230 env -u OUT PYTHONPATH=python $PY benchmarks/step.py --device cuda --model sd15 --sweep sd15 \
+  --steps 3 --warmup 1 --worker-timeout 200 --out "$OUTDIR/step_sd15.json" ${NCP_STEP_ARGS:-}
+# ---- ISSUE 13: END TO END, SD1.5 512 px (benchmarks/e2e.py) ----
+# Random-weight SD1.5 pipeline built from the published configs, 400 generated Pick-a-Pic-format pairs of
+# 768 px JPEGs (row groups of 100); ncp.train from JPEGs (Rust loader + VAE + text encoder + step), from the
+# latent cache (python -m ncp.cache, timed apart), and the Diffusion-DPO pipeline, batch 16, DPO.
+# shellcheck disable=SC2086
+run_step e2e_sd15 150 env -u OUT PYTHONPATH=python $PY benchmarks/e2e.py --device cuda --model sd15 --steps 4 \
+  --warmup 2 --pairs 400 --worker-timeout 100 --work /tmp/ncp-e2e --out "$OUTDIR/e2e_sd15.json" ${NCP_E2E_ARGS:-}
+# ---- what the budget leaves ----
+run_step step_sdxl 150 env -u OUT PYTHONPATH=python $PY benchmarks/step.py --device cuda --model sdxl --steps 3 \
+  --warmup 1 --worker-timeout 80 --out "$OUTDIR/step_sdxl.json"
 # shellcheck disable=SC2086  # NCP_OPS_BENCH_ARGS: extra arguments, e.g. "--models sd15 --no-compile"
-run_step ops_benchmark 150 env PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" ${NCP_OPS_BENCH_ARGS:-}
-
-# ---- STEP BENCHMARK (issue 6, benchmarks/step.py; owned by the step-benchmark engineer) ----
-# Full-size SD1.5 (512 px) and SDXL (1024 px) U-Nets with random weights, each at the largest
-# power-of-two batch that fits: the baseline Diffusion-DPO step (whole U-Net trained + an fp16
-# reference copy) vs ncp's DPO and NCP-DPO (LoRA 64, 8-bit AdamW, bf16). About 3-4 minutes on
-# an H100; each measurement lands in $OUTDIR/step.json as it finishes, so a timeout keeps them.
-run_step step_benchmark 270 env PYTHONPATH=python $PY benchmarks/step.py --device cuda --steps 4 --warmup 1 \
-  --worker-timeout 150 --out "$OUTDIR/step.json"
-# -------------------------------------------------------------------------------------
+run_step ops_benchmark 60 env -u OUT PYTHONPATH=python $PY benchmarks/ops.py --out "$OUTDIR/ops.json" \
+  ${NCP_OPS_BENCH_ARGS:---models sd15 --no-compile}
 
 echo
 echo "== gpu_check summary ($(now) s in all)"
@@ -134,7 +148,18 @@ if (out / "ops.json").exists():
     summary["copy_GBps"] = ops["copy_GBps"]
     summary["ops"] = [{k: r[k] for k in ("op", "model", "preset", "mode", "fused_ms", "x_eager", "x_compiled", "pct_copy")}
                       for r in ops["rows"]]
+for name in ("step_sd15", "step_sdxl", "e2e_sd15"):  # their summaries and goals, side by side
+    path = out / f"{name}.json"
+    if path.exists():
+        report = json.loads(path.read_text())
+        summary[name] = {"summary": report.get("summary"), "goals": report.get("goals"),
+                         "complete": report.get("complete")}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"wrote {out / 'gpu_check.json'}")
 PYEOF
+# The benchmarks' own tables, then the logs in one archive (the device tool brings back at most 8 files)
+for f in step_sd15 e2e_sd15 step_sdxl; do
+  [ -f "$OUTDIR/$f.log" ] && { echo; echo "== $f"; sed -n '/^model /,/^{/p' "$OUTDIR/$f.log" | sed '$d'; }
+done
+(cd "$OUTDIR" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
 exit $FAILED

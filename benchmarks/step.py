@@ -168,12 +168,13 @@ class BaselineStep:
         on_cuda = device.type == "cuda"
         # The reference runs fp16 autocast + GradScaler; fp16 is not a CPU dtype worth timing, so CPU uses bf16.
         self.half = torch.float16 if on_cuda else torch.bfloat16
-        self.unet = _build_unet(MODELS[spec["model"]]["unet"], device, torch.float32)  # trained in full
+        unet_config = spec.get("unet_config") or MODELS[spec["model"]]["unet"]  # e2e.py: its own (reduced) config
+        self.unet = _build_unet(unet_config, device, torch.float32)  # trained in full
         self.unet.train()
         if spec["checkpointing"]:
             self.unet.enable_gradient_checkpointing()
         self.offload = spec["offload_ref"]
-        self.ref = _build_unet(MODELS[spec["model"]]["unet"], device, self.half)  # the full frozen copy
+        self.ref = _build_unet(unet_config, device, self.half)  # the full frozen copy
         self.ref.requires_grad_(False)
         if self.offload:  # train.py: ref_unet = accelerate.cpu_offload(ref_unet) for SDXL
             import accelerate
@@ -201,8 +202,10 @@ class BaselineStep:
         self.batch = batch
         self.inp = _inputs(self.spec, batch, self.half, self.device)
 
-    def step(self, variant: str = "baseline") -> float:
-        torch, inp, b = self.torch, self.inp, self.batch
+    def step(self, variant: str = "baseline", inp: dict[str, Any] | None = None) -> float:
+        """One step on the set batch's inputs, or on ``inp`` (e2e.py: latents and text of a loaded batch)."""
+        inp = inp if inp is not None else self.inp
+        torch, b = self.torch, inp["x0"].shape[0] // 2
         latents = inp["x0"]  # (2B, 4, h, w): winners then losers, as the VAE returns them (half precision)
         noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)  # shared by the images of a pair
         t = torch.randint(0, 1000, (b,), device=self.device).repeat(2)
@@ -274,6 +277,32 @@ class NcpStep:
         self.trainable = sum(p.numel() for p in self.params)
         self.optimizer_name = type(self.opt).__module__.split(".")[0] + "." + type(self.opt).__name__
         self.gen = torch.Generator(device).manual_seed(0)
+        self.policy = self.unet  # the module the policy pass calls (a wrapper under compile=full)
+        self.levers: dict[str, Any] = {}
+        self.compiled: tuple | None = None
+
+    def set_levers(self, levers: dict[str, Any]) -> None:
+        """Apply one configuration of the speed levers (``model.*`` of ncp's config) to the built U-Net:
+        channels_last, dtype of the frozen weights and autocast (bf16 / fp16), SDPA backend, compile_unet
+        and compile_mode. Compilation cannot be undone: sweeps put the compiled configurations last."""
+        torch = self.torch
+        from ncp.models import compile_unet
+
+        fmt = torch.channels_last if levers.get("channels_last") else torch.contiguous_format
+        self.unet.to(memory_format=fmt)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[levers.get("dtype", "bf16")]
+        if dtype != self.dtype:
+            for p in self.unet.parameters():
+                if not p.requires_grad:  # the frozen weights; the LoRA weights stay fp32
+                    p.data = p.data.to(dtype)
+            self.dtype = dtype
+        how, mode = levers.get("compile", False), levers.get("compile_mode", "default")
+        if how and (how, mode) != self.compiled:
+            if self.compiled is not None:
+                torch._dynamo.reset()  # another mode: compile afresh
+            self.policy = compile_unet(self.unet, how, mode)
+            self.compiled = (how, mode)
+        self.levers = dict(levers)
 
     def set_batch(self, batch: int) -> None:
         from ncp.models import Conditioning
@@ -288,8 +317,12 @@ class NcpStep:
         torch = self.torch
         x0 = self.inp["x0"]
         noise = sample_noise(self.batch, tuple(x0.shape[1:]), self.schedule.num_timesteps, self.gen, self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            out = preference_step(self.unet, self.unet, self.schedule, self.objectives[variant],
+        from ncp.models import attention_backend
+
+        if self.levers.get("compile_mode") == "reduce-overhead":  # CUDA graphs: a new step may overwrite outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(self.device.type, dtype=self.dtype), attention_backend(self.levers.get("attention", "auto")):
+            out = preference_step(self.policy, self.unet, self.schedule, self.objectives[variant],
                                   self.objectives[variant].loss_kwargs(self.loss_values), x0, self.cond, noise,
                                   self.taps, self.tap_weights)
         out.loss.backward()
@@ -404,7 +437,7 @@ def _time_steps(runner, variants: list[str], spec: dict[str, Any], device) -> di
                 times[variant].append(time.perf_counter() - start)
             peaks[variant] = max(peaks[variant], _peak_mb(device))
             finite[variant] &= _finite(loss)
-    return {v: {"step_s": statistics.median(times[v]), "step_s_all": times[v], "peak_mem_mb": peaks[v],
+    return {v: {"step_s": statistics.median(times[v]) if times[v] else None, "step_s_all": times[v], "peak_mem_mb": peaks[v],
                 "loss_finite": finite[v]} for v in variants}
 
 
@@ -465,7 +498,69 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
                         "pairs_per_s": round(chosen / t["step_s"], 4), "peak_mem_mb": round(t["peak_mem_mb"], 1),
                         "loss_finite": t["loss_finite"]})
         rows.append(row)
+    if spec.get("sweep") and chosen is not None:
+        rows.extend(_sweep(runner, variants, spec, device, common))
     return rows
+
+
+def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The speed levers, one configuration after another on the same built U-Net and batch (compiled ones
+    last). A configuration that fails (a kernel the device lacks, out of memory) is recorded and skipped."""
+    import torch
+
+    from ncp.models import compile_counters
+
+    rows = []
+    for levers in spec["sweep"]:
+        name = _levers_name(levers)
+        print(f"   sweep {name} ...", file=sys.stderr, flush=True)
+        base = dict(common, role="sweep", levers=levers, levers_name=name)
+        try:
+            t0 = time.perf_counter()
+            runner.set_levers(levers)
+            runner.set_batch(common["batch"])
+            # compiled configurations: the first steps compile every variant (policy, reference, encoder)
+            timed_spec = dict(spec, warmup=spec["warmup"] + (1 if levers.get("compile") else 0))
+            graphs_before = compile_counters()["compile/graphs"]
+            timed = _time_steps(runner, variants, dict(timed_spec, steps=0), device)  # warm-up (compiles)
+            graphs_warm = compile_counters()["compile/graphs"]
+            warm_s = time.perf_counter() - t0
+            timed = _time_steps(runner, variants, dict(timed_spec, warmup=0), device)
+            graphs_after = compile_counters()["compile/graphs"]
+        except Exception as err:  # noqa: BLE001 - one lever's failure must not end the sweep
+            rows.extend(dict(base, variant=v, error=f"{type(err).__name__}: {str(err)[:300]}") for v in variants)
+            runner.reset()
+            _free(device)
+            continue
+        for variant in variants:
+            t = timed[variant]
+            rows.append(dict(base, variant=variant, frozen_dtype=levers.get("dtype", "bf16").replace("bf16", "bfloat16")
+                             .replace("fp16", "float16"), steps_timed=len(t["step_s_all"]),
+                             warmup=timed_spec["warmup"], step_s=round(t["step_s"], 4),
+                             step_s_all=[round(x, 4) for x in t["step_s_all"]],
+                             pairs_per_s=round(common["batch"] / t["step_s"], 4),
+                             peak_mem_mb=round(t["peak_mem_mb"], 1), loss_finite=t["loss_finite"],
+                             setup_and_warmup_s=round(warm_s, 1), compiled_graphs=graphs_warm - graphs_before,
+                             recompiles_while_timed=graphs_after - graphs_warm))
+    return rows
+
+
+def _levers_name(levers: dict[str, Any]) -> str:
+    parts = [f"compile={levers['compile']}" if levers.get("compile") else "",
+             levers.get("compile_mode", "") if levers.get("compile_mode", "default") != "default" else "",
+             "channels_last" if levers.get("channels_last") else "",
+             f"attn={levers['attention']}" if levers.get("attention", "auto") != "auto" else "",
+             levers.get("dtype", "") if levers.get("dtype", "bf16") != "bf16" else ""]
+    return "+".join(p for p in parts if p) or "eager"
+
+
+# The sweep of issue 13 (each on the paired DPO / NCP-DPO worker's U-Net and batch; compiled ones last;
+# fp16 on CUDA only: the CPU has no fast fp16 matmul).
+SWEEP: list[dict[str, Any]] = [
+    {}, {"channels_last": True}, {"attention": "cudnn"}, {"attention": "efficient"}, {"dtype": "fp16"},
+    {"compile": "regional"}, {"compile": "regional", "channels_last": True},
+    {"compile": "regional", "compile_mode": "reduce-overhead"},
+]
 
 
 def _finite(x: float) -> bool:
@@ -541,18 +636,25 @@ def plan_model(args, model: str, device: str) -> list[dict[str, Any]]:
                 threads=args.threads, offload_ref=False)
     ncp = [v for v in NCP_VARIANTS if v in args.variants]
     workers = []
+    sweep = model in args.sweep and ncp
     if ncp:
-        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone"))
+        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone",
+                            sweep=[lv for lv in SWEEP if (args.sweep_compile or not lv.get("compile"))
+                                   and (device == "cuda" or lv.get("dtype") != "fp16")] if sweep else []))
     if "baseline" in args.variants:
         workers.append(dict(base, variants=["baseline"], offload_ref=offload, role="alone"))
     if "dpo" in ncp and len(ncp) >= 2 and batch == "auto":
-        workers.append(dict(base, variants=["dpo"], role="own-max"))
+        # LoRA leaves memory the baseline does not have: ncp's DPO alone starts at twice the default batch
+        workers.append(dict(base, variants=["dpo"], role="own-max",
+                            max_batch=args.max_batch or 2 * m["max_batch"]))
     return workers
 
 
 def run_model(args, model: str, device: str, log, results: list[dict[str, Any]], checkpoint) -> None:
     """Measure one model's workers into ``results`` (calling ``checkpoint()`` after each)."""
     for spec in plan_model(args, model, device):
+        for variant in spec["variants"]:
+            count_flops_later(model, variant, spec["resolution"])
         if device == "cpu":
             need = sum(_cpu_estimate_mb(model, v) for v in spec["variants"][:1])
             have = _mem_available_mb()
@@ -563,8 +665,54 @@ def run_model(args, model: str, device: str, log, results: list[dict[str, Any]],
                 print(f"-- {model} {'+'.join(spec['variants'])}: skipped ({reason})", file=log, flush=True)
                 checkpoint()
                 continue
-        results.extend(dict(row, role=spec["role"]) for row in launch(spec, log))
+        results.extend(dict(row, role=row.get("role", spec["role"])) for row in launch(spec, log))
         checkpoint()
+
+
+_FLOPS: dict[tuple, Any] = {}  # (model, variant, resolution) -> Future of FLOPs per pair
+_FLOPS_POOL = None
+
+
+def count_flops_later(model: str, variant: str, resolution: int) -> None:
+    """Start counting a variant's model FLOPs per pair (``ncp.flops``, meta tensors) in a driver thread: it
+    runs while the workers measure, so it costs the GPU run no time."""
+    global _FLOPS_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (model, variant, resolution)
+    if key in _FLOPS:
+        return
+    _FLOPS_POOL = _FLOPS_POOL or ThreadPoolExecutor(1)
+    _FLOPS[key] = _FLOPS_POOL.submit(flops_per_pair, model, variant, resolution)
+
+
+def flops_per_pair(model: str, variant: str, resolution: int) -> int:
+    from ncp.flops import full_finetune_dpo_flops, step_flops
+
+    m = MODELS[model]
+    if variant == "baseline":
+        return full_finetune_dpo_flops(m["unet"], resolution, m["text_len"])
+    return step_flops(m["unet"], model, resolution, variant, ["auto"], m["text_len"], LORA_RANK, LORA_TARGETS)
+
+
+def add_mfu(results: list[dict[str, Any]], gpu: str | None, wait: bool) -> None:
+    """Model TFLOP/s and MFU (against the GPU's peak for the row's dtype) of every measured row."""
+    from ncp.flops import peak_flops_of
+
+    for r in results:
+        future = _FLOPS.get((r["model"], r["variant"], r["resolution"]))
+        if "pairs_per_s" not in r or future is None or not (wait or future.done()):
+            continue
+        try:
+            flops = future.result()
+        except Exception as err:  # noqa: BLE001 - a count that fails leaves the timing intact
+            r["flops_error"] = str(err)[:200]
+            continue
+        r["flops_per_pair"] = flops
+        r["tflops"] = round(flops * r["pairs_per_s"] / 1e12, 2)
+        dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(r.get("frozen_dtype", ""), "")
+        peak = peak_flops_of(gpu, dtype) if gpu else None
+        r["mfu"] = round(r["tflops"] * 1e12 / peak, 4) if peak else None
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -594,6 +742,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                 s[f"{name}_batch_vs_baseline_batch"] = [row["batch"], base["batch"]]
         if ncp:
             s["ncp_dpo_batch"] = ncp["batch"]
+        for name, row in (("dpo", dpo), ("ncp_dpo", ncp), ("baseline", base), ("paired_dpo", paired_dpo)):
+            if row and row.get("mfu") is not None:
+                s[f"{name}_mfu"] = row["mfu"]
+        sweep = [r for r in rows if r["role"] == "sweep"]
+        for variant in ("dpo", "ncp-dpo"):
+            best = max((r for r in sweep if r["variant"] == variant), key=lambda r: r["pairs_per_s"], default=None)
+            if best:
+                s[f"sweep_best_{variant}"] = {k: best.get(k) for k in ("levers_name", "pairs_per_s", "mfu", "batch")}
+        if ncp and paired_dpo and ncp.get("mfu") and paired_dpo.get("mfu"):
+            s["ncp_dpo_mfu_over_dpo_mfu"] = round(ncp["mfu"] / paired_dpo["mfu"], 3)
         if s:
             out[model] = s
     return out
@@ -605,33 +763,42 @@ def goals(results: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, A
     if not on_gpu_paper:
         return {"note": "the goals are stated for an H100 at the paper's resolutions; not evaluated on this run"}
     g: dict[str, Any] = {}
-    for model, s in summary.items():
-        r = s.get("ncp_dpo_over_dpo_step_time")
-        g[f"{model}: NCP-DPO step <= 1.3x ncp DPO step"] = None if r is None else r <= 1.3
-        r = s.get("dpo_over_baseline_pairs_per_s")
-        g[f"{model}: ncp DPO pairs/s >= 1.5x baseline"] = None if r is None else r >= 1.5
-    if "sdxl" in summary:
-        b = summary["sdxl"].get("ncp_dpo_batch")
-        g["sdxl: NCP-DPO at 1024 px with batch >= 4 pairs"] = None if b is None else b >= 4
+    for model, s in summary.items():  # issue 13 (best lever configuration where a sweep ran)
+        best = (s.get("sweep_best_dpo") or {}).get("mfu") or s.get("dpo_mfu")
+        target = 0.27 if model == "sd15" else 0.25
+        g[f"{model}: ncp DPO step >= {target:.0%} MFU"] = None if best is None else best >= target
+        r = s.get("ncp_dpo_mfu_over_dpo_mfu")
+        g[f"{model}: NCP-DPO MFU within 5 % of DPO's"] = None if r is None else r >= 0.95
+        if model == "sd15":
+            r = s.get("dpo_over_baseline_pairs_per_s")
+            g["sd15: ncp DPO pairs/s >= 1.6x the baseline step"] = None if r is None else r >= 1.6
     return g
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = f"{'model':5} {'variant':9} {'res':>5} {'batch':>5} {'step s':>8} {'pairs/s':>8} {'peak MB':>9}  note"
+    head = (f"{'model':5} {'variant':9} {'res':>5} {'batch':>5} {'step s':>8} {'pairs/s':>8} {'peak MB':>9} "
+            f"{'TFLOP/s':>8} {'MFU':>6}  note")
     lines = [head, "-" * len(head)]
     for r in results:
         if "step_s" in r:
             note = ", ".join(filter(None, [
                 r.get("optimizer"), r.get("frozen_dtype"), "ckpt" if r.get("checkpointing") else "",
-                "ref offloaded" if r.get("offload_ref") else "", r.get("role", ""),
+                "ref offloaded" if r.get("offload_ref") else "", r.get("role", ""), r.get("levers_name", ""),
+                f"{r['recompiles_while_timed']} recompiles timed" if r.get("levers", {}).get("compile") else "",
                 f"ops {r['ops']}" if r["variant"] == "ncp-dpo" else "",
                 f"OOM at {[t['batch'] for t in r['tried']]}" if r.get("tried") else ""]))
             lines.append(f"{r['model']:5} {r['variant']:9} {r['resolution']:>5} {r['batch']:>5} "
-                         f"{r['step_s']:>8.3f} {r['pairs_per_s']:>8.3f} {r['peak_mem_mb']:>9.0f}  {note}")
+                         f"{r['step_s']:>8.3f} {r['pairs_per_s']:>8.3f} {r['peak_mem_mb']:>9.0f} "
+                         f"{_fmt(r.get('tflops'), '8.2f')} {_fmt(r.get('mfu'), '6.1%')}  {note}")
         else:
-            lines.append(f"{r['model']:5} {r['variant']:9} {r['resolution']:>5} {'-':>5} {'-':>8} {'-':>8} {'-':>9}  "
-                         f"{r.get('skipped') or r.get('error')}")
+            lines.append(f"{r['model']:5} {r['variant']:9} {r['resolution']:>5} {'-':>5} {'-':>8} {'-':>8} {'-':>9} "
+                         f"{'-':>8} {'-':>6}  {r.get('levers_name', '')} {r.get('skipped') or r.get('error')}")
     return "\n".join(lines)
+
+
+def _fmt(x, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{x:{spec}}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -681,6 +848,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "as the reference script)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's choice); on a shared "
                                                "CPU, 1 avoids OpenMP spin-waiting against other processes")
+    p.add_argument("--sweep", default="", help="comma list of models (sd15,sdxl) whose paired DPO / NCP-DPO worker "
+                                               "then times each speed-lever configuration (SWEEP) on its U-Net")
+    p.add_argument("--no-sweep-compile", dest="sweep_compile", action="store_false",
+                   help="leave the torch.compile configurations out of the sweep (CPU: inductor compiles for minutes)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny resolution on CPU, 1 warm-up + 2 steps")
     p.add_argument("--worker-timeout", type=float, default=None, help="seconds per measurement (default: none)")
     p.add_argument("--out", default=str(HERE / "results" / "step.json"), help="JSON result file")
@@ -689,6 +860,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.sweep = [m for m in args.sweep.split(",") if m]
     unknown = set(args.variants) - set(VARIANTS) - set(NCP_VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(dict.fromkeys(VARIANTS + NCP_VARIANTS))}")
@@ -724,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(final: bool) -> dict[str, Any]:
         """The report so far: written after every measurement, so a run cut short by a time limit keeps them."""
+        add_mfu(results, info.get("gpu"), wait=final)
         summary = summarize(results)
         elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
         report = {"benchmark": "step", "date": started.isoformat(timespec="seconds"), "command": command,
