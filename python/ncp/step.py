@@ -103,17 +103,38 @@ def branch_errors(
     return err, (err_ref if ref is not None else None)
 
 
+ERROR_SCALES = ("paper", "log")
+
+
+def scale_errors(err: Tensor, error_scale: str) -> Tensor:
+    """The per-image errors as the loss sees them (``objective.error_scale``, docs/error_scale.md).
+
+    - ``paper``: unchanged, ``ERR`` or ``PL`` as Diffusion-DPO and the NCP paper write them.
+    - ``log``: ``log ERR``. Differences of log errors are log ratios, so a DPO logit
+      ``-beta/2 ((log PL_theta(w) - log PL_ref(w)) - (log PL_theta(l) - log PL_ref(l)))``
+      no longer carries the error's magnitude, which in the perceptual space swings by
+      orders of magnitude across timesteps and across images of one timestep.
+      Its gradient is ``grad PL / PL``: each image weighted by its own error's inverse.
+    """
+    if error_scale == "paper":
+        return err
+    if error_scale == "log":
+        return err.clamp_min(torch.finfo(err.dtype).tiny).log()
+    raise ValueError(f"objective.error_scale must be one of {', '.join(ERROR_SCALES)}; got {error_scale!r}")
+
+
 def preference_step(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
     x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
-    desirable: Tensor | None = None,
+    error_scale: str = "paper", desirable: Tensor | None = None,
 ) -> StepOutput:
     """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
     (objectives that do not need losers use the first B rows); ``cond``: B prompts.
     Unpaired data (per-image objectives only): ``x0`` holds N single images, ``desirable`` their (N,)
     bool labels, ``cond`` and ``noise`` one entry per image.
     ``loss_kwargs``: the objective's hyperparameters (``Objective.loss_kwargs``); the step adds
-    ``num_timesteps`` where the loss takes it."""
+    ``num_timesteps`` where the loss takes it.
+    Metrics report the raw errors; the loss sees them through ``scale_errors``."""
     b = noise.t.shape[0]
     if desirable is not None and not objective.per_image:
         raise ValueError("unpaired (labelled) images need a per-image objective: kto or ncp-kto")
@@ -124,7 +145,7 @@ def preference_step(
     groups = (slice(0, b), slice(b, None)) if desirable is None else (desirable, ~desirable)
     if "num_timesteps" in objective.keyword_arguments:
         loss_kwargs = {**loss_kwargs, "num_timesteps": schedule.num_timesteps}
-    scaled = [err, err_ref]
+    scaled = [None if e is None else scale_errors(e, error_scale) for e in (err, err_ref)]
     if objective.per_image:
         if desirable is None:  # pairs: the winners are desirable, the losers not
             desirable = torch.arange(err.shape[0], device=err.device) < b

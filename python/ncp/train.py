@@ -168,7 +168,7 @@ def micro_step(tr: Trainer, batch: PairBatch, micro: int):
         torch.compiler.cudagraph_mark_step_begin()
     with tr.accelerator.autocast(), attention_backend(cfg.model.attention_backend):
         return preference_step(tr.unet, tr.base, tr.schedule, objective, objective.loss_kwargs(cfg.objective),
-                               x0, cond, noise, tr.taps, tr.tap_weights)
+                               x0, cond, noise, tr.taps, tr.tap_weights, cfg.objective.error_scale)
 
 
 def batches(source: PairSource) -> Iterator[PairBatch]:
