@@ -28,6 +28,7 @@ import datetime
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,6 +217,7 @@ def run_ncp(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["pipeline"] == "ncp-cache":
         cache_dir = str(Path(spec["work"]) / f"cache-{spec['model']}-{spec['resolution']}")
         row["cache_build"] = build_cache(spec, cache_dir)
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: a run folder of an earlier call would mix in
     t0 = time.perf_counter()
     train(load_config(None, _ncp_config(spec, out, cache_dir)))
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

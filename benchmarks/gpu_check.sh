@@ -106,14 +106,14 @@ run_step pytest_cuda 120 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:ca
   --junitxml="$OUTDIR/pytest_cuda.xml" tests/test_ops.py   # the only module with cuda tests: a collection
                                                           # error elsewhere must not stop them
 # ---- ISSUE 13: STEP BENCHMARK WITH MFU AND THE LEVER SWEEP, SD1.5 512 px (benchmarks/step.py) ----
-# Workers: ncp's DPO + NCP-DPO paired at batch 16, then on the same U-Net every lever configuration of
-# step.py's SWEEP (eager ones, then regional torch.compile, then + CUDA graphs; a failing one is recorded
-# and skipped); the baseline Diffusion-DPO step; ncp's DPO alone from batch 32 down (its largest batch).
-# Each row: pairs/s, peak memory, model TFLOP/s and MFU (ncp.flops). Rows land in step_sd15.json as each
-# worker ends, so a timeout keeps the finished ones. NCP_STEP_ARGS: extra arguments (e.g. --no-sweep-compile).
+# Workers: ncp's DPO + NCP-DPO paired at batch 16; the baseline Diffusion-DPO step; ncp's DPO alone from batch
+# 32 down (its largest batch); last, a sweep worker times every lever configuration of
+# step.py's SWEEP on one U-Net (eager ones, then regional torch.compile, then + CUDA graphs; a failing one is
+# recorded and skipped; on its timeout the configurations already timed are kept). Each row: pairs/s, peak
+# memory, model TFLOP/s and MFU (ncp.flops). Rows land in step_sd15.json as each worker ends. NCP_STEP_ARGS: extra arguments (e.g. --no-sweep-compile).
 # shellcheck disable=SC2086
 run_step step_sd15 230 env -u OUT PYTHONPATH=python $PY benchmarks/step.py --device cuda --model sd15 --sweep sd15 \
-  --steps 3 --warmup 1 --worker-timeout 200 --out "$OUTDIR/step_sd15.json" ${NCP_STEP_ARGS:-}
+  --steps 3 --warmup 1 --worker-timeout 90 --sweep-timeout 110 --out "$OUTDIR/step_sd15.json" ${NCP_STEP_ARGS:-}
 # ---- ISSUE 13: END TO END, SD1.5 512 px (benchmarks/e2e.py) ----
 # Random-weight SD1.5 pipeline built from the published configs, 400 generated Pick-a-Pic-format pairs of
 # 768 px JPEGs (row groups of 100); ncp.train from JPEGs (Rust loader + VAE + text encoder + step), from the

@@ -498,12 +498,18 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
                         "pairs_per_s": round(chosen / t["step_s"], 4), "peak_mem_mb": round(t["peak_mem_mb"], 1),
                         "loss_finite": t["loss_finite"]})
         rows.append(row)
+    if spec["role"] == "sweep":
+        for row in rows:  # the sweep's reference configuration
+            row.update(role="sweep", levers={}, levers_name="eager")
     if spec.get("sweep") and chosen is not None:
-        rows.extend(_sweep(runner, variants, spec, device, common))
+        print("RESULT " + json.dumps(rows), flush=True)  # kept should a later configuration hang
+        rows.extend(_sweep(runner, variants, spec, device, common, lambda done: print(
+            "RESULT " + json.dumps(rows + done), flush=True)))
     return rows
 
 
-def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: dict[str, Any]) -> list[dict[str, Any]]:
+def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: dict[str, Any],
+           report) -> list[dict[str, Any]]:
     """The speed levers, one configuration after another on the same built U-Net and batch (compiled ones
     last). A configuration that fails (a kernel the device lacks, out of memory) is recorded and skipped."""
     import torch
@@ -531,6 +537,7 @@ def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: di
             rows.extend(dict(base, variant=v, error=f"{type(err).__name__}: {str(err)[:300]}") for v in variants)
             runner.reset()
             _free(device)
+            report(rows)
             continue
         for variant in variants:
             t = timed[variant]
@@ -542,6 +549,7 @@ def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: di
                              peak_mem_mb=round(t["peak_mem_mb"], 1), loss_finite=t["loss_finite"],
                              setup_and_warmup_s=round(warm_s, 1), compiled_graphs=graphs_warm - graphs_before,
                              recompiles_while_timed=graphs_after - graphs_warm))
+        report(rows)
     return rows
 
 
@@ -600,8 +608,13 @@ def launch(spec: dict[str, Any], log) -> list[dict[str, Any]]:
         stdout, _ = proc.communicate(timeout=spec.get("timeout"))
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        stdout, _ = proc.communicate()
         print(f"   -> worker timed out after {spec.get('timeout')} s", file=log, flush=True)
+        done = [ln for ln in (stdout or "").splitlines() if ln.startswith("RESULT ")]
+        if done:  # a sweep reports its rows after each configuration: keep those
+            return json.loads(done[-1][len("RESULT "):]) + [
+                dict(failed[0], variant="+".join(spec["variants"]), role=spec["role"],
+                     error=f"worker timed out after {spec.get('timeout')} s (rows before it kept)")]
         return [dict(r, error=f"worker timed out after {spec.get('timeout')} s") for r in failed]
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -636,17 +649,19 @@ def plan_model(args, model: str, device: str) -> list[dict[str, Any]]:
                 threads=args.threads, offload_ref=False)
     ncp = [v for v in NCP_VARIANTS if v in args.variants]
     workers = []
-    sweep = model in args.sweep and ncp
     if ncp:
-        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone",
-                            sweep=[lv for lv in SWEEP if (args.sweep_compile or not lv.get("compile"))
-                                   and (device == "cuda" or lv.get("dtype") != "fp16")] if sweep else []))
+        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone"))
     if "baseline" in args.variants:
         workers.append(dict(base, variants=["baseline"], offload_ref=offload, role="alone"))
     if "dpo" in ncp and len(ncp) >= 2 and batch == "auto":
         # LoRA leaves memory the baseline does not have: ncp's DPO alone starts at twice the default batch
         workers.append(dict(base, variants=["dpo"], role="own-max",
                             max_batch=args.max_batch or 2 * m["max_batch"]))
+    if model in args.sweep and ncp:  # last: its compiled configurations take the longest
+        sweep = [lv for lv in SWEEP[1:] if (args.sweep_compile or not lv.get("compile"))
+                 and (device == "cuda" or lv.get("dtype") != "fp16")]
+        workers.append(dict(base, variants=ncp, role="sweep", sweep=sweep,
+                            timeout=args.sweep_timeout or args.worker_timeout))
     return workers
 
 
@@ -709,7 +724,7 @@ def add_mfu(results: list[dict[str, Any]], gpu: str | None, wait: bool) -> None:
             r["flops_error"] = str(err)[:200]
             continue
         r["flops_per_pair"] = flops
-        r["tflops"] = round(flops * r["pairs_per_s"] / 1e12, 2)
+        r["tflops"] = float(f"{flops * r['pairs_per_s'] / 1e12:.4g}")
         dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(r.get("frozen_dtype", ""), "")
         peak = peak_flops_of(gpu, dtype) if gpu else None
         r["mfu"] = round(r["tflops"] * 1e12 / peak, 4) if peak else None
@@ -789,7 +804,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"OOM at {[t['batch'] for t in r['tried']]}" if r.get("tried") else ""]))
             lines.append(f"{r['model']:5} {r['variant']:9} {r['resolution']:>5} {r['batch']:>5} "
                          f"{r['step_s']:>8.3f} {r['pairs_per_s']:>8.3f} {r['peak_mem_mb']:>9.0f} "
-                         f"{_fmt(r.get('tflops'), '8.2f')} {_fmt(r.get('mfu'), '6.1%')}  {note}")
+                         f"{_fmt(r.get('tflops'), '8.3g')} {_fmt(r.get('mfu'), '6.1%')}  {note}")
         else:
             lines.append(f"{r['model']:5} {r['variant']:9} {r['resolution']:>5} {'-':>5} {'-':>8} {'-':>8} {'-':>9} "
                          f"{'-':>8} {'-':>6}  {r.get('levers_name', '')} {r.get('skipped') or r.get('error')}")
@@ -850,6 +865,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                "CPU, 1 avoids OpenMP spin-waiting against other processes")
     p.add_argument("--sweep", default="", help="comma list of models (sd15,sdxl) whose paired DPO / NCP-DPO worker "
                                                "then times each speed-lever configuration (SWEEP) on its U-Net")
+    p.add_argument("--sweep-timeout", type=float, help="seconds for the sweep worker (default: --worker-timeout); "
+                                                      "a timeout keeps the configurations already timed")
     p.add_argument("--no-sweep-compile", dest="sweep_compile", action="store_false",
                    help="leave the torch.compile configurations out of the sweep (CPU: inductor compiles for minutes)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny resolution on CPU, 1 warm-up + 2 steps")
