@@ -193,7 +193,9 @@ def generate_both(model_dir: str, lora_dir: str | None, prompts: list[str], n_se
     base = generate(pipe, ps, ss, steps, guidance, batch_size, desc="base")
     lora = None
     if lora_dir:
-        pipe.load_lora_weights(str(lora_dir))
+        from ncp.pipelines import load_unet_lora
+
+        load_unet_lora(pipe, lora_dir)
         lora = generate(pipe, ps, ss, steps, guidance, batch_size, desc="lora")
     return Generated(ps, ss, base, lora)
 

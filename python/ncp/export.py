@@ -162,9 +162,11 @@ def fuse_into(unet: torch.nn.Module, modules: dict[str, tuple[Tensor, Tensor]], 
 
 def export_merged(lora_dir: Path, model: str, out_dir: Path) -> Path:
     """The base pipeline with the LoRA fused into its U-Net weights, saved whole (no adapter left)."""
-    from diffusers import DiffusionPipeline
-
     from ncp.models import resolve_model_path
+    from ncp.pipelines import bind_pil_image_processors
+
+    bind_pil_image_processors()
+    from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(resolve_model_path(model))
     fuse_into(pipe.unet, *read_lora(lora_dir))

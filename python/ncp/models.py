@@ -107,8 +107,10 @@ def load_models(
     path = resolve_model_path(path) if with_unet else path
     kind = detect_kind(path) if kind == "auto" else kind
     scheduler = _from_pretrained(DDPMScheduler, path, "scheduler") if with_unet else None
-    unet = _from_pretrained(UNet2DConditionModel, path, "unet") if with_unet else None
-    vae = _from_pretrained(AutoencoderKL, vae_path or path, None if vae_path else "vae")
+    # diffusers models get their dtype at load: ModelMixin.to(dtype=...) warns on every cast (diffusers 0.42)
+    unet = _from_pretrained(UNet2DConditionModel, path, "unet", torch_dtype=weight_dtype) if with_unet else None
+    vae = _from_pretrained(AutoencoderKL, vae_path or path, None if vae_path else "vae",
+                           torch_dtype=weight_dtype if encoders_on_device else torch.float32)
     tokenizers = [_from_pretrained(AutoTokenizer, path, "tokenizer")]
     text_encoders = [_from_pretrained(CLIPTextModel, path, "text_encoder")]
     if kind == "sdxl":
@@ -118,8 +120,8 @@ def load_models(
         module.requires_grad_(False)
         module.eval()
         on_device = module is unet or encoders_on_device
-        module.to(device=device if on_device else torch.device("cpu"),
-                  dtype=weight_dtype if on_device else torch.float32)
+        dtype = {} if module is unet or module is vae else {"dtype": weight_dtype if on_device else torch.float32}
+        module.to(device=device if on_device else torch.device("cpu"), **dtype)
     if vae_path is None and kind == "sdxl" and weight_dtype == torch.float16:
         logger.warning("SDXL's VAE overflows in fp16; set model.vae_path to an fp16-safe VAE")
     return Models(kind, unet, vae, text_encoders, tokenizers, scheduler, weight_dtype, device)
@@ -152,9 +154,10 @@ def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
 
 def save_lora(unet: nn.Module, out_dir: str | Path, kind: str) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    # the pipelines' own LoRA writers, without importing a pipeline module (and the image processors it imports)
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
-    pipeline_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    pipeline_cls = StableDiffusionXLLoraLoaderMixin if kind == "sdxl" else StableDiffusionLoraLoaderMixin
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     metadata = unet.peft_config["default"].to_dict()
     pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,

@@ -43,16 +43,15 @@ def validation_scheduler(model_path: str, models: Models):
 
 def training_pipeline(models: Models, unet: nn.Module, scheduler):
     """A text-to-image pipeline around the training modules (the LoRA U-Net itself, not a copy)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from ncp.pipelines import pipeline_class
 
+    cls = pipeline_class(models.kind)
     if models.kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
-                                         text_encoder_2=models.text_encoders[1], tokenizer=models.tokenizers[0],
-                                         tokenizer_2=models.tokenizers[1], unet=unet, scheduler=scheduler)
+        pipe = cls(vae=models.vae, text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
+                   tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1], unet=unet, scheduler=scheduler)
     else:
-        pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoders[0],
-                                       tokenizer=models.tokenizers[0], unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = cls(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0], unet=unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -65,14 +64,14 @@ def sampling_mode(models: Models, unet: nn.Module) -> Iterator[None]:
     was_training = unet.training
     with torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
         try:
-            for m in moved:
-                m.to(models.device, models.weight_dtype)
+            for m in moved:  # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast (0.42)
+                nn.Module.to(m, models.device, models.weight_dtype)
             unet.eval()
             yield
         finally:
             unet.train(was_training)
             for m in moved:
-                m.to(torch.device("cpu"), torch.float32)
+                nn.Module.to(m, torch.device("cpu"), torch.float32)
 
 
 class Validator:
