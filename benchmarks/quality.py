@@ -1,7 +1,8 @@
 """Quality benchmark: NCP objectives against their latent-space counterparts on the bundled world.
 
-The analogue of the paper's Table 1 (METHOD.md): train ``sft, dpo, cpo,
-ncp-sft, ncp-dpo, ncp-cpo`` with LoRA on the bundled preference data, on the
+The analogue of the paper's Table 1 (docs/method.md): train every objective of
+``ncp.objectives.OBJECTIVES`` (``sft, dpo, cpo, mapo, kto`` and their ``ncp-`` forms,
+docs/objectives.md) with LoRA on the bundled preference data, on the
 full pairs and on the "absolute winners" subset, over several seeds, with the
 default run's hyperparameters (python/ncp/configs/default.yaml) and equal
 optimizer steps; every ``--eval-every`` steps the checkpoint draws the held-out

@@ -2,7 +2,7 @@
 code and keep the paper's values.
 
 A typo in a key, a wrong type or a drifted hyperparameter fails here, not on a GPU
-an hour into a run. Paper values: shared/design/METHOD.md, "Paper hyperparameters".
+an hour into a run. Paper values: docs/method.md, "The paper's hyperparameters".
 """
 from __future__ import annotations
 

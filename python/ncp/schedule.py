@@ -1,4 +1,4 @@
-"""DDPM schedule quantities for one training step (METHOD.md, steps 1-3)."""
+"""DDPM schedule quantities for one training step (docs/method.md, "One training step", steps 1-4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """One preference step: noise the pairs, run policy / reference, measure errors, apply the objective.
 
-This is METHOD.md's "One training step" as code. Every objective goes through
+This is docs/method.md's "One training step" as code. Every objective goes through
 ``preference_step``; they differ only in the pure loss function and in which
 branches they need (``ncp.objectives.OBJECTIVES``).
 """
