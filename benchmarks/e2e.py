@@ -98,9 +98,10 @@ def unet_config(model: str, small: bool) -> dict[str, Any]:
     return config
 
 
-def build_pipeline(folder: Path, model: str, small: bool) -> Path:
-    """Random-weight SD1.5 / SDXL components from their configs, saved as a diffusers folder (bf16 on
-    disk: loading casts to the run's dtype)."""
+def build_pipeline(folder: Path, model: str, small: bool, device: str = "cpu") -> Path:
+    """Random-weight SD1.5 / SDXL components from their configs, initialised on ``device`` (a GPU draws
+    SDXL's 3.5 B random weights in a second) and saved as a diffusers folder (bf16 on disk: loading casts
+    to the run's dtype)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -121,18 +122,20 @@ def build_pipeline(folder: Path, model: str, small: bool) -> Path:
     vae = dict(VAE, **(SMALL_VAE if small else {}))
     if model == "sdxl":
         vae.update(scaling_factor=0.13025, sample_size=1024, force_upcast=True)
-    parts = dict(unet=UNet2DConditionModel.from_config(unet_config(model, small)), vae=AutoencoderKL(**vae),
-                 scheduler=DDPMScheduler.from_config(SCHEDULER), tokenizer=tok, text_encoder=text(CLIP_L, False))
+    with torch.device(device):
+        parts = dict(unet=UNet2DConditionModel.from_config(unet_config(model, small)), vae=AutoencoderKL(**vae),
+                     scheduler=DDPMScheduler.from_config(SCHEDULER), tokenizer=tok, text_encoder=text(CLIP_L, False))
+        text_2 = text(CLIP_BIGG, True) if model == "sdxl" else None
     if model == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline(**parts, tokenizer_2=tok, text_encoder_2=text(CLIP_BIGG, True))
+        pipe = StableDiffusionXLPipeline(**parts, tokenizer_2=tok, text_encoder_2=text_2)
     else:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    pipe.to(torch.bfloat16).save_pretrained(folder)
+    pipe.to(torch.bfloat16).to("cpu").save_pretrained(folder)
     return folder
 
 
@@ -494,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch or (2 if small else (16 if model == "sd15" else 8))
         pairs = args.pairs or (64 if small else 800)
         t0 = time.perf_counter()
-        model_dir = build_pipeline(work / f"{model}{'-small' if small else ''}", model, small)
+        model_dir = build_pipeline(work / f"{model}{'-small' if small else ''}", model, small, device)
         shards = write_dataset(work / f"data-{px}px-{pairs}", pairs, px, args.shards, cpus)
         size_mb = sum(p.stat().st_size for p in shards) / 2**20
         print(f"-- {model}: pipeline and {pairs} pairs of {px} px JPEGs ({size_mb:.0f} MB, {len(shards)} shards) "
