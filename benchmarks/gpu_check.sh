@@ -110,9 +110,10 @@ run_step pytest_cuda 120 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:ca
 # 32 down (its largest batch); last, a sweep worker times every lever configuration of
 # step.py's SWEEP on one U-Net (eager ones, then regional torch.compile, then + CUDA graphs; a failing one is
 # recorded and skipped; on its timeout the configurations already timed are kept). Each row: pairs/s, peak
-# memory, model TFLOP/s and MFU (ncp.flops). Rows land in step_sd15.json as each worker ends. NCP_STEP_ARGS: extra arguments (e.g. --no-sweep-compile).
+# memory, model TFLOP/s and MFU (ncp.flops); the paired rows also carry a torch.profiler top-15 of one step
+# (profile_top: what limits the step, for RESULTS). Rows land in step_sd15.json as each worker ends. NCP_STEP_ARGS: extra arguments (e.g. --no-sweep-compile).
 # shellcheck disable=SC2086
-run_step step_sd15 230 env -u OUT PYTHONPATH=python $PY benchmarks/step.py --device cuda --model sd15 --sweep sd15 \
+run_step step_sd15 230 env -u OUT PYTHONPATH=python $PY benchmarks/step.py --device cuda --model sd15 --sweep sd15 --profile sd15 \
   --steps 3 --warmup 1 --worker-timeout 90 --sweep-timeout 110 --out "$OUTDIR/step_sd15.json" ${NCP_STEP_ARGS:-}
 # ---- ISSUE 13: END TO END, SD1.5 512 px (benchmarks/e2e.py) ----
 # Random-weight SD1.5 pipeline built from the published configs, 400 generated Pick-a-Pic-format pairs of

@@ -498,6 +498,10 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
                         "pairs_per_s": round(chosen / t["step_s"], 4), "peak_mem_mb": round(t["peak_mem_mb"], 1),
                         "loss_finite": t["loss_finite"]})
         rows.append(row)
+    if spec.get("profile") and chosen is not None:
+        top = _profile(runner, variants, device)
+        for row in rows:
+            row["profile_top"] = top[row["variant"]]
     if spec["role"] == "sweep":
         for row in rows:  # the sweep's reference configuration
             row.update(role="sweep", levers={}, levers_name="eager")
@@ -551,6 +555,26 @@ def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: di
                              recompiles_while_timed=graphs_after - graphs_warm))
         report(rows)
     return rows
+
+
+def _profile(runner, variants: list[str], device, top: int = 15) -> dict[str, list[dict[str, Any]]]:
+    """One more step of each variant under torch.profiler: its top operators and kernels by self time on the
+    device (CPU: on the host), with their share of the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {}
+    for variant in variants:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            runner.step(variant)
+            _sync(device)
+        events = list(prof.key_averages())
+        total = sum(getattr(e, attr, 0) for e in events) or 1
+        events.sort(key=lambda e: getattr(e, attr, 0), reverse=True)
+        out[variant] = [{"name": e.key[:160], "self_ms": round(getattr(e, attr, 0) / 1e3, 3),
+                         "share": round(getattr(e, attr, 0) / total, 4), "calls": e.count} for e in events[:top]]
+    return out
 
 
 def _levers_name(levers: dict[str, Any]) -> str:
@@ -650,7 +674,8 @@ def plan_model(args, model: str, device: str) -> list[dict[str, Any]]:
     ncp = [v for v in NCP_VARIANTS if v in args.variants]
     workers = []
     if ncp:
-        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone"))
+        workers.append(dict(base, variants=ncp, role="paired" if len(ncp) >= 2 else "alone",
+                            profile=model in args.profile))
     if "baseline" in args.variants:
         workers.append(dict(base, variants=["baseline"], offload_ref=offload, role="alone"))
     if "dpo" in ncp and len(ncp) >= 2 and batch == "auto":
@@ -865,6 +890,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                "CPU, 1 avoids OpenMP spin-waiting against other processes")
     p.add_argument("--sweep", default="", help="comma list of models (sd15,sdxl) whose paired DPO / NCP-DPO worker "
                                                "then times each speed-lever configuration (SWEEP) on its U-Net")
+    p.add_argument("--profile", default="", help="comma list of models whose paired worker then profiles one "
+                                                 "step of each variant (torch.profiler; top kernels in the JSON)")
     p.add_argument("--sweep-timeout", type=float, help="seconds for the sweep worker (default: --worker-timeout); "
                                                       "a timeout keeps the configurations already timed")
     p.add_argument("--no-sweep-compile", dest="sweep_compile", action="store_false",
@@ -878,6 +905,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.sweep = [m for m in args.sweep.split(",") if m]
+    args.profile = [m for m in args.profile.split(",") if m]
     unknown = set(args.variants) - set(VARIANTS) - set(NCP_VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(dict.fromkeys(VARIANTS + NCP_VARIANTS))}")

@@ -355,11 +355,11 @@ def compile_unet(unet: nn.Module, how: bool | str, mode: str = "default", backen
         return torch.compile(unet, **kwargs)
     if how != "regional":
         raise ValueError(f"model.compile_unet must be false, true, 'regional' or 'full'; got {how!r}")
-    import torch._dynamo
+    from torch import _dynamo  # (``import torch._dynamo`` here would make ``torch`` local to the function)
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    _dynamo.config.accumulated_recompile_limit = max(_dynamo.config.accumulated_recompile_limit,
+                                                     8 * RECOMPILE_LIMIT)
     regions = [m for m in unet.modules() if type(m).__name__ in COMPILE_REGIONS]
     for module in regions:
         module.compile(dynamic=False, **kwargs)
