@@ -307,10 +307,9 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = device.type == "cuda"
     half = torch.float16 if cuda else torch.float32
     # Diffusion-DPO: VAE and text encoders in the half precision (SDXL's VAE in fp32: it overflows in fp16)
-    loaded = load_models(spec["model_dir"], spec["model"], device, half)
+    loaded = load_models(spec["model_dir"], spec["model"], device, half, with_unet=False)
     vae = loaded.vae.to(torch.float32) if spec["model"] == "sdxl" else loaded.vae
     encoders = Models(loaded.kind, None, vae, loaded.text_encoders, loaded.tokenizers, loaded.scheduler, half, device)
-    del loaded.unet
     step_spec = dict(model=spec["model"], checkpointing=spec["model"] == "sdxl",
                      offload_ref=spec["model"] == "sdxl" and cuda, unet_config=unet_config(spec["model"], spec["small"]))
     runner = BaselineStep(step_spec, device)
