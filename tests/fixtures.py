@@ -133,3 +133,19 @@ def random_pairs(n: int, size: int = 40, seed: int = 0, ties: int = 1) -> list[d
         rows.append({"caption": f"a picture number {i}", "jpg_0": jpeg_bytes(imgs[0]), "jpg_1": jpeg_bytes(imgs[1]),
                      "label_0": label_0, "label_1": 1.0 - label_0 if label_0 != 0.5 else 0.5})
     return rows
+
+
+def step_inputs_with_lora(folder: Path):
+    """The tiny SD1.5 at ``folder`` with a rank-4 LoRA whose B is random (policy != reference), its schedule,
+    two pairs of latents (winners then losers) and their prompts' condition: the inputs of one preference step."""
+    from ncp.models import add_lora, encode_prompts, load_models
+    from ncp.schedule import NoiseSchedule
+
+    models = load_models(str(folder), "auto", torch.device("cpu"), torch.float32)
+    add_lora(models.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    for name, p in models.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    schedule = NoiseSchedule.from_scheduler(models.scheduler, torch.device("cpu"))
+    x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    return models, schedule, x0, encode_prompts(models, ["a red cube", "two blue balls"])

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from ncp.models import add_lora, encode_prompts, load_models
 from ncp.objectives import OBJECTIVES, cpo_loss, dpo_loss
 from ncp.step import preference_step, sample_noise, scale_errors
 
@@ -58,16 +57,9 @@ def test_log_of_zero_is_finite_and_unknown_scale_is_named():
 def test_step_with_log_scale_is_the_loss_of_log_errors(objective, tiny_sd15):
     """preference_step(error_scale=log): metrics keep the raw errors, the loss is the objective applied to their
     logs."""
-    from ncp.schedule import NoiseSchedule
+    from fixtures import step_inputs_with_lora
 
-    models = load_models(str(tiny_sd15), "auto", torch.device("cpu"), torch.float32)
-    add_lora(models.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
-    for name, p in models.unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    schedule = NoiseSchedule.from_scheduler(models.scheduler, torch.device("cpu"))
-    x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    cond = encode_prompts(models, ["a red cube", "two blue balls"])
+    models, schedule, x0, cond = step_inputs_with_lora(tiny_sd15)
     kwargs = {"beta": 50.0} if objective.endswith("dpo") else {"beta_cpo": 50.0, "cpo_lambda": 1.0}
     outs = {}
     for scale in ("paper", "log"):

@@ -87,17 +87,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15, m
     """Checkpointing recomputes the policy in backward; the perceptual encoder (adapters off) must not be
     recomputed with the adapters back on. Same inputs, same LoRA: identical gradients with and without it."""
     from ncp.objectives import OBJECTIVES
-    from ncp.schedule import NoiseSchedule
+    from fixtures import step_inputs_with_lora
     from ncp.step import preference_step, sample_noise
 
-    models = _models(tiny_sd15)
-    add_lora(models.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
-    for name, p in models.unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    schedule = NoiseSchedule.from_scheduler(models.scheduler, torch.device("cpu"))
-    x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    cond = encode_prompts(models, ["a red cube", "two blue balls"])
+    models, schedule, x0, cond = step_inputs_with_lora(tiny_sd15)
     import ncp.models
 
     calls = []  # the frozen encoder's checkpoints (NCP objectives), counted
