@@ -278,7 +278,7 @@ fn assemble(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::source::{build_index, read_image_pairs, Columns, Location, Selection};
     use arrow_array::{ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray};
@@ -306,7 +306,7 @@ mod tests {
         assert_eq!(num_batches(10, &cfg(3, 2, 2, false)), 2); // rank 2 has 3 pairs
     }
 
-    fn png(rgb: [u8; 3], w: u32, h: u32) -> Vec<u8> {
+    pub(crate) fn png(rgb: [u8; 3], w: u32, h: u32) -> Vec<u8> {
         let mut out = Vec::new();
         image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
             .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
@@ -316,15 +316,24 @@ mod tests {
 
     /// Rows (caption, label_0, label_1, uid_0, uid_1); image 0 red, image 1 blue.
     fn shard(dir: &std::path::Path, rows: &[(&str, f64, f64, &str, &str)], corrupt_row: Option<usize>) -> String {
+        shard_with(dir, rows, &|i, k| match k {
+            0 if Some(i) == corrupt_row => b"\xff\xd8\xff broken".to_vec(),
+            0 => png([255, 0, 0], 12, 10),
+            _ => png([0, 0, 255], 12, 10),
+        })
+    }
+
+    /// A shard `t.parquet` (row groups of 2) of rows (caption, label_0, label_1, uid_0, uid_1);
+    /// `image(row, k)` gives the bytes of image k (0 or 1) of a row.
+    pub(crate) fn shard_with(
+        dir: &std::path::Path, rows: &[(&str, f64, f64, &str, &str)], image: &dyn Fn(usize, u8) -> Vec<u8>,
+    ) -> String {
         let path = dir.join("t.parquet");
-        let img0: Vec<Vec<u8>> = (0..rows.len())
-            .map(|i| if Some(i) == corrupt_row { b"\xff\xd8\xff broken".to_vec() } else { png([255, 0, 0], 12, 10) })
-            .collect();
-        let img1: Vec<Vec<u8>> = rows.iter().map(|_| png([0, 0, 255], 12, 10)).collect();
+        let imgs: Vec<Vec<Vec<u8>>> = (0..2u8).map(|k| (0..rows.len()).map(|i| image(i, k)).collect()).collect();
         let cols: Vec<(&str, ArrayRef)> = vec![
             ("caption", Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()))),
-            ("jpg_0", Arc::new(BinaryArray::from(img0.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
-            ("jpg_1", Arc::new(BinaryArray::from(img1.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("jpg_0", Arc::new(BinaryArray::from(imgs[0].iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("jpg_1", Arc::new(BinaryArray::from(imgs[1].iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
             ("label_0", Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()))),
             ("label_1", Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()))),
             ("image_0_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()))),

@@ -1,26 +1,25 @@
-//! The PyO3 module `ncp_dataloader`: `PairLoader` (see docs/internals.md) and
-//! two helpers used by the pixel tests. Every wait releases the GIL; worker
-//! panics are caught and raised as RuntimeError.
-use crate::batch::{build_batch, draws, epoch_samples, num_batches, Batch, Config};
-use crate::error::{LoadError, Result as LResult};
+//! The PyO3 module `ncp_dataloader`: a thin binding of `loader::Loader` (see
+//! docs/internals.md) and of a few helpers that readers and tests use. It only
+//! converts arguments and results; every wait releases the GIL; worker panics are
+//! caught and raised as RuntimeError. Types: `ncp_dataloader.pyi`.
+use crate::batch::{draws, epoch_samples, num_batches, Batch, Config};
+use crate::error::LoadError;
 use crate::imaging::{decode, resize, shorter_side_size, DecodeError, Pixels};
-use crate::source::{build_index, Columns, PairIndex, Selection};
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crate::loader::{panic_message, EpochIter, Loader, LoaderOptions};
+use crate::source::Selection;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::panic::catch_unwind;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 create_exception!(ncp_dataloader, CorruptImageError, PyValueError, "A corrupt or truncated image (strict mode).");
 
-/// How many skipped images are kept, with file and row, for `stats()`.
-const MAX_SKIP_RECORDS: usize = 1000;
-
+/// The one conversion of loader errors into Python exceptions.
 fn to_py(e: LoadError) -> PyErr {
     let msg = e.to_string();
     match e {
@@ -32,48 +31,9 @@ fn to_py(e: LoadError) -> PyErr {
     }
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
-/// Run `f`, turning a panic into LoadError::Internal.
-fn guarded<T>(f: impl FnOnce() -> LResult<T>) -> LResult<T> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(LoadError::Internal(panic_message(p))))
-}
-
-struct Core {
-    index: PairIndex,
-    cfg: Config,
-    pool: rayon::ThreadPool,
-    prefetch: usize,
-}
-
-/// Where the next batch comes from; `generation` tells the live iterator.
-#[derive(Clone, Copy)]
-struct Position {
-    epoch: u64,
-    batch: usize,
-    generation: u64,
-}
-
-#[derive(Default)]
-struct RunStats {
-    batches: u64,
-    pairs: u64,
-    skipped: u64,
-    records: Vec<String>,
-    read_ns: u64,
-    decode_ns: u64,
-}
-
 #[pyclass(module = "ncp_dataloader")]
 pub struct PairLoader {
-    core: Arc<Core>,
-    pos: Arc<Mutex<Position>>,
-    stats: Arc<Mutex<RunStats>>,
+    inner: Arc<Loader>,
 }
 
 #[pymethods]
@@ -82,7 +42,7 @@ impl PairLoader {
     #[pyo3(signature = (sources, resolution, batch_size, seed=0, rank=0, world_size=1, random_crop=false,
         random_flip=true, drop_ties=true, absolute_winners=false, columns=None, num_threads=0, prefetch=4,
         strict=false, drop_last=true, empty_prompt_prob=0.0, shuffle=true, row_group_cache_mb=512))]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the Python signature: keyword arguments, unpacked here only
     fn new(
         py: Python<'_>,
         sources: Vec<String>,
@@ -108,95 +68,58 @@ impl PairLoader {
             resolution, batch_size, seed, rank, world_size, random_crop, random_flip, strict, drop_last, empty_prompt_prob,
             shuffle,
         };
-        cfg.validate().map_err(to_py)?;
-        let mut overrides: Vec<(String, String)> = columns.unwrap_or_default().into_iter().collect();
-        overrides.sort();
-        let cols = Columns::with_overrides(&overrides).map_err(to_py)?;
-        let threads = if num_threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        } else {
-            num_threads
+        let opts = LoaderOptions {
+            columns: columns.unwrap_or_default().into_iter().collect(),
+            selection: Selection { drop_ties, absolute_winners },
+            num_threads,
+            prefetch,
+            row_group_cache_bytes: row_group_cache_mb.saturating_mul(1 << 20),
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("ncp-loader-{i}"))
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot start loader threads: {e}")))?;
-        let sel = Selection { drop_ties, absolute_winners };
-        let mut index = py
-            .allow_threads(|| pool.install(|| guarded(|| build_index(&sources, cols, sel))))
-            .map_err(to_py)?;
-        index.set_row_group_cache(row_group_cache_mb.saturating_mul(1 << 20));
-        let core = Core { index, cfg, pool, prefetch: prefetch.max(1) };
-        Ok(PairLoader {
-            core: Arc::new(core),
-            pos: Arc::new(Mutex::new(Position { epoch: 0, batch: 0, generation: 0 })),
-            stats: Arc::default(),
-        })
+        let inner = py.allow_threads(|| Loader::new(&sources, cfg, opts)).map_err(to_py)?;
+        Ok(PairLoader { inner: Arc::new(inner) })
     }
 
     /// Batches per epoch on this rank.
     fn __len__(&self) -> usize {
-        num_batches(self.core.index.pairs.len(), &self.core.cfg)
+        self.inner.len()
     }
 
     /// Pairs in the index (all ranks, after selection).
     #[getter]
     fn num_pairs(&self) -> usize {
-        self.core.index.pairs.len()
+        self.inner.num_pairs()
     }
 
-    /// Start `epoch` from its beginning; a no-op for the current epoch, so that a
-    /// resumed position is kept when the trainer calls set_epoch after resume.
-    fn set_epoch(&mut self, epoch: u64) {
-        let mut p = self.pos.lock().unwrap();
-        if p.epoch != epoch {
-            *p = Position { epoch, batch: 0, generation: p.generation + 1 };
-        }
+    /// Start `epoch` from its beginning (a no-op for the current epoch: a resumed position is kept).
+    fn set_epoch(&self, epoch: u64) {
+        self.inner.set_epoch(epoch)
     }
 
     /// {epoch, sample_in_epoch, seed, world_size, rank, batch_size}: where the next batch comes from.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let p = *self.pos.lock().unwrap();
-        let cfg = &self.core.cfg;
+        let s = self.inner.state();
         let d = PyDict::new(py);
-        d.set_item("epoch", p.epoch)?;
-        d.set_item("sample_in_epoch", p.batch * cfg.batch_size)?;
-        d.set_item("seed", cfg.seed)?;
-        d.set_item("world_size", cfg.world_size)?;
-        d.set_item("rank", cfg.rank)?;
-        d.set_item("batch_size", cfg.batch_size)?;
+        d.set_item("epoch", s.epoch)?;
+        d.set_item("sample_in_epoch", s.sample_in_epoch)?;
+        d.set_item("seed", s.seed)?;
+        d.set_item("world_size", s.world_size)?;
+        d.set_item("rank", s.rank)?;
+        d.set_item("batch_size", s.batch_size)?;
         Ok(d)
     }
 
     /// Continue exactly where `state` was taken (same seed, world size and batch size).
-    fn resume(&mut self, state: HashMap<String, u64>) -> PyResult<()> {
-        let cfg = &self.core.cfg;
+    fn resume(&self, state: HashMap<String, u64>) -> PyResult<()> {
         let get = |k: &str| state.get(k).copied().ok_or_else(|| PyKeyError::new_err(format!("state has no '{k}'")));
-        let (epoch, sample) = (get("epoch")?, get("sample_in_epoch")? as usize);
-        for (k, want) in [("seed", cfg.seed), ("world_size", cfg.world_size as u64), ("batch_size", cfg.batch_size as u64)] {
-            if let Some(&have) = state.get(k) {
-                if have != want {
-                    return Err(PyValueError::new_err(format!(
-                        "cannot resume: state has {k}={have} but the loader has {k}={want} (the order would differ)"
-                    )));
-                }
-            }
-        }
-        if sample % cfg.batch_size != 0 {
-            return Err(PyValueError::new_err(format!(
-                "cannot resume: sample_in_epoch={sample} is not a multiple of batch_size={}", cfg.batch_size
-            )));
-        }
-        let mut p = self.pos.lock().unwrap();
-        *p = Position { epoch, batch: sample / cfg.batch_size, generation: p.generation + 1 };
-        Ok(())
+        let order: Vec<(&str, u64)> =
+            ["seed", "world_size", "batch_size"].into_iter().filter_map(|k| state.get(k).map(|&v| (k, v))).collect();
+        self.inner.resume(get("epoch")?, get("sample_in_epoch")? as usize, &order).map_err(to_py)
     }
 
     /// Index counts, and what iteration has yielded and skipped (with file and row).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let i = &self.core.index.stats;
-        let s = self.stats.lock().unwrap();
+        let i = self.inner.index_stats();
+        let s = self.inner.run_stats();
         let d = PyDict::new(py);
         d.set_item("files", i.files)?;
         d.set_item("rows", i.rows)?;
@@ -208,10 +131,10 @@ impl PairLoader {
         d.set_item("pairs_yielded", s.pairs)?;
         d.set_item("skipped", s.skipped)?;
         d.set_item("skipped_records", PyList::new(py, &s.records)?)?;
-        d.set_item("num_threads", self.core.pool.current_num_threads())?;
+        d.set_item("num_threads", self.inner.num_threads())?;
         d.set_item("read_seconds", s.read_ns as f64 * 1e-9)?;
         d.set_item("decode_seconds", s.decode_ns as f64 * 1e-9)?;
-        let rgc = &self.core.index.row_groups;
+        let rgc = &self.inner.index().row_groups;
         d.set_item("row_group_reads", rgc.reads.load(Ordering::Relaxed))?;
         d.set_item("row_group_cache_hits", rgc.hits.load(Ordering::Relaxed))?;
         d.set_item("row_group_cache_bytes", rgc.held_bytes())?;
@@ -219,114 +142,17 @@ impl PairLoader {
         Ok(d)
     }
 
+    /// The rest of the current epoch; the loader then stands at the next epoch's start.
     fn __iter__(&self) -> PairIter {
-        let (epoch, start, generation) = {
-            let mut p = self.pos.lock().unwrap();
-            p.generation += 1;
-            (p.epoch, p.batch, p.generation)
-        };
-        let n = self.core.index.pairs.len();
-        let samples = Arc::new(epoch_samples(n, &self.core.cfg, epoch));
-        let (tx, rx) = unbounded();
-        let mut it = PairIter {
-            core: self.core.clone(),
-            pos: self.pos.clone(),
-            stats: self.stats.clone(),
-            epoch,
-            generation,
-            samples,
-            next: start,
-            submitted: start,
-            end: num_batches(n, &self.core.cfg),
-            pending: HashMap::new(),
-            tx,
-            rx,
-            cancel: Arc::new(AtomicBool::new(false)),
-        };
-        it.fill();
-        it
+        PairIter { inner: self.inner.iter(), resolution: self.inner.config().resolution as usize }
     }
 }
 
-/// One pass over the rest of an epoch. At most `prefetch` batches are in flight.
+/// One pass over the rest of an epoch (`loader::EpochIter`).
 #[pyclass(module = "ncp_dataloader")]
 pub struct PairIter {
-    core: Arc<Core>,
-    pos: Arc<Mutex<Position>>,
-    stats: Arc<Mutex<RunStats>>,
-    epoch: u64,
-    generation: u64,
-    samples: Arc<Vec<u32>>,
-    next: usize,
-    submitted: usize,
-    end: usize,
-    pending: HashMap<usize, LResult<Batch>>,
-    tx: Sender<(usize, LResult<Batch>)>,
-    rx: Receiver<(usize, LResult<Batch>)>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl PairIter {
-    fn fill(&mut self) {
-        while self.submitted < self.end && self.submitted < self.next + self.core.prefetch {
-            let k = self.submitted;
-            let (core, tx, samples, cancel, epoch) =
-                (self.core.clone(), self.tx.clone(), self.samples.clone(), self.cancel.clone(), self.epoch);
-            self.core.pool.spawn(move || {
-                if cancel.load(Ordering::Relaxed) {
-                    return;
-                }
-                let bs = core.cfg.batch_size;
-                let lo = (k * bs).min(samples.len());
-                let hi = ((k + 1) * bs).min(samples.len());
-                let r = guarded(|| build_batch(&core.index, &core.cfg, epoch, &samples[lo..hi]));
-                let _ = tx.send((k, r));
-            });
-            self.submitted += 1;
-        }
-    }
-
-    /// Wait (GIL released) for batch `k`.
-    fn wait(&mut self, py: Python<'_>, k: usize) -> LResult<Batch> {
-        loop {
-            if let Some(r) = self.pending.remove(&k) {
-                return r;
-            }
-            let rx = &self.rx;
-            match py.allow_threads(|| rx.recv()) {
-                Ok((i, r)) => {
-                    self.pending.insert(i, r);
-                }
-                Err(_) => return Err(LoadError::Internal("loader threads stopped".into())),
-            }
-        }
-    }
-
-    fn advance(&mut self, batch: Option<&Batch>) {
-        self.next += 1;
-        let mut p = self.pos.lock().unwrap();
-        if p.generation == self.generation {
-            *p = if self.next >= self.end {
-                Position { epoch: self.epoch + 1, batch: 0, generation: p.generation }
-            } else {
-                Position { epoch: self.epoch, batch: self.next, generation: p.generation }
-            };
-        }
-        drop(p);
-        if let Some(b) = batch {
-            let mut s = self.stats.lock().unwrap();
-            s.batches += 1;
-            s.pairs += b.len() as u64;
-            s.skipped += b.skipped.len() as u64;
-            s.read_ns += b.read_ns;
-            s.decode_ns += b.decode_ns;
-            for r in &b.skipped {
-                if s.records.len() < MAX_SKIP_RECORDS {
-                    s.records.push(r.to_string());
-                }
-            }
-        }
-    }
+    inner: EpochIter,
+    resolution: usize,
 }
 
 fn batch_dict<'py>(py: Python<'py>, b: Batch, res: usize) -> PyResult<Bound<'py, PyDict>> {
@@ -350,36 +176,16 @@ impl PairIter {
     }
 
     fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        loop {
-            if self.next >= self.end {
-                return Ok(None);
-            }
-            self.fill();
-            let k = self.next;
-            let batch = match self.wait(py, k) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.cancel.store(true, Ordering::Relaxed);
-                    self.end = self.next; // the iterator is finished after an error
-                    return Err(to_py(e));
-                }
-            };
-            self.advance(Some(&batch));
-            if batch.is_empty() {
-                continue; // every pair of this batch was skipped
-            }
-            return batch_dict(py, batch, self.core.cfg.resolution as usize).map(Some);
+        let inner = &mut self.inner;
+        match py.allow_threads(|| inner.next()) {
+            None => Ok(None),
+            Some(Ok(batch)) => batch_dict(py, batch, self.resolution).map(Some),
+            Some(Err(e)) => Err(to_py(e)),
         }
     }
 
     fn __len__(&self) -> usize {
-        self.end.saturating_sub(self.next)
-    }
-}
-
-impl Drop for PairIter {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        self.inner.remaining()
     }
 }
 

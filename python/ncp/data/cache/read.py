@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,36 +20,54 @@ from ncp.data.sources import Position, PositionedSource, num_batches
 logger = logging.getLogger("ncp.cache")
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "U8": torch.uint8, "I32": torch.int32, "BOOL": torch.bool}
+
+
 class Shards:
-    """One tensor family split over safetensors files of ``shard_size`` rows each, read through the
-    safetensors library (which memory-maps the files): only the rows asked for are read."""
+    """One tensor family split over safetensors files of ``shard_size`` rows each, memory-mapped: only the rows
+    asked for are read. The header is parsed here, not by ``safetensors.safe_open``, because reading rows
+    through its slices was 20x slower (9-11 vs 208-239 pairs/s, SD1.5-shaped latents, this machine)."""
 
     def __init__(self, files: list[Path], shard_size: int):
         self.files, self.shard_size = files, shard_size
-        self._handles: list[Any] = []
+        self._maps: list[dict[str, torch.Tensor]] = []
 
-    def _open(self, shard: int) -> Any:
-        if not self._handles:  # opened on first use (a source may be copied before it is read)
-            self._handles = [safe_open(str(f), framework="pt") for f in self.files]
-        return self._handles[shard]
+    def _open(self, shard: int) -> dict[str, torch.Tensor]:
+        if not self._maps:  # mapped on first use (a source may be copied before it is read)
+            self._maps = [_map(f) for f in self.files]
+        return self._maps[shard]
 
     def whole(self, name: str) -> torch.Tensor:
-        return torch.cat([self._open(s).get_tensor(name) for s in range(len(self.files))])
+        return torch.cat([self._open(s)[name] for s in range(len(self.files))])
 
     def rows(self, name: str, rows: np.ndarray, sub: np.ndarray | None = None) -> torch.Tensor:
-        """``name[rows]`` (or ``name[rows, sub]``, one index into the second dimension per row), stacked."""
-        slices: dict[int, Any] = {}
-        out = []
-        for j, row in enumerate(rows.tolist()):
-            shard, offset = divmod(row, self.shard_size)
-            if shard not in slices:
-                slices[shard] = self._open(shard).get_slice(name)
-            if sub is None:
-                out.append(slices[shard][offset:offset + 1][0])
-            else:
-                k = int(sub[j])
-                out.append(slices[shard][offset:offset + 1, k:k + 1][0, 0])
-        return torch.stack(out)
+        """``name[rows]`` (or ``name[rows, sub]``, one index into the second dimension per row), in one copy."""
+        shard_of, offset = rows // self.shard_size, rows % self.shard_size
+        first = self._open(int(shard_of[0]))[name]
+        out = torch.empty((len(rows), *first.shape[1 if sub is None else 2:]), dtype=first.dtype)
+        for s in np.unique(shard_of).tolist():
+            sel = np.nonzero(shard_of == s)[0]
+            t = self._open(s)[name]
+            out[torch.from_numpy(sel)] = t[offset[sel]] if sub is None else t[offset[sel], sub[sel]]
+        return out
+
+
+def _map(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a read-only memory map (no copy)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    size = path.stat().st_size
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = spec["data_offsets"]
+        out[name] = flat[8 + n + start:8 + n + end].view(_ST_DTYPES[spec["dtype"]]).view(spec["shape"])
+    return out
 
 
 class CachedPairSource(PositionedSource):
