@@ -1,6 +1,7 @@
 """Two CPU processes (gloo): disjoint data per rank, identical LoRA after steps, one checkpoint, resume."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def _env():
 
 def test_ranks_see_disjoint_pairs_and_stay_in_sync(tiny_sd15, tiny_parquet, tmp_path):
     worker = Path(__file__).parent / "dist_worker.py"
-    subprocess.run([BIN / "torchrun", "--nproc_per_node", "2", str(worker), str(tmp_path), f"model.path={tiny_sd15}",
+    subprocess.run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(worker),
+                    str(tmp_path), f"model.path={tiny_sd15}",
                     f"data.sources=[{tiny_parquet}]", f"train.output_dir={tmp_path}/o", *ARGS],
                    check=True, env=_env(), capture_output=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -32,10 +34,18 @@ def test_ranks_see_disjoint_pairs_and_stay_in_sync(tiny_sd15, tiny_parquet, tmp_
     assert any(t.abs().sum() > 0 for n, t in r0["lora"].items() if "lora_B" in n)  # it did train
 
 
+def _free_port() -> int:
+    """A free rendezvous port: the default 29500 may still be held by the launch before (seen once in CI)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(model, parquet, out, *extra):
     # --multi_gpu is accelerate's torch.distributed launcher; without GPUs the ranks run on the CPU over gloo
     # (its --cpu flag would start a single process).
     cmd = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(_free_port()),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ncp.train", f"model.path={model}",
            f"data.sources=[{parquet}]", f"train.output_dir={out}", "objective.name=dpo", "train.checkpoint_every=2",
            "optim.warmup_steps=10",
