@@ -149,3 +149,28 @@ def step_inputs_with_lora(folder: Path):
     schedule = NoiseSchedule.from_scheduler(models.scheduler, torch.device("cpu"))
     x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     return models, schedule, x0, encode_prompts(models, ["a red cube", "two blue balls"])
+
+
+def cli_args(model, data, out, *extra: str) -> list[str]:
+    """``python -m ncp.train`` overrides for a tiny CPU run: the model at ``model``, the data at ``data`` through
+    the torch backend, 32 px, batch 2, rank 4, no report / progress bar / TensorBoard. ``extra``
+    come last, and a later override of the same key wins (``ncp.config.apply_overrides`` applies them in order)."""
+    return [f"model.path={model}", f"data.sources=[{data}]", "data.backend=torch", "data.resolution=32",
+            "data.batch_size=2", "data.num_workers=0", "lora.rank=4", f"train.output_dir={out}",
+            "optim.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false", "train.report=false",
+            *extra]
+
+
+def lora_moves_unet(model: Path, lora: Path) -> float:
+    """The largest change a saved diffusers-format LoRA makes to the tiny SD1.5 U-Net's output, loaded the
+    way a user loads it (``pipe.load_lora_weights``), on fixed random inputs."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ehs = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.unet(x, 10, encoder_hidden_states=ehs).sample
+        pipe.load_lora_weights(str(lora))
+        after = pipe.unet(x, 10, encoder_hidden_states=ehs).sample
+    return float((after - before).abs().max())

@@ -12,6 +12,8 @@ import torch
 from ncp import checkpoint as ckpt
 from ncp.train import main
 
+from fixtures import cli_args
+
 
 class _Exploit:
     """What a hostile trainer_state.pt holds: unpickling it would run a command."""
@@ -68,10 +70,8 @@ def test_find_checkpoint_auto(tmp_path):
 
 
 def _args(model, parquet, out, *extra):
-    return [f"model.path={model}", f"data.sources=[{parquet}]", "data.backend=torch", "data.resolution=32",
-            "data.batch_size=2", "data.num_workers=0", "lora.rank=4", f"train.output_dir={out}",
-            "optim.warmup_steps=1", "objective.name=dpo", "objective.beta=5000", "logging.progress=false",
-            "logging.tensorboard=false", "train.report=false", "train.checkpoint_every=1", *extra]
+    return cli_args(model, parquet, out, "objective.name=dpo", "objective.beta=5000", "train.checkpoint_every=1",
+                    *extra)
 
 
 def test_resume_auto_starts_then_continues(tiny_sd15, tiny_parquet, tmp_path):

@@ -8,6 +8,8 @@ import torch
 from ncp.objectives import OBJECTIVES, cpo_loss, dpo_loss
 from ncp.step import preference_step, sample_noise, scale_errors
 
+from fixtures import cli_args
+
 
 def t(*v):
     return torch.tensor(v, dtype=torch.float64)
@@ -86,11 +88,9 @@ def test_cli_trains_with_log_scale(tiny_sd15, tiny_parquet, tmp_path):
     from ncp.train import main
 
     out = tmp_path / "run"
-    args = [f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch", "data.resolution=32",
-            "data.batch_size=2", "data.num_workers=0", "lora.rank=4", "train.max_steps=2", f"train.output_dir={out}",
-            "optim.lr=1e-3", "optim.warmup_steps=1", "objective.name=ncp-dpo", "objective.error_scale=log",
-            "objective.beta=100", "logging.progress=false", "logging.tensorboard=false", "train.report=false"]
+    args = cli_args(tiny_sd15, tiny_parquet, out, "train.max_steps=2", "optim.lr=1e-3", "objective.name=ncp-dpo",
+                    "objective.beta=100", "objective.error_scale=log")
     assert main(args) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(math.isfinite(x["loss"]) for x in lines)
-    assert main(args[:-4] + ["objective.error_scale=cube"]) == 2  # a named config error, not a traceback
+    assert main(args + ["objective.error_scale=cube"]) == 2  # a named config error, not a traceback

@@ -9,12 +9,12 @@ from ncp.config import ConfigError, load_config
 from ncp.train import main
 from ncp.validation import read_grid
 
+from fixtures import cli_args
+
 
 def _args(model, parquet, out, *extra):
-    return [f"model.path={model}", f"data.sources=[{parquet}]", "data.backend=torch", "data.resolution=32",
-            "data.batch_size=2", "data.num_workers=0", "lora.rank=4", f"train.output_dir={out}", "optim.lr=1e-2",
-            "optim.warmup_steps=1", "objective.name=dpo", "objective.beta=5000", "logging.progress=false",
-            "logging.tensorboard=false", "train.report=false", "train.cpu_threads=1", *extra]
+    return cli_args(model, parquet, out, "optim.lr=1e-2", "objective.name=dpo", "objective.beta=5000",
+                    "train.cpu_threads=1", *extra)
 
 
 def _validation(prompts):
