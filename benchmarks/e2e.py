@@ -40,7 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from step import MODELS as STEP_MODELS  # noqa: E402  (the published U-Net configs, BaselineStep)
-from step import SCHEDULER, BaselineStep, machine  # noqa: E402
+from step import SCHEDULER, BaselineStep, machine, print_report, write_report  # noqa: E402
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, vae/config.json (SDXL's VAE: the same network, scaling 0.13025)
 VAE: dict[str, Any] = {
@@ -485,10 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                   "small": small, "row_group_rows": ROW_GROUP_ROWS, "rows": rows, "summary": summary,
                   "goals": goals(rows, summary, not small),
                   "total_s": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)}
-        for out in outs:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-        return report
+        return write_report(report, outs)
 
     for model in (["sd15", "sdxl"] if args.model == "both" else [args.model]):
         res = args.resolution or (128 if small else STEP_MODELS[model]["resolution"])
@@ -511,12 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(launch(dict(base, pipeline=pipeline, objective=objective)),
                                  image_px=px, dataset_mb=round(size_mb, 1)))
                 write(False)
-    report = write(True)
-    print(table(rows))
-    print(json.dumps({"summary": report["summary"], "goals": report["goals"]}, indent=2))
-    for out in outs:
-        print(f"wrote {out}")
-    return 0 if all("error" not in r for r in rows) else 1
+    return print_report(table(rows), write(True), outs)
 
 
 if __name__ == "__main__":

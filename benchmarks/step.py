@@ -912,6 +912,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(report: dict[str, Any], outs: list[Path]) -> dict[str, Any]:
+    """Writes ``report`` as JSON to every path in ``outs`` (their folders made) and returns it."""
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_report(table_text: str, report: dict[str, Any], outs: list[Path]) -> int:
+    """Prints the table, the summary and goals, and where the JSON went; exit status 1 if any row failed."""
+    print(table_text)
+    print(json.dumps({"summary": report["summary"], "goals": report["goals"]}, indent=2))
+    for out in outs:
+        print(f"wrote {out}")
+    rows = report.get("results", report.get("rows", []))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -922,9 +940,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(path.read_text())
         report["summary"] = summarize(report["results"])
         report["goals"] = goals(report["results"], report["summary"])
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(table(report["results"]))
-        print(json.dumps({"summary": report["summary"], "goals": report["goals"]}, indent=2))
+        print_report(table(report["results"]), write_report(report, [path]), [path])
         return 0
     import torch
 
@@ -947,19 +963,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {"benchmark": "step", "date": started.isoformat(timespec="seconds"), "command": command,
                   "complete": final, "machine": info, "device": device, "results": results, "summary": summary,
                   "goals": goals(results, summary), "total_s": round(elapsed, 1)}
-        for out in outs:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-        return report
+        return write_report(report, outs)
 
     for model in models:
         run_model(args, model, device, sys.stderr, results, lambda: write(False))
-    report = write(True)
-    print(table(results))
-    print(json.dumps({"summary": report["summary"], "goals": report["goals"]}, indent=2))
-    for out in outs:
-        print(f"wrote {out}")
-    return 0 if all("error" not in r for r in results) else 1
+    return print_report(table(results), write(True), outs)
 
 
 if __name__ == "__main__":
