@@ -94,3 +94,79 @@ def test_cli_trains_with_log_scale(tiny_sd15, tiny_parquet, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(math.isfinite(x["loss"]) for x in lines)
     assert main(args + ["objective.error_scale=cube"]) == 2  # a named config error, not a traceback
+
+
+# ---------------------------------------------------------------- error_scale=log_t
+
+
+def test_log_t_weights_each_image_hand_computed():
+    """log_t = w * log E: errors (e, e^2) with weights (2, 0.5) give (2, 1), whatever e is; no weights is an error."""
+    e = math.e
+    torch.testing.assert_close(scale_errors(t(e, e * e), "log_t", t(2.0, 0.5)), t(2.0, 1.0))
+    with pytest.raises(ValueError, match="log_t needs the per-image timestep weights"):
+        scale_errors(t(1.0), "log_t")
+
+
+def test_log_t_dpo_logit_is_the_log_logit_times_w():
+    """A pair shares its t, so DPO's logit under log_t is w(t) times the log form's: (0.2, 0.4, 0.25, 0.25) at
+    beta 2 gives ln 2 (test_log_dpo_hand_computed), at w = 3 it gives 3 ln 2."""
+    w = t(3.0)
+    out = dpo_loss(*[scale_errors(x, "log_t", w) for x in (t(0.2), t(0.4), t(0.25), t(0.25))], beta=2.0)
+    assert out.logits.item() == pytest.approx(3 * math.log(2), abs=1e-12)
+
+
+def test_timestep_table_hand_computed():
+    """Medians 1 at t=1 and 4 at t=3, T=5: log-linear between (w(2) = sqrt(1 * 4) = 2), constant beyond the
+    ends: (1, 1, 2, 4, 4), mean 2.4, so the table is (1, 1, 2, 4, 4) / 2.4."""
+    from ncp.timestep_scale import table_from_medians
+
+    table = table_from_medians([1, 3], [1.0, 4.0], 5)
+    torch.testing.assert_close(table, torch.tensor([1, 1, 2, 4, 4]) / 2.4)
+    assert table.mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"positive, finite median errors; got \[\(3, 0.0\)\]"):
+        table_from_medians([1, 3], [1.0, 0.0], 5)
+
+
+def test_calibration_timesteps():
+    from ncp.timestep_scale import calibration_timesteps
+
+    grid = calibration_timesteps(1000)
+    assert grid[:4] == [1, 50, 100, 150] and grid[-1] == 999 and len(grid) == 21
+    assert calibration_timesteps(10, points=21) == list(range(1, 10))  # duplicates merged, t >= 1
+
+
+def test_step_with_log_t_is_the_loss_of_weighted_log_errors(tiny_sd15):
+    """preference_step(error_scale=log_t): each image's log error times its pair's w(t) into the objective."""
+    from fixtures import step_inputs_with_lora
+    from ncp.step import branch_errors
+
+    models, schedule, x0, cond = step_inputs_with_lora(tiny_sd15)
+    table = torch.linspace(0.5, 1.5, 1000)
+    noise = sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1), torch.device("cpu"))
+    out = preference_step(models.unet, models.unet, schedule, OBJECTIVES["ncp-dpo"], {"beta": 50.0}, x0, cond, noise,
+                          ["mid"], [1.0], error_scale="log_t", timestep_table=table)
+    with torch.no_grad():
+        err, ref = branch_errors(models.unet, models.unet, schedule, OBJECTIVES["ncp-dpo"], x0, cond, noise, ["mid"],
+                                 [1.0])
+    w = table[noise.t]
+    expected = dpo_loss(w * err[:2].log(), w * err[2:].log(), w * ref[:2].log(), w * ref[2:].log(), beta=50.0)
+    torch.testing.assert_close(out.loss.detach(), expected.loss.mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="log_t needs"):
+        preference_step(models.unet, models.unet, schedule, OBJECTIVES["ncp-dpo"], {"beta": 50.0}, x0, cond, noise,
+                        ["mid"], [1.0], error_scale="log_t")
+
+
+def test_cli_log_t_calibrates_the_same_table_on_every_start(tiny_sd15, tiny_parquet, tmp_path):
+    """The table depends on the model, the first batch and the seed only: setup twice gives the same table
+    (a resume computes it again), positive with mean 1; the CLI trains with it."""
+    from ncp.config import load_config
+    from ncp.train import main, setup
+
+    args = cli_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=2", "optim.lr=1e-3",
+                    "objective.name=ncp-dpo", "objective.beta=100", "objective.error_scale=log_t")
+    tables = [setup(load_config(None, args)).timestep_table for _ in range(2)]
+    assert tables[0].shape == (1000,) and torch.equal(tables[0], tables[1])
+    assert (tables[0] > 0).all() and tables[0].mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(math.isfinite(x["loss"]) for x in lines)

@@ -95,10 +95,11 @@ class ObjectiveConfig:
     taps: list[str] = opt(["auto"], "encoder taps: a preset (auto, paper, mid, multiscale) or a list of down block "
                                     "indices and/or 'mid'; auto = mid for SD1.5, paper for SDXL")
     tap_weights: list[float] | None = opt(None, "one weight per tap (default 1 / number of taps)")
-    error_scale: Literal["paper", "log"] = opt(
+    error_scale: Literal["paper", "log", "log_t"] = opt(
         "paper", "how per-image errors enter the loss: 'paper' as the papers write them (Diffusion-DPO, NCP); "
-                 "'log' compares log errors, so a logit is a ratio of errors and one beta fits every timestep "
-                 "(ncp's own addition, docs/error_scale.md)")
+                 "'log' compares log errors, so a logit is a ratio of errors and one beta fits every timestep; "
+                 "'log_t' weights the log errors by the reference's median error at each timestep, measured "
+                 "before step 1 (ncp's own additions, docs/error_scale.md)")
 
 
 @dataclass

@@ -103,10 +103,10 @@ def branch_errors(
     return err, (err_ref if ref is not None else None)
 
 
-ERROR_SCALES = ("paper", "log")
+ERROR_SCALES = ("paper", "log", "log_t")
 
 
-def scale_errors(err: Tensor, error_scale: str) -> Tensor:
+def scale_errors(err: Tensor, error_scale: str, weight: Tensor | None = None) -> Tensor:
     """The per-image errors as the loss sees them (``objective.error_scale``, docs/error_scale.md).
 
     - ``paper``: unchanged, ``ERR`` or ``PL`` as Diffusion-DPO and the NCP paper write them.
@@ -115,18 +115,26 @@ def scale_errors(err: Tensor, error_scale: str) -> Tensor:
       no longer carries the error's magnitude, which in the perceptual space swings by
       orders of magnitude across timesteps and across images of one timestep.
       Its gradient is ``grad PL / PL``: each image weighted by its own error's inverse.
+    - ``log_t``: ``weight * log ERR``, ``weight`` each image's ``w(t)`` from a table of the
+      reference's median error per timestep (``ncp.timestep_scale``): the paper form's emphasis
+      across timesteps, without its outliers within one timestep.
     """
     if error_scale == "paper":
         return err
-    if error_scale == "log":
-        return err.clamp_min(torch.finfo(err.dtype).tiny).log()
+    if error_scale in ("log", "log_t"):
+        logs = err.clamp_min(torch.finfo(err.dtype).tiny).log()
+        if error_scale == "log":
+            return logs
+        if weight is None:
+            raise ValueError("error_scale=log_t needs the per-image timestep weights (ncp.timestep_scale.calibrate)")
+        return logs * weight.to(logs.dtype)
     raise ValueError(f"objective.error_scale must be one of {', '.join(ERROR_SCALES)}; got {error_scale!r}")
 
 
 def preference_step(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
     x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
-    error_scale: str = "paper", desirable: Tensor | None = None,
+    error_scale: str = "paper", desirable: Tensor | None = None, timestep_table: Tensor | None = None,
 ) -> StepOutput:
     """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
     (objectives that do not need losers use the first B rows); ``cond``: B prompts.
@@ -134,6 +142,7 @@ def preference_step(
     bool labels, ``cond`` and ``noise`` one entry per image.
     ``loss_kwargs``: the objective's hyperparameters (``Objective.loss_kwargs``); the step adds
     ``num_timesteps`` where the loss takes it.
+    ``timestep_table``: the ``(T,)`` weights of ``error_scale=log_t`` (``ncp.timestep_scale.calibrate``).
     Metrics report the raw errors; the loss sees them through ``scale_errors``."""
     b = noise.t.shape[0]
     if desirable is not None and not objective.per_image:
@@ -145,7 +154,10 @@ def preference_step(
     groups = (slice(0, b), slice(b, None)) if desirable is None else (desirable, ~desirable)
     if "num_timesteps" in objective.keyword_arguments:
         loss_kwargs = {**loss_kwargs, "num_timesteps": schedule.num_timesteps}
-    scaled = [None if e is None else scale_errors(e, error_scale) for e in (err, err_ref)]
+    weight = None
+    if timestep_table is not None:  # each image's w(t): pairs share their t, unpaired images have their own
+        weight = _pair(timestep_table[noise.t], err.shape[0] // b)
+    scaled = [None if e is None else scale_errors(e, error_scale, weight) for e in (err, err_ref)]
     if objective.per_image:
         if desirable is None:  # pairs: the winners are desirable, the losers not
             desirable = torch.arange(err.shape[0], device=err.device) < b

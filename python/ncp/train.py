@@ -59,6 +59,7 @@ class Trainer:
     output_dir: Path
     step: int = 0
     throughput: Throughput | None = None  # perf/tflops, perf/mfu
+    timestep_table: torch.Tensor | None = None  # objective.error_scale=log_t: w(t), ncp.timestep_scale
 
     @property
     def base(self) -> torch.nn.Module:
@@ -105,9 +106,26 @@ def setup(cfg: Config) -> Trainer:
         cfg.lora.rank, cfg.lora.target_modules, accelerator.device,
         precision if precision != "no" else next(k for k, v in DTYPES.items() if v == weight_dtype),
         accelerator.num_processes, cfg.logging.peak_tflops)
-    return Trainer(cfg, accelerator, models, unet, params, optimizer, lr_scheduler, source,
-                   NoiseSchedule.from_scheduler(models.scheduler, accelerator.device), taps, weights, output_dir,
-                   throughput=throughput)
+    tr = Trainer(cfg, accelerator, models, unet, params, optimizer, lr_scheduler, source,
+                 NoiseSchedule.from_scheduler(models.scheduler, accelerator.device), taps, weights, output_dir,
+                 throughput=throughput)
+    if cfg.objective.error_scale == "log_t":
+        tr.timestep_table = calibrate_timesteps(tr, build_source(options, resolve_model_path(cfg.model.path)))
+    return tr
+
+
+def calibrate_timesteps(tr: Trainer, source: PairSource) -> torch.Tensor:
+    """``error_scale=log_t``'s weight table, from the first batch of a fresh source (epoch 0, this rank) and
+    the training seed: the same table on every start and resume, and the training source is not touched."""
+    from ncp.timestep_scale import calibrate
+
+    batch = next(iter(source))
+    gen = torch.Generator(tr.models.device).manual_seed(tr.cfg.train.seed)
+    x0 = batch_latents(batch, tr.models, gen)
+    cond = batch_conditioning(batch, tr.models, tr.cfg.data.resolution)
+    with tr.accelerator.autocast():
+        return calibrate(tr.unet, tr.base, tr.schedule, OBJECTIVES[tr.cfg.objective.name], x0, cond, tr.taps,
+                         tr.tap_weights, gen)
 
 
 def resume(tr: Trainer, spec: str) -> None:
@@ -168,7 +186,8 @@ def micro_step(tr: Trainer, batch: PairBatch, micro: int):
         torch.compiler.cudagraph_mark_step_begin()
     with tr.accelerator.autocast(), attention_backend(cfg.model.attention_backend):
         return preference_step(tr.unet, tr.base, tr.schedule, objective, objective.loss_kwargs(cfg.objective),
-                               x0, cond, noise, tr.taps, tr.tap_weights, cfg.objective.error_scale)
+                               x0, cond, noise, tr.taps, tr.tap_weights, cfg.objective.error_scale,
+                               timestep_table=tr.timestep_table)
 
 
 def batches(source: PairSource) -> Iterator[PairBatch]:
