@@ -57,7 +57,7 @@ OBJECTIVES = sorted(_OBJECTIVE_TABLE, key=lambda name: name.startswith("ncp-")) 
 # Options of one objective only: they join the result key of that objective's runs alone (run_key), so
 # adding or changing one leaves the other objectives' finished runs valid.
 OWN_ARGS = {"mapo": ("beta_mapo", "mapo_snr", "mapo_lambda", "ncp_mapo_snr"), "kto": ("beta_kto", "ncp_beta_kto")}
-SCALE_SEP = "@"  # "ncp-dpo@log": the objective with objective.error_scale=log (docs/error_scale.md)
+SCALE_SEP = "@"  # "ncp-dpo@log", "ncp-dpo@log_t": the objective with that objective.error_scale (docs/error_scale.md)
 
 
 def split_objective(name: str) -> tuple[str, str]:
@@ -130,7 +130,7 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     n_ckpt = args.steps // args.eval_every + 2
     objective, error_scale = split_objective(spec.objective)
     scaled = [f"objective.error_scale={error_scale}"]
-    if error_scale == "log":  # log errors have no magnitude to rescale: one beta for both spaces
+    if error_scale in ("log", "log_t"):  # log errors have no magnitude to rescale: one beta for both spaces
         scaled += [f"objective.beta={args.beta_log}", f"objective.beta_cpo={args.beta_log}"]
     elif objective.startswith("ncp-"):
         s = args.ncp_scale  # NCP errors are ~s times smaller than latent ones: same logit scale for both
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--beta", type=float, default=5000.0, help="objective.beta of every run (before --ncp-scale)")
     p.add_argument("--beta-cpo", type=float, default=5000.0)
     p.add_argument("--beta-log", type=float, default=BETA_LOG,
-                   help="beta and beta_cpo of the objective@log variants (objective.error_scale=log), both spaces")
+                   help="beta and beta_cpo of the objective@log and @log_t variants (error_scale log, log_t), both spaces")
     p.add_argument("--cpo-lambda", type=float, default=1.0)
     p.add_argument("--beta-mapo", type=float, default=0.1, help="objective.beta_mapo of mapo and ncp-mapo")
     p.add_argument("--mapo-snr", type=float, default=0.5, help="objective.mapo_snr (before --ncp-scale)")
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
     # seeds) and the thread count. Each run's result sits in its own folder, so processes with
     # different plans (say --data full and --data filtered on two cores) can share --runs.
     # (--ncp-lambda-scale came later: at its default it stays out of the key, so earlier runs keep theirs.)
-    # --beta-log changes only the objective@log runs: it joins their keys alone (run_key).
+    # --beta-log changes only the objective@log and @log_t runs: it joins their keys alone (run_key).
     key = json.loads(json.dumps({k: v for k, v in settings.items()
                                  if k not in (*PLAN_KEYS, "beta_log", *(a for names in OWN_ARGS.values() for a in names))
                                  and not (k == "ncp_lambda_scale" and v == "same")}))
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict] = {}
     for i, spec in enumerate(specs):
         result_file = runs_dir / spec.name / "result.json"
-        run_key = key | ({"beta_log": args.beta_log} if split_objective(spec.objective)[1] == "log" else {})
+        run_key = key | ({"beta_log": args.beta_log} if split_objective(spec.objective)[1] != "paper" else {})
         run_key |= {a: getattr(args, a) for a in OWN_ARGS.get(latent_counterpart(spec.objective), ())}
         cached = _read_for_settings(result_file, run_key)
         if cached is not None:
