@@ -1,6 +1,7 @@
 """Types of the Rust loader's Python module (the binding is rust_dataloader/src/python.rs).
 
-Preference pairs from Pick-a-Pic-format parquet shards or a JSONL file, decoded,
+Preference pairs from Pick-a-Pic-format parquet shards or a JSONL file (or, with
+format="unpaired", single images with a desirable/undesirable label), decoded,
 resized, cropped and batched outside the GIL. Order: a permutation per (seed,
 epoch); rank r of world_size takes its entries r, r + world_size, ...
 """
@@ -15,14 +16,16 @@ __version__: str
 class CorruptImageError(ValueError):
     """A corrupt or truncated image (raised in strict mode; otherwise the pair is skipped and counted)."""
 
-class Batch(TypedDict):
-    winners: npt.NDArray[np.uint8]  # (B, 3, R, R)
-    losers: npt.NDArray[np.uint8]  # (B, 3, R, R)
+class Batch(TypedDict, total=False):
+    winners: npt.NDArray[np.uint8]  # (B, 3, R, R), pairs
+    losers: npt.NDArray[np.uint8]  # (B, 3, R, R), pairs
+    images: npt.NDArray[np.uint8]  # (B, 3, R, R), unpaired
+    desirable: npt.NDArray[np.bool_]  # (B,), unpaired
     captions: list[str]  # "" where the empty-prompt draw dropped it
     original_sizes: npt.NDArray[np.int64]  # (B, 2) height, width of the winner
     crop_top_left: npt.NDArray[np.int64]  # (B, 2)
     indices: npt.NDArray[np.int64]  # (B,) pair ids
-    image_hashes: npt.NDArray[np.uint64]  # (B, 2) xxh3-64 of the winner's and loser's bytes
+    image_hashes: npt.NDArray[np.uint64]  # (B, 2) xxh3-64 of the winner's and loser's bytes ((B, 1) unpaired)
     skipped: int  # pairs of this batch skipped as corrupt
 
 class State(TypedDict):
@@ -61,7 +64,11 @@ class PairLoader:
         empty_prompt_prob: float = 0.0,
         shuffle: bool = True,
         row_group_cache_mb: int = 512,
+        format: str = "pairs",  # or "unpaired": columns caption, image, label
     ) -> None: ...
+    @property
+    def format(self) -> str:
+        """'pairs' or 'unpaired'."""
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
     @property
@@ -73,9 +80,10 @@ class PairLoader:
     def state(self) -> State: ...
     def resume(self, state: Mapping[str, int]) -> None:
         """Continue at `state`; another seed, world size or batch size is a ValueError."""
-    def stats(self) -> dict[str, int | float | list[str]]:
-        """files, rows, ties, dropped_ties, dropped_not_absolute, pairs, batches_yielded, pairs_yielded,
-        skipped, skipped_records, num_threads, read_seconds, decode_seconds, row_group_* counters."""
+    def stats(self) -> dict[str, int | float | str | list[str]]:
+        """format, files, rows, ties, dropped_ties, dropped_not_absolute, pairs (items), [desirable, undesirable
+        (unpaired)], batches_yielded, pairs_yielded, skipped, skipped_records, num_threads, read_seconds,
+        decode_seconds, row_group_* counters."""
 
 def decode_image(data: bytes) -> npt.NDArray[np.uint8]:
     """Encoded bytes to uint8 (H, W, 3), like PIL's convert("RGB"); CorruptImageError or ValueError if refused."""
@@ -97,3 +105,7 @@ def content_hash(data: bytes) -> int:
 
 def expand_sources(sources: Sequence[str]) -> list[str]:
     """The files PairLoader reads for `sources` (paths, ~, globs, folders), in order."""
+
+def image_uid(data: bytes | None) -> str:
+    """The uid of an image when the uid columns are missing: "xxh3:" and the 16 hex digits of its content
+    hash (a null: of no bytes); `ncp.data.pairs.image_uid` gives the same."""

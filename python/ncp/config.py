@@ -65,15 +65,19 @@ class DataConfig:
     backend: Literal["torch", "rust"] = opt(
         "rust", "loader: 'rust' (ncp_dataloader, fast) or 'torch' (PyTorch Dataset + PIL, the baseline)")
     sources: list[str] = opt(["bundle"], "parquet paths or globs, or one JSONL file; 'bundle' is the shipped data")
+    format: Literal["pairs", "unpaired"] = opt(
+        "pairs", "what a row holds: 'pairs' (caption, two images, two labels: winner and loser) or 'unpaired' "
+                 "(caption, one image, a desirable/undesirable label: binary feedback, for kto / ncp-kto)")
     resolution: int = opt(512, "square training resolution in pixels (shorter side resized, then cropped)")
-    batch_size: int = opt(8, "pairs per device per micro-step")
+    batch_size: int = opt(8, "pairs (unpaired: images) per device per micro-step")
     random_crop: bool = opt(False, "random instead of center crop (one box per pair)")
     random_flip: bool = opt(True, "horizontal flip with p=0.5 (one decision per pair); off when captions say left/right, as in the bundled world")
     absolute_winners: bool = opt(False, "keep only 'absolute winners' pairs (NCP paper filter)")
     drop_ties: bool = opt(True, "drop tied pairs (label_0 == label_1)")
     empty_prompt_prob: float = opt(0.2, "probability of training a pair on the empty prompt (Diffusion-DPO: 0.2)")
     columns: dict[str, str] = opt({}, "column renames, logical -> actual: caption, jpg_0, jpg_1, label_0, label_1, "
-                                      "image_0_uid, image_1_uid")
+                                      "image_0_uid, image_1_uid (pairs); caption, image, label (unpaired: "
+                                      "parquet columns or JSONL keys)")
     num_workers: int = opt(2, "decoding workers (torch) or threads (rust; 0 = all cores)")
     cache_dir: str | None = opt(None, "latent cache folder written by `python -m ncp.cache` (skips decoding and VAE)")
     strict: bool = opt(False, "a corrupt image is an error instead of a counted, reported skip")
@@ -179,6 +183,15 @@ class Config:
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {what}")
+        if self.data.format == "unpaired":
+            objective = OBJECTIVES[self.objective.name]
+            if not objective.per_image:
+                per_image = ", ".join(n for n, o in OBJECTIVES.items() if o.per_image)
+                raise ConfigError(f"data.format=unpaired gives single images with binary labels, but "
+                                  f"objective.name={self.objective.name} compares the two images of a pair; "
+                                  f"unpaired data trains {per_image}")
+            if self.data.absolute_winners:
+                raise ConfigError("data.absolute_winners selects pairs; data.format=unpaired has none")
         weights = self.objective.tap_weights
         if weights is not None and len(weights) != len(self.objective.taps):
             raise ConfigError(f"objective.tap_weights has {len(weights)} values for {len(self.objective.taps)} taps")

@@ -22,7 +22,7 @@ import torch
 
 from ncp import checkpoint as ckpt
 from ncp.config import Config, ConfigError, help_text, load_config, to_dict
-from ncp.data.batch import DataError, PairBatch, vae_posterior
+from ncp.data.batch import Batch, DataError, UnpairedBatch, vae_posterior
 from ncp.data.options import LoaderOptions
 from ncp.data.sources import PairSource, build_source, endless
 from ncp.metrics import MetricsLogger
@@ -149,20 +149,21 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 
 @torch.no_grad()
-def batch_latents(batch: PairBatch, models: Models, generator: torch.Generator) -> torch.Tensor:
-    """(2B, C, h, w) scaled latents, winners then losers, sampled from the VAE posterior."""
+def batch_latents(batch: Batch, models: Models, generator: torch.Generator) -> torch.Tensor:
+    """(2B, C, h, w) scaled latents, winners then losers (unpaired: (N, C, h, w), one per image), sampled from
+    the VAE posterior."""
     vae = models.vae
     if batch.latents is not None:
         mean, logvar = batch.latents.to(models.device, torch.float32).unbind(1)
     else:
-        mean, logvar = vae_posterior(vae, torch.cat([batch.winners, batch.losers]))  # uint8 -> [-1, 1] on the device
+        mean, logvar = vae_posterior(vae, batch.pixels())  # uint8 -> [-1, 1] on the device
         mean, logvar = mean.to(models.device, torch.float32), logvar.to(models.device, torch.float32)
     sample = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((sample - shift) * vae.config.scaling_factor).to(models.weight_dtype)
 
 
-def batch_conditioning(batch: PairBatch, models: Models, resolution: int) -> Conditioning:
+def batch_conditioning(batch: Batch, models: Models, resolution: int) -> Conditioning:
     if batch.prompt_embeds is not None:
         cond = Conditioning(batch.prompt_embeds.to(models.device, models.weight_dtype),
                             None if batch.pooled_prompt_embeds is None
@@ -175,28 +176,37 @@ def batch_conditioning(batch: PairBatch, models: Models, resolution: int) -> Con
     return cond
 
 
-def micro_step(tr: Trainer, batch: PairBatch, micro: int):
+def micro_step(tr: Trainer, batch: Batch, micro: int):
+    """One micro-batch through the objective. A pair batch: B pairs, each pair's two images share ``t`` and
+    the noise. An unpaired batch (binary feedback, per-image objectives only: KTO): N images, each with its
+    own prompt, ``t`` and noise, and its label."""
     cfg, models = tr.cfg, tr.models
     gen = step_generator(cfg.train.seed, tr.step, micro, tr.accelerator.process_index, models.device)
     x0 = batch_latents(batch, models, gen)
     cond = batch_conditioning(batch, models, cfg.data.resolution)
     noise = sample_noise(len(batch), tuple(x0.shape[1:]), tr.schedule.num_timesteps, gen, models.device)
     objective = OBJECTIVES[cfg.objective.name]
+    desirable = None
+    if isinstance(batch, UnpairedBatch):
+        if not objective.per_image:  # the config refuses this first (data.format); a source built by hand may not
+            raise DataError(f"an unpaired batch (single images with binary labels) cannot train "
+                            f"objective.name={cfg.objective.name}, which compares the two images of a pair")
+        desirable = batch.desirable.to(models.device)
     if cfg.model.compile_mode == "reduce-overhead":  # CUDA graphs: the previous step's outputs may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
     with tr.accelerator.autocast(), attention_backend(cfg.model.attention_backend):
         return preference_step(tr.unet, tr.base, tr.schedule, objective, objective.loss_kwargs(cfg.objective),
                                x0, cond, noise, tr.taps, tr.tap_weights, cfg.objective.error_scale,
-                               timestep_table=tr.timestep_table)
+                               timestep_table=tr.timestep_table, desirable=desirable)
 
 
-def batches(source: PairSource) -> Iterator[PairBatch]:
+def batches(source: PairSource) -> Iterator[Batch]:
     """Endless batches: epoch after epoch, continuing mid-epoch after a resume. The source owns the
     epoch counter (it moves to the next epoch as a pass ends); the trainer only iterates."""
     return endless(source)
 
 
-def optimizer_step(tr: Trainer, data: Iterator[PairBatch]) -> dict[str, float] | None:
+def optimizer_step(tr: Trainer, data: Iterator[Batch]) -> dict[str, float] | None:
     """Accumulate grad_accum micro-steps, clip, step. Returns metrics, or None when the loss was not finite."""
     acc, accum = tr.accelerator, tr.cfg.train.grad_accum
     sums: dict[str, float] = {}

@@ -2,7 +2,7 @@
 //! `cargo run --release --example profile -- FILE [RES] [BATCH]`.
 use ncp_dataloader::batch::{epoch_samples, Config};
 use ncp_dataloader::imaging::{crop_flip_chw, decode, transform_into};
-use ncp_dataloader::source::{build_index, read_image_pairs, Columns, Location, Selection};
+use ncp_dataloader::source::{build_index, read_images, Columns, Location, Selection};
 use std::time::Instant;
 
 fn main() {
@@ -18,12 +18,12 @@ fn main() {
     let mut all = Vec::new();
     for &s in &samples {
         let Location::Parquet { row_group, row_in_group } = index.pairs[s as usize].location else { panic!() };
-        let b = read_image_pairs(&index, index.pairs[s as usize].file, row_group, &[row_in_group]).unwrap();
+        let b = read_images(&index, index.pairs[s as usize].file, row_group, &[row_in_group]).unwrap();
         all.push(b.into_iter().next().unwrap());
     }
     let n = samples.len() as f64;
     println!("read per pair (one row group read per pair): {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / n);
-    let imgs: Vec<Vec<u8>> = all.into_iter().flat_map(|(a, b)| [a.unwrap(), b.unwrap()]).collect();
+    let imgs: Vec<Vec<u8>> = all.into_iter().flat_map(|images| images.into_iter().map(Option::unwrap)).collect();
     let m = imgs.len() as f64;
     let mut out = vec![0u8; 3 * (res * res) as usize];
     for _ in 0..2 {

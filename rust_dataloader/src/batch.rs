@@ -3,7 +3,7 @@
 use crate::error::{LoadError, Result, SkipRecord};
 use crate::imaging::{transform_into, DecodeError};
 use crate::rng::{permutation, sample_rng};
-use crate::source::{content_hash, read_image_pairs, read_paths, skip_record, Location, PairIndex};
+use crate::source::{content_hash, read_images, read_path, skip_record, Location, PairIndex};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -60,16 +60,19 @@ pub fn num_batches(num_pairs: usize, cfg: &Config) -> usize {
     }
 }
 
-/// B pairs (B may be smaller than batch_size after skips or at the epoch's end).
+/// B items (B may be smaller than batch_size after skips or at the epoch's end): pairs, or unpaired images.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub indices: Vec<i64>,
     pub captions: Vec<String>,
-    pub winners: Vec<u8>, // (B, 3, R, R)
-    pub losers: Vec<u8>,  // (B, 3, R, R)
-    pub original_sizes: Vec<i64>, // (B, 2) height, width of the winner
+    /// One buffer per image of an item, each (B, 3, R, R): winners then losers for pairs, the images
+    /// for unpaired rows.
+    pub images: Vec<Vec<u8>>,
+    /// Unpaired rows: whether each image is desirable (empty for pairs).
+    pub desirable: Vec<bool>,
+    pub original_sizes: Vec<i64>, // (B, 2) height, width of the winner (the image)
     pub crop_top_left: Vec<i64>,  // (B, 2) top, left of the winner's crop
-    pub image_hashes: Vec<u64>,   // (B, 2) content hashes of the winner's and loser's bytes
+    pub image_hashes: Vec<u64>,   // (B, images per item) content hashes of the winner's and loser's bytes
     pub skipped: Vec<SkipRecord>,
     /// Time spent reading encoded bytes, and decoding + transforming (summed over threads).
     pub read_ns: u64,
@@ -85,14 +88,14 @@ impl Batch {
     }
 }
 
-/// Augmentation draws of one pair: shared by winner and loser.
+/// Augmentation draws of one item: shared by winner and loser.
 pub struct Draws {
     pub crop: Option<(f64, f64)>,
     pub flip: bool,
     pub drop_caption: bool,
 }
 
-/// The draws of pair `index` in `epoch`: crop (u_top, u_left), flip, empty prompt,
+/// The draws of item `index` in `epoch`: crop (u_top, u_left), flip, empty prompt,
 /// from one stream keyed by (seed, epoch, index). The latent cache reader uses the
 /// same function (through `ncp_dataloader.augment_draws`).
 pub fn draws(cfg: &Config, epoch: u64, index: u32) -> Draws {
@@ -107,9 +110,16 @@ pub fn draws(cfg: &Config, epoch: u64, index: u32) -> Draws {
 
 type Bytes = std::result::Result<Vec<u8>, String>;
 
-/// The encoded bytes of both images of each pair, in `samples` order.
-fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<(Bytes, Bytes)>> {
-    // Parquet pairs grouped by (file, row group), one projected read per group.
+/// An item's images, and its place in the batch.
+type Slot = (usize, Vec<Bytes>);
+
+fn null_image() -> Bytes {
+    Err("image is null".to_string())
+}
+
+/// The encoded bytes of each item's images (in column order: jpg_0, jpg_1 / the image), in `samples` order.
+fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<Vec<Bytes>>> {
+    // Parquet items grouped by (file, row group), one projected read per group.
     let mut groups: BTreeMap<(u32, u32), Vec<(u32, usize)>> = BTreeMap::new();
     for (slot, &s) in samples.iter().enumerate() {
         let p = &index.pairs[s as usize];
@@ -117,73 +127,67 @@ fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<(Bytes, Bytes)>> {
             groups.entry((p.file, row_group)).or_default().push((row_in_group, slot));
         }
     }
-    let missing = || Err("image is null".to_string());
-    let mut out: Vec<(Bytes, Bytes)> = (0..samples.len()).map(|_| (missing(), missing())).collect();
+    let mut out: Vec<Vec<Bytes>> = vec![Vec::new(); samples.len()];
     let groups: Vec<_> = groups.into_iter().collect();
-    let read: Vec<Result<Vec<(usize, (Bytes, Bytes))>>> = groups
+    let read: Vec<Result<Vec<Slot>>> = groups
         .into_par_iter()
         .map(|((file, rg), mut rows)| {
             rows.sort_unstable();
-            let data: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = if index.row_groups.worth_it(index, file, rg) {
+            let data: Vec<Vec<Option<Vec<u8>>>> = if index.row_groups.worth_it(index, file, rg) {
                 let imgs = index.row_groups.get(index, file, rg)?;
-                rows.iter()
-                    .map(|&(r, _)| {
-                        let (a, b) = imgs.pair(r as usize);
-                        (a.map(<[u8]>::to_vec), b.map(<[u8]>::to_vec))
-                    })
-                    .collect()
+                rows.iter().map(|&(r, _)| imgs.images(r as usize).into_iter().map(|x| x.map(<[u8]>::to_vec)).collect()).collect()
             } else {
                 let row_ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
-                read_image_pairs(index, file, rg, &row_ids)?
+                read_images(index, file, rg, &row_ids)?
             };
             Ok(rows
                 .into_iter()
                 .zip(data)
-                .map(|((_, slot), (a, b))| (slot, (a.ok_or_else(|| "image is null".to_string()), b.ok_or_else(|| "image is null".to_string()))))
+                .map(|((_, slot), images)| (slot, images.into_iter().map(|x| x.ok_or_else(|| "image is null".to_string())).collect()))
                 .collect())
         })
         .collect();
     for group in read {
-        for (slot, pair) in group? {
-            out[slot] = pair;
+        for (slot, images) in group? {
+            out[slot] = images;
         }
     }
     for (slot, &s) in samples.iter().enumerate() {
-        if let Location::Paths { image_0, image_1 } = &index.pairs[s as usize].location {
-            out[slot] = read_paths(image_0, image_1);
+        match &index.pairs[s as usize].location {
+            Location::Paths { image_0, image_1 } => out[slot] = vec![read_path(image_0), read_path(image_1)],
+            Location::Path { image } => out[slot] = vec![read_path(image)],
+            Location::Parquet { .. } => {}
         }
+    }
+    for images in &mut out {
+        images.resize_with(index.columns.format.images(), null_image);
     }
     Ok(out)
 }
 
-/// Per-pair result: (height, width, top, left) of the winner, or why it failed.
-type PairResult = std::result::Result<[i64; 4], (u8, DecodeError)>;
+/// Per-item result: (height, width, top, left) of the winner (the image), or which image failed and why.
+type ItemResult = std::result::Result<[i64; 4], (u8, DecodeError)>;
 
 /// Decode, resize, crop and flip one image into `out`; returns (h, w, top, left).
 fn transform(bytes: &[u8], res: u32, d: &Draws, out: &mut [u8]) -> std::result::Result<[i64; 4], DecodeError> {
     transform_into(bytes, res, d.crop, d.flip, out)
 }
 
-/// Decode and transform both images of pair `s` (winner into `w_out`, loser into `l_out`).
-fn transform_pair(
-    index: &PairIndex,
-    res: u32,
-    s: u32,
-    b: &(Bytes, Bytes),
-    d: &Draws,
-    w_out: &mut [u8],
-    l_out: &mut [u8],
-) -> PairResult {
-    let first = index.pairs[s as usize].winner;
-    let (wb, lb) = if first == 0 { (&b.0, &b.1) } else { (&b.1, &b.0) };
-    let wb = wb.as_ref().map_err(|e| (first, DecodeError::Corrupt(e.clone())))?;
-    let meta = transform(wb, res, d, w_out).map_err(|e| (first, e))?;
-    let lb = lb.as_ref().map_err(|e| (1 - first, DecodeError::Corrupt(e.clone())))?;
-    transform(lb, res, d, l_out).map_err(|e| (1 - first, e))?;
+/// Decode and transform the images of item `s` in batch order (winner into `outs[0]`, loser into `outs[1]`;
+/// an unpaired image into `outs[0]`).
+fn transform_item(index: &PairIndex, res: u32, s: u32, b: &[Bytes], d: &Draws, outs: &mut [&mut [u8]]) -> ItemResult {
+    let mut meta = [0i64; 4];
+    for (k, (&image, out)) in index.pairs[s as usize].image_order().iter().zip(outs.iter_mut()).enumerate() {
+        let bytes = b[image as usize].as_ref().map_err(|e| (image, DecodeError::Corrupt(e.clone())))?;
+        let m = transform(bytes, res, d, out).map_err(|e| (image, e))?;
+        if k == 0 {
+            meta = m;
+        }
+    }
     Ok(meta)
 }
 
-/// Build one batch from its pair indices.
+/// Build one batch from its item indices.
 pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32]) -> Result<Batch> {
     let res = cfg.resolution;
     let per = 3 * (res as usize) * (res as usize);
@@ -192,52 +196,54 @@ pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32])
     let bytes = fetch(index, samples)?;
     let read_ns = t0.elapsed().as_nanos() as u64;
     let decode_ns = std::sync::atomic::AtomicU64::new(0);
-    let mut winners = vec![0u8; n * per];
-    let mut losers = vec![0u8; n * per];
+    let mut images: Vec<Vec<u8>> = (0..index.columns.format.images()).map(|_| vec![0u8; n * per]).collect();
     let all_draws: Vec<Draws> = samples.iter().map(|&s| draws(cfg, epoch, s)).collect();
-    let hashes: Vec<[u64; 2]> = bytes
+    let hashes: Vec<Vec<u64>> = bytes
         .par_iter()
         .zip(samples.par_iter())
         .map(|(b, &s)| {
             let h = |x: &Bytes| x.as_ref().map(|v| content_hash(v)).unwrap_or(0);
-            let (h0, h1) = (h(&b.0), h(&b.1));
-            if index.pairs[s as usize].winner == 0 { [h0, h1] } else { [h1, h0] }
+            index.pairs[s as usize].image_order().iter().map(|&k| h(&b[k as usize])).collect()
         })
         .collect();
-    let results: Vec<PairResult> = winners
-        .par_chunks_mut(per)
-        .zip(losers.par_chunks_mut(per))
+    // Each item's output slices: one per image buffer.
+    let mut outs: Vec<Vec<&mut [u8]>> = (0..n).map(|_| Vec::with_capacity(images.len())).collect();
+    for buf in images.iter_mut() {
+        for (item, chunk) in outs.iter_mut().zip(buf.chunks_mut(per)) {
+            item.push(chunk);
+        }
+    }
+    let results: Vec<ItemResult> = outs
+        .into_par_iter()
         .zip(bytes.par_iter().zip(samples.par_iter()).zip(all_draws.par_iter()))
-        .map(|((w_out, l_out), ((b, &s), d))| {
+        .map(|(mut out, ((b, &s), d))| {
             let t = std::time::Instant::now();
-            let r = transform_pair(index, res, s, b, d, w_out, l_out);
+            let r = transform_item(index, res, s, b, d, &mut out);
             decode_ns.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
             r
         })
         .collect();
-    let mut batch = assemble(index, cfg, samples, &all_draws, results, winners, losers, per)?;
+    let mut batch = assemble(index, cfg, samples, &all_draws, results, images, per)?;
     batch.read_ns = read_ns;
     batch.decode_ns = decode_ns.into_inner();
     let kept: std::collections::HashSet<i64> = batch.indices.iter().copied().collect();
     batch.image_hashes = samples
         .iter()
-        .zip(&hashes)
+        .zip(hashes)
         .filter(|(s, _)| kept.contains(&(**s as i64)))
-        .flat_map(|(_, h)| *h)
+        .flat_map(|(_, h)| h)
         .collect();
     Ok(batch)
 }
 
-/// Turn per-pair results into a batch: errors raise or skip, survivors are compacted.
-#[allow(clippy::too_many_arguments)]
+/// Turn per-item results into a batch: errors raise or skip, survivors are compacted.
 fn assemble(
     index: &PairIndex,
     cfg: &Config,
     samples: &[u32],
     all_draws: &[Draws],
-    results: Vec<PairResult>,
-    mut winners: Vec<u8>,
-    mut losers: Vec<u8>,
+    results: Vec<ItemResult>,
+    mut images: Vec<Vec<u8>>,
     per: usize,
 ) -> Result<Batch> {
     let mut batch = Batch::default();
@@ -260,27 +266,31 @@ fn assemble(
             }
         };
         if kept != slot {
-            winners.copy_within(slot * per..(slot + 1) * per, kept * per);
-            losers.copy_within(slot * per..(slot + 1) * per, kept * per);
+            for buf in images.iter_mut() {
+                buf.copy_within(slot * per..(slot + 1) * per, kept * per);
+            }
         }
         kept += 1;
         batch.indices.push(samples[slot] as i64);
         let caption = if all_draws[slot].drop_caption { String::new() } else { pair.caption.clone() };
         batch.captions.push(caption);
+        if let Some(d) = pair.desirable {
+            batch.desirable.push(d);
+        }
         batch.original_sizes.extend_from_slice(&meta[..2]);
         batch.crop_top_left.extend_from_slice(&meta[2..]);
     }
-    winners.truncate(kept * per);
-    losers.truncate(kept * per);
-    batch.winners = winners;
-    batch.losers = losers;
+    for buf in images.iter_mut() {
+        buf.truncate(kept * per);
+    }
+    batch.images = images;
     Ok(batch)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::source::{build_index, read_image_pairs, Columns, Location, Selection};
+    use crate::source::{build_index, read_images, Columns, Location, Selection};
     use arrow_array::{ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray};
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;
@@ -363,10 +373,10 @@ pub(crate) mod tests {
         let b = build_batch(&index, &c, 0, &[0, 1]).unwrap();
         assert_eq!(b.captions, vec!["a", "c"]);
         let plane = 64;
-        assert_eq!(b.winners[0], 255); // pair 0: image 0 (red) won
-        assert_eq!(b.winners[3 * plane], 0); // pair 1: image 1 (blue) won: red plane 0
-        assert_eq!(b.winners[3 * plane + 2 * plane], 255); // ... blue plane 255
-        assert_eq!(b.losers[3 * plane], 255); // and the red image lost
+        assert_eq!(b.images[0][0], 255); // pair 0: image 0 (red) won
+        assert_eq!(b.images[0][3 * plane], 0); // pair 1: image 1 (blue) won: red plane 0
+        assert_eq!(b.images[0][3 * plane + 2 * plane], 255); // ... blue plane 255
+        assert_eq!(b.images[1][3 * plane], 255); // and the red image lost
         assert_eq!(&b.original_sizes, &[10, 12, 10, 12]);
     }
 
@@ -395,7 +405,7 @@ pub(crate) mod tests {
         let mut c = cfg(1, 0, 3, true);
         let b = build_batch(&index, &c, 0, &[0, 1, 2]).unwrap();
         assert_eq!(b.indices, vec![0, 2]);
-        assert_eq!(b.winners.len(), 2 * 3 * 64);
+        assert_eq!(b.images[0].len(), 2 * 3 * 64);
         assert_eq!((b.skipped[0].row, b.skipped[0].column.as_str()), (1, "jpg_0"));
         c.strict = true;
         match build_batch(&index, &c, 0, &[0, 1, 2]) {
@@ -417,7 +427,7 @@ pub(crate) mod tests {
             pool.install(|| build_batch(&index, &c, 1, &samples).unwrap())
         };
         let (a, b) = (run(1), run(3));
-        assert_eq!((a.indices, a.winners, a.crop_top_left), (b.indices, b.winners, b.crop_top_left));
+        assert_eq!((a.indices, a.images, a.crop_top_left), (b.indices, b.images, b.crop_top_left));
     }
 
     #[test]
@@ -467,10 +477,10 @@ pub(crate) mod tests {
             for p in &index.pairs {
                 let Location::Parquet { row_group, row_in_group } = p.location else { panic!() };
                 assert!(index.row_groups.worth_it(&index, p.file, row_group)); // all fits
-                let direct = read_image_pairs(&index, p.file, row_group, &[row_in_group]).unwrap().remove(0);
+                let direct = read_images(&index, p.file, row_group, &[row_in_group]).unwrap().remove(0);
                 let imgs = index.row_groups.get(&index, p.file, row_group).unwrap();
-                let (a, b) = imgs.pair(row_in_group as usize);
-                assert_eq!((a.map(<[u8]>::to_vec), b.map(<[u8]>::to_vec)), direct);
+                let cached: Vec<Option<Vec<u8>>> = imgs.images(row_in_group as usize).into_iter().map(|x| x.map(<[u8]>::to_vec)).collect();
+                assert_eq!(cached, direct);
             }
             // 4 row groups of 3, 3, 3, 2 rows: each read once, the other rows were hits
             use std::sync::atomic::Ordering::Relaxed;
@@ -532,12 +542,122 @@ pub(crate) mod tests {
         let run = |index: &PairIndex| -> Vec<_> {
             samples.chunks(3).map(|s| {
                 let b = build_batch(index, &c, 0, s).unwrap();
-                (b.indices, b.winners, b.losers, b.image_hashes, b.skipped, b.crop_top_left)
+                (b.indices, b.images, b.image_hashes, b.skipped, b.crop_top_left)
             }).collect()
         };
         let without = run(&index);
         index.set_row_group_cache(1 << 20);
         assert_eq!(run(&index), without);
         assert!(index.row_groups.reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
+
+    /// An unpaired shard `u.parquet` (row groups of 2): caption `c{i}`, an image of colour (40 i, 0, 0), and
+    /// the label column `label` given.
+    pub(crate) fn unpaired_shard(dir: &std::path::Path, labels: ArrayRef) -> String {
+        let path = dir.join("u.parquet");
+        let n = labels.len();
+        let imgs: Vec<Vec<u8>> = (0..n).map(|i| png([(40 * i) as u8, 0, 0], 12, 10)).collect();
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("caption", Arc::new(StringArray::from((0..n).map(|i| format!("c{i}")).collect::<Vec<_>>()))),
+            ("image", Arc::new(BinaryArray::from(imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
+            ("label", labels),
+        ];
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let props = WriterProperties::builder().set_max_row_group_size(2).build();
+        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    fn unpaired_columns() -> Columns {
+        Columns::for_format(crate::source::Format::Unpaired, &[]).unwrap()
+    }
+
+    #[test]
+    fn unpaired_rows_are_single_images_with_their_labels_of_any_type() {
+        use arrow_array::{BooleanArray, Int64Array};
+        let dir = tempfile::tempdir().unwrap();
+        let sel = Selection { drop_ties: true, absolute_winners: false };
+        let kinds: Vec<ArrayRef> = vec![
+            Arc::new(BooleanArray::from(vec![true, false, true])),
+            Arc::new(Int64Array::from(vec![1, 0, 1])),
+            Arc::new(Float64Array::from(vec![1.0, 0.0, 1.0])),
+            Arc::new(StringArray::from(vec!["desirable", "undesirable", "desirable"])),
+        ];
+        for labels in kinds {
+            let path = unpaired_shard(dir.path(), labels);
+            let index = build_index(&[path], unpaired_columns(), sel).unwrap();
+            assert_eq!((index.stats.pairs, index.stats.desirable, index.stats.undesirable), (3, 2, 1));
+            let b = build_batch(&index, &cfg(1, 0, 3, true), 0, &[2, 0, 1]).unwrap();
+            assert_eq!(b.images.len(), 1);
+            assert_eq!(b.desirable, vec![true, true, false]);
+            assert_eq!(b.captions, vec!["c2", "c0", "c1"]);
+            assert_eq!((b.images[0][0], b.images[0][3 * 64]), (80, 0)); // row 2 is (80, 0, 0), row 0 black
+            assert_eq!(b.image_hashes.len(), 3);
+        }
+        let cols = Columns::for_format(crate::source::Format::Unpaired, &[("jpg_0".into(), "x".into())]);
+        assert!(cols.unwrap_err().to_string().contains("known: caption, image, label"));
+        let aw = Selection { drop_ties: true, absolute_winners: true };
+        let path = unpaired_shard(dir.path(), Arc::new(BooleanArray::from(vec![true])));
+        assert!(build_index(&[path], unpaired_columns(), aw).err().unwrap().to_string().contains("absolute_winners"));
+    }
+
+    #[test]
+    fn a_bad_label_is_an_error_naming_file_row_column_and_value() {
+        use arrow_array::{BooleanArray, Int64Array};
+        let dir = tempfile::tempdir().unwrap();
+        let sel = Selection { drop_ties: true, absolute_winners: false };
+        let cases: Vec<(ArrayRef, &str)> = vec![
+            (Arc::new(Int64Array::from(vec![1, 0, 0, 2])), "row 3 column 'label': label 2 is not"),
+            (Arc::new(Float64Array::from(vec![0.5])), "row 0 column 'label': label 0.5 is not"),
+            (Arc::new(StringArray::from(vec!["desirable", "good"])), "row 1 column 'label': label \"good\" is not"),
+            (Arc::new(BooleanArray::from(vec![Some(true), None])), "row 1 column 'label': label null is not"),
+        ];
+        for (labels, want) in cases {
+            let path = unpaired_shard(dir.path(), labels);
+            let err = build_index(std::slice::from_ref(&path), unpaired_columns(), sel).err().unwrap();
+            assert!(matches!(err, LoadError::BadValue { .. }), "{err:?}");
+            assert!(err.to_string().starts_with(&format!("{path} {want}")), "{err}");
+        }
+        let path = unpaired_shard(dir.path(), Arc::new(Int64Array::from(vec![1])));
+        let renamed = Columns::for_format(crate::source::Format::Unpaired, &[("label".into(), "good".into())]).unwrap();
+        match build_index(&[path], renamed, sel) {
+            Err(LoadError::MissingColumn { column, logical, .. }) => assert_eq!((column.as_str(), logical.as_str()), ("good", "label")),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn unpaired_jsonl_rows_with_renamed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, rgb) in [[255u8, 0, 0], [0, 0, 255]].iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{i}.png")), png(*rgb, 12, 10)).unwrap();
+        }
+        let lines = [
+            r#"{"text": "red", "file": "0.png", "label": true}"#,
+            "",
+            r#"{"text": "blue", "file": "1.png", "label": "undesirable"}"#,
+            r#"{"text": "red again", "file": "0.png", "label": 1}"#,
+        ];
+        let path = dir.path().join("u.jsonl");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let path = path.to_string_lossy().into_owned();
+        let overrides = [("caption".to_string(), "text".to_string()), ("image".to_string(), "file".to_string())];
+        let cols = Columns::for_format(crate::source::Format::Unpaired, &overrides).unwrap();
+        let sel = Selection { drop_ties: true, absolute_winners: false };
+        let index = build_index(std::slice::from_ref(&path), cols.clone(), sel).unwrap();
+        let b = build_batch(&index, &cfg(1, 0, 3, true), 0, &[0, 1, 2]).unwrap();
+        assert_eq!((b.desirable, b.captions), (vec![true, false, true], vec!["red".to_string(), "blue".into(), "red again".into()]));
+        assert_eq!((b.images[0][0], b.images[0][64 * 3 + 2 * 64]), (255, 255)); // red, then blue
+        assert_eq!(index.pairs.iter().map(|p| p.row).collect::<Vec<_>>(), vec![0, 2, 3]); // rows are lines
+        std::fs::write(dir.path().join("u.jsonl"), [lines[0], r#"{"text": "x", "file": "0.png", "label": "yes"}"#].join("\n")).unwrap();
+        let err = build_index(std::slice::from_ref(&path), cols.clone(), sel).err().unwrap();
+        assert!(err.to_string().starts_with(&format!("{path} line 2 key 'label': label \"yes\" is not")), "{err}");
+        std::fs::write(dir.path().join("u.jsonl"), r#"{"text": "x", "label": 0}"#).unwrap();
+        match build_index(&[path], cols, sel) {
+            Err(LoadError::MissingColumn { column, path: at, .. }) => assert_eq!((column.as_str(), at.ends_with("line 1")), ("file", true)),
+            other => panic!("{:?}", other.err()),
+        }
     }
 }

@@ -12,6 +12,9 @@ pub enum LoadError {
     Unsupported(String),
     /// A corrupt or truncated image; skipped unless `strict` (then CorruptImageError).
     Corrupt(SkipRecord),
+    /// A value in the data that the loader cannot take, e.g. a label that is neither desirable nor
+    /// undesirable (ValueError); `place` is "file row N column 'C'" or "file line N key 'K'".
+    BadValue { place: String, msg: String },
     /// Bad arguments (ValueError).
     Config(String),
     /// A bug: a worker panicked (RuntimeError).
@@ -44,6 +47,7 @@ impl fmt::Display for LoadError {
             ),
             LoadError::Unsupported(msg) => write!(f, "unsupported: {msg}"),
             LoadError::Corrupt(rec) => write!(f, "corrupt image: {rec}"),
+            LoadError::BadValue { place, msg } => write!(f, "{place}: {msg}"),
             LoadError::Config(msg) => write!(f, "{msg}"),
             LoadError::Internal(msg) => write!(f, "internal error in ncp_dataloader: {msg}"),
         }

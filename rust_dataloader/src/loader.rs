@@ -6,7 +6,7 @@
 //! the next epoch's start, so a consumer only iterates, pass after pass.
 use crate::batch::{build_batch, epoch_samples, num_batches, Batch, Config};
 use crate::error::{LoadError, Result};
-use crate::source::{build_index, Columns, IndexStats, PairIndex, Selection};
+use crate::source::{build_index, Columns, Format, IndexStats, PairIndex, Selection};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -32,6 +32,8 @@ pub fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// What the loader needs besides the batch `Config`.
 #[derive(Debug, Clone)]
 pub struct LoaderOptions {
+    /// Pairs, or unpaired images with binary labels.
+    pub format: Format,
     pub columns: Vec<(String, String)>,
     pub selection: Selection,
     /// Decoding threads (0: all cores).
@@ -51,6 +53,29 @@ pub struct State {
     pub world_size: usize,
     pub rank: usize,
     pub batch_size: usize,
+}
+
+impl State {
+    /// The fields by name: the keys of `ncp.data.sources.DataState`.
+    pub fn entries(&self) -> [(&'static str, u64); 6] {
+        [
+            ("epoch", self.epoch),
+            ("sample_in_epoch", self.sample_in_epoch as u64),
+            ("seed", self.seed),
+            ("world_size", self.world_size as u64),
+            ("rank", self.rank as u64),
+            ("batch_size", self.batch_size as u64),
+        ]
+    }
+}
+
+/// One value of `Loader::stats`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stat {
+    Count(u64),
+    Seconds(f64),
+    Text(&'static str),
+    Records(Vec<String>),
 }
 
 /// Counts of what iteration has yielded and skipped.
@@ -93,7 +118,7 @@ impl Loader {
         cfg.validate()?;
         let mut overrides = opts.columns.clone();
         overrides.sort();
-        let cols = Columns::with_overrides(&overrides)?;
+        let cols = Columns::for_format(opts.format, &overrides)?;
         let threads = if opts.num_threads == 0 {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         } else {
@@ -146,6 +171,48 @@ impl Loader {
 
     pub fn run_stats(&self) -> RunStats {
         self.stats.lock().unwrap().clone()
+    }
+
+    /// Pairs, or unpaired images.
+    pub fn format(&self) -> Format {
+        self.core.index.columns.format
+    }
+
+    /// Everything `stats()` reports, by name: the index counts (with the desirable and undesirable counts
+    /// for unpaired data), what iteration has yielded and skipped (with file and row), the threads, the
+    /// time spent reading and decoding, and the row-group cache.
+    pub fn stats(&self) -> Vec<(&'static str, Stat)> {
+        use Stat::{Count, Records, Seconds, Text};
+        let i = self.index_stats();
+        let s = self.run_stats();
+        let rgc = &self.core.index.row_groups;
+        let n = |v: usize| Count(v as u64);
+        let mut out = vec![
+            ("format", Text(self.format().name())),
+            ("files", n(i.files)),
+            ("rows", n(i.rows)),
+            ("ties", n(i.ties)),
+            ("dropped_ties", n(i.dropped_ties)),
+            ("dropped_not_absolute", n(i.dropped_not_absolute)),
+            ("pairs", n(i.pairs)),
+        ];
+        if self.format() == Format::Unpaired {
+            out.extend([("desirable", n(i.desirable)), ("undesirable", n(i.undesirable))]);
+        }
+        out.extend([
+            ("batches_yielded", Count(s.batches)),
+            ("pairs_yielded", Count(s.pairs)),
+            ("skipped", Count(s.skipped)),
+            ("skipped_records", Records(s.records)),
+            ("num_threads", n(self.num_threads())),
+            ("read_seconds", Seconds(s.read_ns as f64 * 1e-9)),
+            ("decode_seconds", Seconds(s.decode_ns as f64 * 1e-9)),
+            ("row_group_reads", Count(rgc.reads.load(Ordering::Relaxed))),
+            ("row_group_cache_hits", Count(rgc.hits.load(Ordering::Relaxed))),
+            ("row_group_cache_bytes", n(rgc.held_bytes())),
+            ("row_group_cache_budget", n(rgc.budget())),
+        ]);
+        out
     }
 
     /// Start `epoch` from its beginning; a no-op for the current epoch, so that a
@@ -363,7 +430,8 @@ mod tests {
 
     fn opts(threads: usize) -> LoaderOptions {
         LoaderOptions {
-            columns: vec![], selection: Selection { drop_ties: true, absolute_winners: false }, num_threads: threads,
+            format: Format::Pairs, columns: vec![], selection: Selection { drop_ties: true, absolute_winners: false },
+            num_threads: threads,
             prefetch: 3, row_group_cache_bytes: 0,
         }
     }
@@ -452,5 +520,25 @@ mod tests {
         let mut it = strict.iter();
         assert!((&mut it).any(|b| matches!(b, Err(LoadError::Corrupt(_)))));
         assert!(it.next().is_none());
+    }
+
+    #[test]
+    fn state_and_stats_name_their_fields_and_unpaired_stats_count_the_labels() {
+        use arrow_array::BooleanArray;
+        let dir = tempfile::tempdir().unwrap();
+        let l = loader(dir.path(), 2, 1);
+        let keys: Vec<&str> = l.state().entries().iter().map(|e| e.0).collect();
+        assert_eq!(keys, ["epoch", "sample_in_epoch", "seed", "world_size", "rank", "batch_size"]);
+        let names = |l: &Loader| l.stats().into_iter().map(|e| e.0).collect::<Vec<_>>();
+        assert!(!names(&l).contains(&"desirable"));
+        let path = crate::batch::tests::unpaired_shard(dir.path(), std::sync::Arc::new(BooleanArray::from(vec![true, false, true, true, false])));
+        let u = Loader::new(&[path], cfg(2), LoaderOptions { format: Format::Unpaired, ..opts(1) }).unwrap();
+        assert_eq!(u.len(), 2);
+        let got: Vec<bool> = u.iter().flat_map(|b| b.unwrap().desirable).collect();
+        assert_eq!(got.len(), 4);
+        let stats: HashMap<&str, Stat> = u.stats().into_iter().collect();
+        assert_eq!(names(&u)[..2], ["format", "files"]);
+        assert_eq!((&stats["format"], &stats["desirable"], &stats["undesirable"]), (&Stat::Text("unpaired"), &Stat::Count(3), &Stat::Count(2)));
+        assert_eq!((&stats["pairs"], &stats["pairs_yielded"]), (&Stat::Count(5), &Stat::Count(4)));
     }
 }

@@ -5,8 +5,8 @@
 use crate::batch::{draws, epoch_samples, num_batches, Batch, Config};
 use crate::error::LoadError;
 use crate::imaging::{decode, resize, shorter_side_size, DecodeError, Pixels};
-use crate::loader::{panic_message, EpochIter, Loader, LoaderOptions};
-use crate::source::Selection;
+use crate::loader::{panic_message, EpochIter, Loader, LoaderOptions, Stat};
+use crate::source::{Format, Selection};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyValueError};
@@ -14,7 +14,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use std::collections::HashMap;
 use std::panic::catch_unwind;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 create_exception!(ncp_dataloader, CorruptImageError, PyValueError, "A corrupt or truncated image (strict mode).");
@@ -25,7 +24,7 @@ fn to_py(e: LoadError) -> PyErr {
     match e {
         LoadError::Io { .. } => PyOSError::new_err(msg),
         LoadError::MissingColumn { .. } => PyKeyError::new_err(msg),
-        LoadError::Unsupported(_) | LoadError::Config(_) => PyValueError::new_err(msg),
+        LoadError::Unsupported(_) | LoadError::Config(_) | LoadError::BadValue { .. } => PyValueError::new_err(msg),
         LoadError::Corrupt(_) => CorruptImageError::new_err(msg),
         LoadError::Internal(_) => PyRuntimeError::new_err(msg),
     }
@@ -41,7 +40,7 @@ impl PairLoader {
     #[new]
     #[pyo3(signature = (sources, resolution, batch_size, seed=0, rank=0, world_size=1, random_crop=false,
         random_flip=true, drop_ties=true, absolute_winners=false, columns=None, num_threads=0, prefetch=4,
-        strict=false, drop_last=true, empty_prompt_prob=0.0, shuffle=true, row_group_cache_mb=512))]
+        strict=false, drop_last=true, empty_prompt_prob=0.0, shuffle=true, row_group_cache_mb=512, format="pairs"))]
     #[allow(clippy::too_many_arguments)] // the Python signature: keyword arguments, unpacked here only
     fn new(
         py: Python<'_>,
@@ -63,12 +62,14 @@ impl PairLoader {
         empty_prompt_prob: f64,
         shuffle: bool,
         row_group_cache_mb: usize,
+        format: &str,
     ) -> PyResult<Self> {
         let cfg = Config {
             resolution, batch_size, seed, rank, world_size, random_crop, random_flip, strict, drop_last, empty_prompt_prob,
             shuffle,
         };
         let opts = LoaderOptions {
+            format: Format::parse(format).map_err(to_py)?,
             columns: columns.unwrap_or_default().into_iter().collect(),
             selection: Selection { drop_ties, absolute_winners },
             num_threads,
@@ -95,17 +96,15 @@ impl PairLoader {
         self.inner.set_epoch(epoch)
     }
 
+    /// 'pairs' or 'unpaired'.
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.inner.format().name()
+    }
+
     /// {epoch, sample_in_epoch, seed, world_size, rank, batch_size}: where the next batch comes from.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.state();
-        let d = PyDict::new(py);
-        d.set_item("epoch", s.epoch)?;
-        d.set_item("sample_in_epoch", s.sample_in_epoch)?;
-        d.set_item("seed", s.seed)?;
-        d.set_item("world_size", s.world_size)?;
-        d.set_item("rank", s.rank)?;
-        d.set_item("batch_size", s.batch_size)?;
-        Ok(d)
+        stat_dict(py, self.inner.state().entries().map(|(k, v)| (k, Stat::Count(v))))
     }
 
     /// Continue exactly where `state` was taken (same seed, world size and batch size).
@@ -116,36 +115,29 @@ impl PairLoader {
         self.inner.resume(get("epoch")?, get("sample_in_epoch")? as usize, &order).map_err(to_py)
     }
 
-    /// Index counts, and what iteration has yielded and skipped (with file and row).
+    /// Index counts, and what iteration has yielded and skipped (with file and row): `Loader::stats`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let i = self.inner.index_stats();
-        let s = self.inner.run_stats();
-        let d = PyDict::new(py);
-        d.set_item("files", i.files)?;
-        d.set_item("rows", i.rows)?;
-        d.set_item("ties", i.ties)?;
-        d.set_item("dropped_ties", i.dropped_ties)?;
-        d.set_item("dropped_not_absolute", i.dropped_not_absolute)?;
-        d.set_item("pairs", i.pairs)?;
-        d.set_item("batches_yielded", s.batches)?;
-        d.set_item("pairs_yielded", s.pairs)?;
-        d.set_item("skipped", s.skipped)?;
-        d.set_item("skipped_records", PyList::new(py, &s.records)?)?;
-        d.set_item("num_threads", self.inner.num_threads())?;
-        d.set_item("read_seconds", s.read_ns as f64 * 1e-9)?;
-        d.set_item("decode_seconds", s.decode_ns as f64 * 1e-9)?;
-        let rgc = &self.inner.index().row_groups;
-        d.set_item("row_group_reads", rgc.reads.load(Ordering::Relaxed))?;
-        d.set_item("row_group_cache_hits", rgc.hits.load(Ordering::Relaxed))?;
-        d.set_item("row_group_cache_bytes", rgc.held_bytes())?;
-        d.set_item("row_group_cache_budget", rgc.budget())?;
-        Ok(d)
+        stat_dict(py, self.inner.stats())
     }
 
     /// The rest of the current epoch; the loader then stands at the next epoch's start.
     fn __iter__(&self) -> PairIter {
-        PairIter { inner: self.inner.iter(), resolution: self.inner.config().resolution as usize }
+        PairIter { inner: self.inner.iter(), resolution: self.inner.config().resolution as usize, format: self.inner.format() }
     }
+}
+
+/// The one conversion of the core's named values (state, stats) into a Python dict.
+fn stat_dict<'py>(py: Python<'py>, entries: impl IntoIterator<Item = (&'static str, Stat)>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in entries {
+        match v {
+            Stat::Count(n) => d.set_item(k, n)?,
+            Stat::Seconds(x) => d.set_item(k, x)?,
+            Stat::Text(t) => d.set_item(k, t)?,
+            Stat::Records(r) => d.set_item(k, PyList::new(py, r)?)?,
+        }
+    }
+    Ok(d)
 }
 
 /// One pass over the rest of an epoch (`loader::EpochIter`).
@@ -153,18 +145,30 @@ impl PairLoader {
 pub struct PairIter {
     inner: EpochIter,
     resolution: usize,
+    format: Format,
 }
 
-fn batch_dict<'py>(py: Python<'py>, b: Batch, res: usize) -> PyResult<Bound<'py, PyDict>> {
+/// A batch as a dict: `winners` and `losers` (pairs) or `images` and `desirable` (unpaired), each image
+/// buffer uint8 (B, 3, R, R).
+fn batch_dict<'py>(py: Python<'py>, b: Batch, res: usize, format: Format) -> PyResult<Bound<'py, PyDict>> {
     let n = b.len();
     let d = PyDict::new(py);
-    d.set_item("winners", PyArray1::from_vec(py, b.winners).reshape([n, 3, res, res])?)?;
-    d.set_item("losers", PyArray1::from_vec(py, b.losers).reshape([n, 3, res, res])?)?;
+    let names: &[&str] = match format {
+        Format::Pairs => &["winners", "losers"],
+        Format::Unpaired => &["images"],
+    };
+    let per_item = b.images.len();
+    for (name, buf) in names.iter().zip(b.images) {
+        d.set_item(*name, PyArray1::from_vec(py, buf).reshape([n, 3, res, res])?)?;
+    }
+    if format == Format::Unpaired {
+        d.set_item("desirable", PyArray1::from_vec(py, b.desirable))?;
+    }
     d.set_item("captions", PyList::new(py, b.captions)?)?;
     d.set_item("original_sizes", PyArray1::from_vec(py, b.original_sizes).reshape([n, 2])?)?;
     d.set_item("crop_top_left", PyArray1::from_vec(py, b.crop_top_left).reshape([n, 2])?)?;
     d.set_item("indices", PyArray1::from_vec(py, b.indices))?;
-    d.set_item("image_hashes", PyArray1::from_vec(py, b.image_hashes).reshape([n, 2])?)?;
+    d.set_item("image_hashes", PyArray1::from_vec(py, b.image_hashes).reshape([n, per_item])?)?;
     d.set_item("skipped", b.skipped.len())?;
     Ok(d)
 }
@@ -179,7 +183,7 @@ impl PairIter {
         let inner = &mut self.inner;
         match py.allow_threads(|| inner.next()) {
             None => Ok(None),
-            Some(Ok(batch)) => batch_dict(py, batch, self.resolution).map(Some),
+            Some(Ok(batch)) => batch_dict(py, batch, self.resolution, self.format).map(Some),
             Some(Err(e)) => Err(to_py(e)),
         }
     }
@@ -284,6 +288,14 @@ fn content_hash(data: &Bound<'_, PyBytes>) -> u64 {
     crate::source::content_hash(data.as_bytes())
 }
 
+/// The uid of an image when the uid columns are missing ("xxh3:" and 16 hex digits; a null: of no bytes):
+/// what `ncp.data.pairs.image_uid` must give.
+#[pyfunction]
+#[pyo3(signature = (data))]
+fn image_uid(data: Option<&Bound<'_, PyBytes>>) -> String {
+    crate::source::image_uid(data.map(|d| d.as_bytes()))
+}
+
 #[pymodule]
 fn ncp_dataloader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PairLoader>()?;
@@ -294,6 +306,7 @@ fn ncp_dataloader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(augment_draws, m)?)?;
     m.add_function(wrap_pyfunction!(content_hash, m)?)?;
     m.add_function(wrap_pyfunction!(expand_sources, m)?)?;
+    m.add_function(wrap_pyfunction!(image_uid, m)?)?;
     m.add("CorruptImageError", m.py().get_type::<CorruptImageError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

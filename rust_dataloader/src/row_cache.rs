@@ -7,18 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The image columns of all rows of one row group.
+/// The image columns of all rows of one row group (jpg_0, jpg_1 for pairs; the image for unpaired rows).
 pub struct RowGroupImages {
-    jpg_0: ArrayRef,
-    jpg_1: ArrayRef,
-    /// Memory held by the two arrays.
+    columns: Vec<ArrayRef>,
+    /// Memory held by the arrays.
     pub bytes: usize,
 }
 
 impl RowGroupImages {
-    /// The bytes of both images of row `row` of the group (None for a null).
-    pub fn pair(&self, row: usize) -> (Option<&[u8]>, Option<&[u8]>) {
-        (binary_at(&self.jpg_0, row), binary_at(&self.jpg_1, row))
+    /// The bytes of the images of row `row` of the group, in column order (None for a null).
+    pub fn images(&self, row: usize) -> Vec<Option<&[u8]>> {
+        self.columns.iter().map(|c| binary_at(c, row)).collect()
     }
 }
 
@@ -41,8 +40,7 @@ pub fn read_row_group_images(index: &PairIndex, file: u32, row_group: u32) -> Re
     };
     let rg = row_group as usize;
     let rg_rows = (row_group_starts[rg + 1] - row_group_starts[rg]) as usize;
-    let cols = &index.columns;
-    let names = [("jpg_0", cols.jpg_0.as_str()), ("jpg_1", cols.jpg_1.as_str())];
+    let names = index.columns.images();
     let batches = read_columns(f, &names, Some(vec![rg]), None, rg_rows)?;
     let concat = |name: &str| -> Result<ArrayRef> {
         let parts: Vec<&dyn Array> = batches.iter().map(|b| column(b, name).as_ref()).collect();
@@ -53,12 +51,12 @@ pub fn read_row_group_images(index: &PairIndex, file: u32, row_group: u32) -> Re
         binaries(&arr, &f.path, name)?; // the type check
         Ok(arr)
     };
-    let (jpg_0, jpg_1) = (concat(&cols.jpg_0)?, concat(&cols.jpg_1)?);
-    if jpg_0.len() != rg_rows || jpg_1.len() != rg_rows {
-        return Err(io_err(&f.path, format!("row group {rg}: read {} rows, expected {rg_rows}", jpg_0.len())));
+    let columns: Vec<ArrayRef> = names.iter().map(|(_, name)| concat(name)).collect::<Result<_>>()?;
+    if let Some(c) = columns.iter().find(|c| c.len() != rg_rows) {
+        return Err(io_err(&f.path, format!("row group {rg}: read {} rows, expected {rg_rows}", c.len())));
     }
-    let bytes = jpg_0.get_array_memory_size() + jpg_1.get_array_memory_size();
-    Ok(RowGroupImages { jpg_0, jpg_1, bytes })
+    let bytes = columns.iter().map(|c| c.get_array_memory_size()).sum();
+    Ok(RowGroupImages { columns, bytes })
 }
 
 type Slot = Arc<OnceLock<Result<Arc<RowGroupImages>>>>;
@@ -196,7 +194,7 @@ fn row_group_count(index: &PairIndex, file: u32) -> u32 {
 fn image_chunks(index: &PairIndex, file: u32, row_group: u32) -> Vec<&parquet::file::metadata::ColumnChunkMetaData> {
     let FileKind::Parquet { meta, .. } = &index.files[file as usize].kind else { return Vec::new() };
     let rg = meta.metadata().row_group(row_group as usize);
-    let names = [index.columns.jpg_0.as_str(), index.columns.jpg_1.as_str()];
+    let names: Vec<&str> = index.columns.images().into_iter().map(|(_, name)| name).collect();
     rg.columns().iter().filter(|c| c.column_path().parts().len() == 1 && names.contains(&c.column_path().parts()[0].as_str())).collect()
 }
 

@@ -66,7 +66,7 @@ pub(crate) fn select(rows: Vec<RawRow>, sel: Selection, stats: &mut IndexStats) 
     rows.into_iter()
         .zip(decisions)
         .filter_map(|(r, d)| {
-            d.map(|winner| Pair { file: r.file, row: r.row, location: r.location, winner, caption: r.caption })
+            d.map(|winner| Pair { file: r.file, row: r.row, location: r.location, winner, caption: r.caption, desirable: None })
         })
         .collect()
 }

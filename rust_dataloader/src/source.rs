@@ -1,5 +1,7 @@
-//! Sources and the pair index: Pick-a-Pic-format parquet shards (paths, globs or
-//! folders) and JSONL files of `{caption, winner, loser}` image paths. The index
+//! Sources and the item index: Pick-a-Pic-format parquet shards (paths, globs or
+//! folders) and JSONL files of `{caption, winner, loser}` image paths; or, in the
+//! unpaired format (binary feedback, Diffusion-KTO), parquet or JSONL rows of
+//! `(caption, image, label)` with the label desirable or undesirable. The index
 //! of (file, row group, row) is built once from a projection of the small
 //! columns (which rows become pairs: `selection`); image bytes are read later, per
 //! batch, by row selection or from whole row groups kept in memory (`row_cache`).
@@ -7,16 +9,59 @@ use crate::error::{io_err, LoadError, Result, SkipRecord};
 pub use crate::row_cache::RowGroupCache;
 use crate::selection::{select, RawRow};
 pub use crate::selection::Selection;
-use arrow_array::{Array, ArrayRef, BinaryArray, Float32Array, Float64Array, Int64Array, LargeBinaryArray, LargeStringArray, RecordBatch, StringArray};
+use arrow_array::{Array, ArrayRef, BinaryArray, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, Int8Array, LargeBinaryArray, LargeStringArray, RecordBatch, StringArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::arrow::ProjectionMask;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-/// Column names in the shards, by logical name (other mirrors rename them).
+/// What a row holds: a preference pair, or one image with a binary label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Two images and their labels (`caption, jpg_0, jpg_1, label_0, label_1`): the winner and the loser.
+    Pairs,
+    /// One image and whether it is desirable (`caption, image, label`): unpaired binary feedback.
+    Unpaired,
+}
+
+impl Format {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "pairs" => Ok(Format::Pairs),
+            "unpaired" => Ok(Format::Unpaired),
+            other => Err(LoadError::Config(format!("format must be 'pairs' or 'unpaired'; got '{other}'"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Pairs => "pairs",
+            Format::Unpaired => "unpaired",
+        }
+    }
+
+    /// The logical column names of rows of this format.
+    pub fn logical_columns(self) -> &'static [&'static str] {
+        match self {
+            Format::Pairs => &LOGICAL_COLUMNS,
+            Format::Unpaired => &UNPAIRED_COLUMNS,
+        }
+    }
+
+    /// Images per item: 2 for a pair (winner, loser), 1 for an unpaired image.
+    pub fn images(self) -> usize {
+        match self {
+            Format::Pairs => 2,
+            Format::Unpaired => 1,
+        }
+    }
+}
+
+/// Column names in the shards, by logical name (other mirrors rename them), for one format.
 #[derive(Debug, Clone)]
 pub struct Columns {
+    pub format: Format,
     pub caption: String,
     pub jpg_0: String,
     pub jpg_1: String,
@@ -24,14 +69,25 @@ pub struct Columns {
     pub label_1: String,
     pub image_0_uid: String,
     pub image_1_uid: String,
+    /// Unpaired rows: the image and its label.
+    pub image: String,
+    pub label: String,
 }
 
 pub const LOGICAL_COLUMNS: [&str; 7] = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid"];
+pub const UNPAIRED_COLUMNS: [&str; 3] = ["caption", "image", "label"];
 
 impl Columns {
-    /// Defaults, with the overrides applied; an unknown logical name is an error naming it.
+    /// The pair columns: defaults, with the overrides applied; an unknown logical name is an error naming it.
     pub fn with_overrides(overrides: &[(String, String)]) -> Result<Self> {
+        Self::for_format(Format::Pairs, overrides)
+    }
+
+    /// The columns of `format`: defaults, with the overrides applied; a logical name that `format` does not
+    /// have is an error naming it and the known ones.
+    pub fn for_format(format: Format, overrides: &[(String, String)]) -> Result<Self> {
         let mut c = Columns {
+            format,
             caption: "caption".into(),
             jpg_0: "jpg_0".into(),
             jpg_1: "jpg_1".into(),
@@ -39,9 +95,19 @@ impl Columns {
             label_1: "label_1".into(),
             image_0_uid: "image_0_uid".into(),
             image_1_uid: "image_1_uid".into(),
+            image: "image".into(),
+            label: "label".into(),
         };
         for (logical, name) in overrides {
+            let known = format.logical_columns();
             let slot = match logical.as_str() {
+                l if !known.contains(&l) => {
+                    return Err(LoadError::Config(format!(
+                        "unknown logical column '{l}' in columns for {} data; known: {}",
+                        format.name(),
+                        known.join(", ")
+                    )))
+                }
                 "caption" => &mut c.caption,
                 "jpg_0" => &mut c.jpg_0,
                 "jpg_1" => &mut c.jpg_1,
@@ -49,16 +115,20 @@ impl Columns {
                 "label_1" => &mut c.label_1,
                 "image_0_uid" => &mut c.image_0_uid,
                 "image_1_uid" => &mut c.image_1_uid,
-                other => {
-                    return Err(LoadError::Config(format!(
-                        "unknown logical column '{other}' in columns; known: {}",
-                        LOGICAL_COLUMNS.join(", ")
-                    )))
-                }
+                "image" => &mut c.image,
+                _ => &mut c.label,
             };
             *slot = name.clone();
         }
         Ok(c)
+    }
+
+    /// (logical, actual) names of an item's image columns, in image order (0, 1 for a pair).
+    pub fn images(&self) -> Vec<(&'static str, &str)> {
+        match self.format {
+            Format::Pairs => vec![("jpg_0", self.jpg_0.as_str()), ("jpg_1", self.jpg_1.as_str())],
+            Format::Unpaired => vec![("image", self.image.as_str())],
+        }
     }
 }
 
@@ -72,14 +142,18 @@ pub struct SourceFile {
     pub kind: FileKind,
 }
 
-/// Where a pair's two images are.
+/// Where an item's images are.
 #[derive(Debug, Clone)]
 pub enum Location {
     Parquet { row_group: u32, row_in_group: u32 },
+    /// A JSONL pair's two image files.
     Paths { image_0: PathBuf, image_1: PathBuf },
+    /// A JSONL unpaired row's image file.
+    Path { image: PathBuf },
 }
 
-/// One kept pair. `winner` is 0 or 1: which image (jpg_0 / jpg_1) won.
+/// One kept item: a pair (`winner` 0 or 1: which image, jpg_0 / jpg_1, won; `desirable` None), or an
+/// unpaired image (`desirable` its label; `winner` 0: its one image comes first).
 #[derive(Debug, Clone)]
 pub struct Pair {
     pub file: u32,
@@ -87,6 +161,18 @@ pub struct Pair {
     pub location: Location,
     pub winner: u8,
     pub caption: String,
+    pub desirable: Option<bool>,
+}
+
+impl Pair {
+    /// The item's images in batch order: winner then loser for a pair, the image for an unpaired row.
+    pub fn image_order(&self) -> &'static [u8] {
+        match (self.desirable, self.winner) {
+            (Some(_), _) => &[0],
+            (None, 0) => &[0, 1],
+            (None, _) => &[1, 0],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -96,7 +182,11 @@ pub struct IndexStats {
     pub ties: usize,
     pub dropped_ties: usize,
     pub dropped_not_absolute: usize,
+    /// Items kept: pairs, or unpaired images.
     pub pairs: usize,
+    /// Unpaired images labelled desirable and undesirable (0 for pairs).
+    pub desirable: usize,
+    pub undesirable: usize,
 }
 
 pub struct PairIndex {
@@ -255,6 +345,80 @@ fn strings(arr: &ArrayRef, path: &str, name: &str) -> Result<Vec<String>> {
     Err(LoadError::Unsupported(format!("column '{name}' of {path} has type {}, expected string", arr.data_type())))
 }
 
+/// An unpaired row's label: true, 1 and "desirable" are desirable; false, 0 and "undesirable" are not.
+/// Anything else (null, another number or string) is an error naming the file, row, column and value.
+fn labels(arr: &ArrayRef, path: &str, name: &str, first_row: u64) -> Result<Vec<bool>> {
+    let any = arr.as_any();
+    macro_rules! ints {
+        ($($t:ty),*) => {$(
+            if let Some(a) = any.downcast_ref::<$t>() {
+                return (0..a.len()).map(|i| {
+                    let v = (!a.is_null(i)).then(|| a.value(i) as i128);
+                    let label = v.and_then(|v| match v { 0 => Some(false), 1 => Some(true), _ => None });
+                    label_value(label, &|| v.map_or("null".into(), |v| v.to_string()))
+                        .map_err(|m| bad_label(path, first_row + i as u64, name, m))
+                }).collect();
+            }
+        )*};
+    }
+    ints!(Int64Array, Int32Array, Int16Array, Int8Array, UInt64Array, UInt32Array, UInt16Array, UInt8Array);
+    let shown_float = |v: f64| if v.is_finite() && v.fract() == 0.0 { format!("{v:.1}") } else { v.to_string() };
+    let from_float = |v: Option<f64>| v.and_then(|v| if v == 0.0 { Some(false) } else if v == 1.0 { Some(true) } else { None });
+    let row_label = |i: usize, v: Option<bool>, shown: &dyn Fn() -> String| {
+        label_value(v, shown).map_err(|m| bad_label(path, first_row + i as u64, name, m))
+    };
+    if let Some(a) = any.downcast_ref::<BooleanArray>() {
+        return (0..a.len()).map(|i| {
+            let v = (!a.is_null(i)).then(|| a.value(i));
+            row_label(i, v, &|| "null".into())
+        }).collect();
+    }
+    if let Some(a) = any.downcast_ref::<Float64Array>() {
+        return (0..a.len()).map(|i| {
+            let v = (!a.is_null(i)).then(|| a.value(i));
+            row_label(i, from_float(v), &|| v.map_or("null".into(), shown_float))
+        }).collect();
+    }
+    if let Some(a) = any.downcast_ref::<Float32Array>() {
+        return (0..a.len()).map(|i| {
+            let v = (!a.is_null(i)).then(|| a.value(i) as f64);
+            row_label(i, from_float(v), &|| v.map_or("null".into(), shown_float))
+        }).collect();
+    }
+    if any.is::<StringArray>() || any.is::<LargeStringArray>() {
+        let nulls: Vec<bool> = (0..arr.len()).map(|i| arr.is_null(i)).collect();
+        let text = strings(arr, path, name)?;
+        return text.iter().zip(nulls).enumerate().map(|(i, (s, null))| {
+            let v = if null { None } else { label_text(s) };
+            row_label(i, v, &|| if null { "null".into() } else { format!("{s:?}") })
+        }).collect();
+    }
+    Err(LoadError::Unsupported(format!(
+        "column '{name}' of {path} has type {}, expected bool, integer, float or string labels",
+        arr.data_type()
+    )))
+}
+
+/// "desirable" / "undesirable" as a label.
+pub fn label_text(s: &str) -> Option<bool> {
+    match s {
+        "desirable" => Some(true),
+        "undesirable" => Some(false),
+        _ => None,
+    }
+}
+
+/// The message of a value that is no label.
+pub fn label_value(v: Option<bool>, shown: &dyn Fn() -> String) -> std::result::Result<bool, String> {
+    v.ok_or_else(|| {
+        format!("label {} is not desirable/undesirable (accepted: true/false, 1/0, \"desirable\"/\"undesirable\")", shown())
+    })
+}
+
+fn bad_label(path: &str, row: u64, column: &str, msg: String) -> LoadError {
+    LoadError::BadValue { place: format!("{path} row {row} column '{column}'"), msg }
+}
+
 fn floats(arr: &ArrayRef, path: &str, name: &str) -> Result<Vec<f64>> {
     let any = arr.as_any();
     if let Some(a) = any.downcast_ref::<Float64Array>() {
@@ -280,8 +444,9 @@ pub fn binaries<'a>(arr: &'a ArrayRef, path: &str, name: &str) -> Result<Vec<Opt
     Err(LoadError::Unsupported(format!("column '{name}' of {path} has type {}, expected binary", arr.data_type())))
 }
 
-/// The uid of an image when the uid columns are missing: a hash of its bytes.
-fn bytes_uid(bytes: Option<&[u8]>) -> String {
+/// The uid of an image when the uid columns are missing: a hash of its bytes (a null: of no bytes);
+/// `ncp.data.pairs.image_uid` gives the same string.
+pub fn image_uid(bytes: Option<&[u8]>) -> String {
     format!("xxh3:{:016x}", content_hash(bytes.unwrap_or(&[])))
 }
 
@@ -327,12 +492,98 @@ fn parquet_rows(file_id: u32, file: &SourceFile, cols: &Columns, need_uids: bool
         } else {
             let a = binaries(column(batch, &cols.jpg_0), &file.path, &cols.jpg_0)?;
             let b = binaries(column(batch, &cols.jpg_1), &file.path, &cols.jpg_1)?;
-            a.into_iter().zip(b).map(|(x, y)| (bytes_uid(x), bytes_uid(y))).collect()
+            a.into_iter().zip(b).map(|(x, y)| (image_uid(x), image_uid(y))).collect()
         };
         for (i, (caption, uids)) in captions.into_iter().zip(uids).enumerate() {
             let row = rows.len() as u64;
             rows.push(RawRow { file: file_id, row, location: locate(row_group_starts, row), caption, labels: (l0[i], l1[i]), uids });
         }
+    }
+    Ok(rows)
+}
+
+/// The small columns of every row of one unpaired parquet shard: caption and label (the image column is
+/// only checked to be there).
+fn unpaired_parquet_rows(file_id: u32, file: &SourceFile, cols: &Columns) -> Result<Vec<Pair>> {
+    let FileKind::Parquet { meta, row_group_starts } = &file.kind else { unreachable!() };
+    root_indices(file, meta, &[("image", cols.image.as_str())])?;
+    let wanted = [("caption", cols.caption.as_str()), ("label", cols.label.as_str())];
+    let batches = read_columns(file, &wanted, None, None, 8192)?;
+    let mut rows = Vec::with_capacity(*row_group_starts.last().unwrap() as usize);
+    for batch in &batches {
+        let captions = strings(column(batch, &cols.caption), &file.path, &cols.caption)?;
+        let labels = labels(column(batch, &cols.label), &file.path, &cols.label, rows.len() as u64)?;
+        for (caption, desirable) in captions.into_iter().zip(labels) {
+            let row = rows.len() as u64;
+            rows.push(Pair { file: file_id, row, location: locate(row_group_starts, row), winner: 0, caption, desirable: Some(desirable) });
+        }
+    }
+    Ok(rows)
+}
+
+/// A JSON value as a label (see `labels`).
+fn json_label(v: &serde_json::Value) -> Option<bool> {
+    match v {
+        serde_json::Value::Bool(b) => Some(*b),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(0.0) => Some(false),
+            Some(1.0) => Some(true),
+            _ => None,
+        },
+        serde_json::Value::String(s) => label_text(s),
+        _ => None,
+    }
+}
+
+/// The lines of a JSONL file as JSON values, with their line numbers (1-based); blank lines are skipped.
+fn jsonl_values(file: &SourceFile) -> Result<Vec<(usize, serde_json::Value)>> {
+    let f = File::open(&file.path).map_err(|e| io_err(&file.path, e))?;
+    let mut out = Vec::new();
+    for (line_no, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| io_err(&file.path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| io_err(&file.path, format!("line {}: invalid JSON: {e}", line_no + 1)))?;
+        out.push((line_no + 1, v));
+    }
+    Ok(out)
+}
+
+/// The value of key `name` (logical `logical`) of a JSONL line, or a MissingColumn error naming file and line.
+fn json_field<'a>(file: &SourceFile, line: usize, v: &'a serde_json::Value, logical: &str, name: &str) -> Result<&'a serde_json::Value> {
+    v.get(name).ok_or_else(|| LoadError::MissingColumn {
+        column: name.into(),
+        logical: logical.into(),
+        path: format!("{} line {line}", file.path),
+        available: v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default(),
+    })
+}
+
+fn json_string(file: &SourceFile, line: usize, v: &serde_json::Value, logical: &str, name: &str) -> Result<String> {
+    let x = json_field(file, line, v, logical, name)?;
+    x.as_str().map(str::to_string).ok_or_else(|| LoadError::BadValue {
+        place: format!("{} line {line} key '{name}'", file.path),
+        msg: format!("expected a string, got {x}"),
+    })
+}
+
+/// Rows of an unpaired JSONL file: `{caption, image, label}` (keys renamed by the columns), image paths
+/// relative to the file. Rows are numbered by line (0-based), as for pairs.
+fn unpaired_jsonl_rows(file_id: u32, file: &SourceFile, cols: &Columns) -> Result<Vec<Pair>> {
+    let FileKind::Jsonl { base } = &file.kind else { unreachable!() };
+    let mut rows = Vec::new();
+    for (line, v) in jsonl_values(file)? {
+        let caption = json_string(file, line, &v, "caption", &cols.caption)?;
+        let image = json_string(file, line, &v, "image", &cols.image)?;
+        let label = json_field(file, line, &v, "label", &cols.label)?;
+        let desirable = label_value(json_label(label), &|| label.to_string()).map_err(|msg| LoadError::BadValue {
+            place: format!("{} line {line} key '{}'", file.path, cols.label),
+            msg,
+        })?;
+        let location = Location::Path { image: base.join(&image) };
+        rows.push(Pair { file: file_id, row: line as u64 - 1, location, winner: 0, caption, desirable: Some(desirable) });
     }
     Ok(rows)
 }
@@ -375,6 +626,9 @@ fn jsonl_rows(file_id: u32, file: &SourceFile) -> Result<Vec<RawRow>> {
 pub fn build_index(sources: &[String], cols: Columns, sel: Selection) -> Result<PairIndex> {
     let paths = expand_sources(sources)?;
     let files: Vec<SourceFile> = paths.iter().map(|p| open_source(p)).collect::<Result<_>>()?;
+    if cols.format == Format::Unpaired {
+        return build_unpaired_index(sources, files, cols, sel);
+    }
     let mut rows = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let part = match f.kind {
@@ -392,8 +646,32 @@ pub fn build_index(sources: &[String], cols: Columns, sel: Selection) -> Result<
     Ok(PairIndex { files, pairs, columns: cols, stats, row_groups: RowGroupCache::default() })
 }
 
-/// Read the image bytes of `rows` (sorted, unique rows of one row group).
-pub fn read_image_pairs(index: &PairIndex, file: u32, row_group: u32, rows: &[u32]) -> Result<Vec<(Option<Vec<u8>>, Option<Vec<u8>>)>> {
+/// The index of unpaired rows: every row is an item (no selection); absolute winners need pairs.
+fn build_unpaired_index(sources: &[String], files: Vec<SourceFile>, cols: Columns, sel: Selection) -> Result<PairIndex> {
+    if sel.absolute_winners {
+        return Err(LoadError::Config("absolute_winners selects pairs: unpaired data has none".into()));
+    }
+    let mut items = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        items.extend(match f.kind {
+            FileKind::Parquet { .. } => unpaired_parquet_rows(i as u32, f, &cols)?,
+            FileKind::Jsonl { .. } => unpaired_jsonl_rows(i as u32, f, &cols)?,
+        });
+    }
+    let desirable = items.iter().filter(|p| p.desirable == Some(true)).count();
+    let stats = IndexStats {
+        files: files.len(), rows: items.len(), pairs: items.len(), desirable, undesirable: items.len() - desirable,
+        ..Default::default()
+    };
+    if items.is_empty() {
+        return Err(LoadError::Config(format!("no rows in {}", sources.join(", "))));
+    }
+    Ok(PairIndex { files, pairs: items, columns: cols, stats, row_groups: RowGroupCache::default() })
+}
+
+/// Read the image bytes of `rows` (sorted, unique rows of one row group): per row, its images in column
+/// order (jpg_0, jpg_1 for pairs; the image for unpaired rows), None for a null.
+pub fn read_images(index: &PairIndex, file: u32, row_group: u32, rows: &[u32]) -> Result<Vec<Vec<Option<Vec<u8>>>>> {
     let f = &index.files[file as usize];
     let FileKind::Parquet { row_group_starts, .. } = &f.kind else {
         return Err(LoadError::Internal("read_image_pairs on a non-parquet source".into()));
@@ -413,14 +691,13 @@ pub fn read_image_pairs(index: &PairIndex, file: u32, row_group: u32, rows: &[u3
     if rg_rows > at {
         selectors.push(RowSelector::skip(rg_rows - at));
     }
-    let cols = &index.columns;
-    let names = [("jpg_0", cols.jpg_0.as_str()), ("jpg_1", cols.jpg_1.as_str())];
+    let names = index.columns.images();
     let batches = read_columns(f, &names, Some(vec![rg]), Some(RowSelection::from(selectors)), rows.len())?;
     let mut out = Vec::with_capacity(rows.len());
     for b in &batches {
-        let a = binaries(column(b, &cols.jpg_0), &f.path, &cols.jpg_0)?;
-        let c = binaries(column(b, &cols.jpg_1), &f.path, &cols.jpg_1)?;
-        out.extend(a.into_iter().zip(c).map(|(x, y)| (x.map(<[u8]>::to_vec), y.map(<[u8]>::to_vec))));
+        let cells: Vec<Vec<Option<&[u8]>>> =
+            names.iter().map(|(_, name)| binaries(column(b, name), &f.path, name)).collect::<Result<_>>()?;
+        out.extend((0..b.num_rows()).map(|r| cells.iter().map(|c| c[r].map(<[u8]>::to_vec)).collect::<Vec<_>>()));
     }
     if out.len() != rows.len() {
         return Err(io_err(&f.path, format!("row group {rg}: read {} rows, expected {}", out.len(), rows.len())));
@@ -428,18 +705,17 @@ pub fn read_image_pairs(index: &PairIndex, file: u32, row_group: u32, rows: &[u3
     Ok(out)
 }
 
-/// Read the two image files of a JSONL pair; an unreadable file is a skip, not an error.
-pub fn read_paths(image_0: &Path, image_1: &Path) -> (std::result::Result<Vec<u8>, String>, std::result::Result<Vec<u8>, String>) {
-    let rd = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    (rd(image_0), rd(image_1))
+/// Read an image file of a JSONL row; an unreadable file is a skip, not an error.
+pub fn read_path(p: &Path) -> std::result::Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
 pub fn skip_record(index: &PairIndex, pair: &Pair, image: u8, msg: String) -> SkipRecord {
     let column = match (&pair.location, image) {
-        (Location::Parquet { .. }, 0) => index.columns.jpg_0.clone(),
-        (Location::Parquet { .. }, _) => index.columns.jpg_1.clone(),
+        (Location::Parquet { .. }, k) => index.columns.images()[k as usize].1.to_string(),
         (Location::Paths { .. }, 0) => "winner".into(),
         (Location::Paths { .. }, _) => "loser".into(),
+        (Location::Path { .. }, _) => index.columns.image.clone(),
     };
     SkipRecord { path: index.files[pair.file as usize].path.clone(), row: pair.row, column, msg }
 }

@@ -1,4 +1,5 @@
-"""The backend-neutral batch every loader yields (torch Dataset, Rust loader, latent cache)."""
+"""The backend-neutral batches every loader yields (torch Dataset, Rust loader, latent cache): preference pairs
+(:class:`PairBatch`) or unpaired images with binary labels (:class:`UnpairedBatch`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +39,46 @@ class PairBatch:
             raise ValueError("PairBatch needs either winners and losers pixels or cached latents, not both")
         if has_pixels and self.winners.shape != self.losers.shape:
             raise ValueError(f"winners {tuple(self.winners.shape)} and losers {tuple(self.losers.shape)} differ")
+
+    def pixels(self) -> Tensor:
+        """uint8 (2B, 3, H, W): the images to encode, winners then losers."""
+        return torch.cat([self.winners, self.losers])
+
+
+@dataclass
+class UnpairedBatch:
+    """N single images with binary feedback (Diffusion-KTO's input): each is desirable or not.
+
+    Exactly one of ``images`` or ``latents`` is set; the other fields are those of :class:`PairBatch`, one
+    entry per image (``indices`` are row ids of the unpaired data set).
+    """
+
+    captions: list[str]
+    desirable: Tensor  # bool (N,)
+    images: Tensor | None = None  # uint8 (N, 3, H, W)
+    latents: Tensor | None = None  # float (N, 2, C, h, w): posterior (mean, logvar)
+    prompt_embeds: Tensor | None = None  # float (N, L, D)
+    pooled_prompt_embeds: Tensor | None = None  # float (N, D2), SDXL only
+    original_sizes: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (N, 2) h, w
+    crop_top_left: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (N, 2) top, left
+    indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (N,) row ids
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.latents is None):
+            raise ValueError("UnpairedBatch needs either images or cached latents, not both")
+        if self.desirable.dtype != torch.bool or self.desirable.shape != (len(self.captions),):
+            raise ValueError(f"desirable must be bool ({len(self.captions)},); got {self.desirable.dtype} "
+                             f"{tuple(self.desirable.shape)}")
+
+    def pixels(self) -> Tensor:
+        """uint8 (N, 3, H, W): the images to encode."""
+        return self.images
+
+
+Batch = PairBatch | UnpairedBatch
 
 
 def vae_posterior(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:

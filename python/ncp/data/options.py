@@ -26,6 +26,7 @@ class LoaderOptions:
     rank: int = 0
     world_size: int = 1
     backend: Literal["rust", "torch"] = "rust"
+    format: Literal["pairs", "unpaired"] = "pairs"  # unpaired: (caption, image, label) rows
     cache_dir: str | None = None  # a latent cache: the backend whatever `backend` says
     random_crop: bool = False
     random_flip: bool = True
@@ -40,6 +41,8 @@ class LoaderOptions:
     row_group_cache_mb: int = 512  # rust: whole row groups kept decoded-ready in memory
 
     def __post_init__(self) -> None:
+        if self.format not in ("pairs", "unpaired"):
+            raise ValueError(f"format must be 'pairs' or 'unpaired'; got {self.format!r}")
         sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources)
         object.__setattr__(self, "sources", sources)
         object.__setattr__(self, "columns", MappingProxyType(dict(self.columns or {})))
@@ -47,7 +50,8 @@ class LoaderOptions:
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1) -> LoaderOptions:
         return cls(sources=tuple(cfg.sources), resolution=cfg.resolution, batch_size=cfg.batch_size, seed=seed,
-                   rank=rank, world_size=world_size, backend=cfg.backend, cache_dir=cfg.cache_dir,
+                   rank=rank, world_size=world_size, backend=cfg.backend, format=cfg.format,
+                   cache_dir=cfg.cache_dir,
                    random_crop=cfg.random_crop, random_flip=cfg.random_flip, drop_ties=cfg.drop_ties,
                    absolute_winners=cfg.absolute_winners, columns=cfg.columns, num_workers=cfg.num_workers,
                    strict=cfg.strict, empty_prompt_prob=cfg.empty_prompt_prob)
@@ -61,4 +65,6 @@ class LoaderOptions:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for python_only in ("sources", "backend", "cache_dir", "num_workers", "columns"):
             del kw[python_only]
+        if kw["format"] == "pairs":  # the loader's default: a wheel older than unpaired data still loads pairs
+            del kw["format"]
         return dict(sources=list(sources), columns=dict(self.columns) or None, num_threads=self.num_workers, **kw)

@@ -5,7 +5,6 @@ Python version and the oracle of the Rust one.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -29,9 +28,25 @@ def column_map(overrides: dict[str, str]) -> dict[str, str]:
     return {name: overrides.get(name, name) for name in LOGICAL_COLUMNS}
 
 
-def image_uid(data: bytes) -> str:
-    """The uid of an image when the uid columns are missing: a hash of its bytes."""
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
+def image_uid(data: bytes | None) -> str:
+    """The uid of an image when the uid columns are missing: ``xxh3:`` and the 16 hex digits of the xxh3-64 of
+    its bytes (a null image: of no bytes), the Rust loader's uid (``ncp_dataloader.image_uid``) to the
+    character. xxh3 is the Rust loader's content hash; ``xxhash`` (PyPI) computes it here, or the Rust
+    wheel when ``xxhash`` is missing."""
+    return f"xxh3:{_xxh3_64(data or b''):016x}"
+
+
+def _xxh3_64(data: bytes) -> int:
+    try:
+        import xxhash
+    except ImportError:
+        try:
+            from ncp_dataloader import content_hash
+        except ImportError as err:
+            raise ImportError("hashing images for their uid needs the xxhash package (pip install xxhash) "
+                              "or the ncp_dataloader wheel") from err
+        return content_hash(data)
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def select_pairs(

@@ -1,4 +1,4 @@
-"""The Rust loader (`ncp_dataloader.PairLoader`) as a source of `PairBatch`es.
+"""The Rust loader (`ncp_dataloader.PairLoader`) as a source of `PairBatch`es (or `UnpairedBatch`es).
 
 The Rust side reads, decodes, resizes, crops and flips the pairs on its own
 threads with the GIL released; this adapter only wraps its numpy arrays as
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ncp.data.batch import DataError, PairBatch
+from ncp.data.batch import Batch, DataError, PairBatch, UnpairedBatch
 from ncp.data.options import LoaderOptions
 from ncp.data.paths import expand_sources
 from ncp.data.sources import STATE_KEYS, DataState, check_resume
@@ -29,22 +29,22 @@ def _import_loader() -> Any:
     return ncp_dataloader
 
 
-def batch_from_dict(d: Mapping[str, Any]) -> PairBatch:
-    """A `PairBatch` from one dict batch of `ncp_dataloader.PairLoader` (zero-copy views of its arrays)."""
-    return PairBatch(
-        captions=list(d["captions"]),
-        winners=torch.from_numpy(d["winners"]),
-        losers=torch.from_numpy(d["losers"]),
-        original_sizes=torch.from_numpy(d["original_sizes"]),
-        crop_top_left=torch.from_numpy(d["crop_top_left"]),
-        indices=torch.from_numpy(d["indices"]),
-    )
+def batch_from_dict(d: Mapping[str, Any]) -> Batch:
+    """A `PairBatch` (or, for unpaired data, an `UnpairedBatch`) from one dict batch of
+    `ncp_dataloader.PairLoader` (zero-copy views of its arrays)."""
+    common = dict(captions=list(d["captions"]), original_sizes=torch.from_numpy(d["original_sizes"]),
+                  crop_top_left=torch.from_numpy(d["crop_top_left"]), indices=torch.from_numpy(d["indices"]))
+    if "desirable" in d:
+        return UnpairedBatch(images=torch.from_numpy(d["images"]), desirable=torch.from_numpy(d["desirable"]),
+                             **common)
+    return PairBatch(winners=torch.from_numpy(d["winners"]), losers=torch.from_numpy(d["losers"]), **common)
 
 
 class RustPairSource:
-    """Preference pairs from parquet shards (paths/globs/folders) or a JSONL file.
+    """Preference pairs from parquet shards (paths/globs/folders) or a JSONL file; with
+    ``format="unpaired"``, single images with a desirable/undesirable label.
 
-    Yields `PairBatch` with uint8 pixels `(B, 3, resolution, resolution)`.
+    Yields `PairBatch` (unpaired: `UnpairedBatch`) with uint8 pixels `(B, 3, resolution, resolution)`.
     Order: a permutation per (seed, epoch), rank `rank` of `world_size` takes every
     world_size-th pair; augmentation (crop, flip, empty-prompt dropout) is seeded
     by (seed, epoch, pair index), so the output does not depend on `num_threads`.
@@ -58,7 +58,7 @@ class RustPairSource:
 
     def __init__(self, sources: Sequence[str] | str, resolution: int, batch_size: int, **options: Any) -> None:
         """Keyword arguments: the fields of :class:`ncp.data.options.LoaderOptions` (seed, rank, world_size,
-        random_crop, random_flip, drop_ties, absolute_winners, columns, num_workers, strict,
+        format, random_crop, random_flip, drop_ties, absolute_winners, columns, num_workers, strict,
         empty_prompt_prob, prefetch, drop_last, row_group_cache_mb)."""
         if "num_threads" in options:  # the loader's own name of num_workers
             options["num_workers"] = options.pop("num_threads")
@@ -85,7 +85,7 @@ class RustPairSource:
 
     @property
     def num_pairs(self) -> int:
-        """Pairs in the index over all ranks, after ties and filters."""
+        """Pairs (unpaired: images) in the index over all ranks, after ties and filters."""
         return self._loader.num_pairs
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,6 +105,6 @@ class RustPairSource:
         """Index counts (rows, ties, pairs) and iteration counts (yielded, skipped with file and row)."""
         return dict(self._loader.stats())
 
-    def __iter__(self) -> Iterator[PairBatch]:
+    def __iter__(self) -> Iterator[Batch]:
         for d in self._loader:
             yield batch_from_dict(d)

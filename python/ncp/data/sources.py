@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
-from ncp.data.batch import DataError, PairBatch
+from ncp.data.batch import Batch, DataError
 from ncp.data.options import LoaderOptions
 
 
@@ -38,9 +38,12 @@ ORDER_KEYS = ("seed", "world_size", "batch_size")
 
 @runtime_checkable
 class PairSource(Protocol):
-    """What the trainer needs of a loader backend."""
+    """What the trainer needs of a loader backend. Pair data give pair batches
+    (:class:`ncp.data.batch.PairBatch`), unpaired data (``format="unpaired"``) unpaired ones
+    (:class:`ncp.data.batch.UnpairedBatch`); order, epochs, ranks, state and resume do not depend on which
+    (an item is a pair or one image)."""
 
-    def __iter__(self) -> Iterator[PairBatch]:
+    def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; afterwards (from the last batch on) ``state()`` is the next epoch's start."""
 
     def __len__(self) -> int:
@@ -144,7 +147,7 @@ def num_batches(num_pairs: int, batch_size: int, rank: int, world_size: int, dro
     return -(-mine // batch_size)
 
 
-def endless(source: PairSource) -> Iterator[PairBatch]:
+def endless(source: PairSource) -> Iterator[Batch]:
     """Batches epoch after epoch, continuing mid-epoch after a resume. The source moves itself to the next
     epoch when a pass ends; an epoch in which every pair was skipped as corrupt is an error, not a hang."""
     while True:

@@ -21,7 +21,9 @@ Layout of DIR::
     captions.json                the distinct captions, by caption id
     pairs-00000.safetensors      per pair (shard_size rows): latents (n, F, 2, 2, C, h, w) =
                                  (pair, flip, winner/loser, mean/logvar, ...), caption_ids, valid,
-                                 original_sizes, crop_top_left, image_hashes
+                                 original_sizes, crop_top_left, image_hashes (n, 2); unpaired data
+                                 (``--format unpaired``, key data_format): latents (n, F, 1, 2, C, h, w),
+                                 image_hashes (n, 1) and desirable (n,) uint8
     embeds-00000.safetensors     per caption: prompt_embeds (m, L, D) [, pooled_prompt_embeds (m, D2)]
     empty.safetensors            the empty prompt's embeddings (empty-prompt dropout)
 """

@@ -72,9 +72,11 @@ def model_identity(model: str) -> dict[str, Any]:
 
 
 def cache_key(model: str, sources: Sequence[str], resolution: int, dtype: str, flip: bool,
-              columns: Mapping[str, str] | None, drop_ties: bool, absolute_winners: bool) -> dict[str, Any]:
+              columns: Mapping[str, str] | None, drop_ties: bool, absolute_winners: bool,
+              data_format: str = "pairs") -> dict[str, Any]:
     """The key a cache is valid for (compared field by field by :func:`check_cache`)."""
     return {
+        "data_format": data_format,
         **model_identity(model),
         "dtype": dtype,
         "resolution": resolution,
@@ -109,7 +111,8 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 def check_cache(cache_dir: str | Path, model: str | None = None, sources: Sequence[str] | None = None,
                 resolution: int | None = None, dtype: str | None = None, flip: bool | None = None,
                 columns: Mapping[str, str] | None = None, drop_ties: bool | None = None,
-                absolute_winners: bool | None = None, deep: bool = False) -> dict[str, Any]:
+                absolute_winners: bool | None = None, deep: bool = False,
+                data_format: str | None = None) -> dict[str, Any]:
     """Raise :class:`StaleCacheError` naming every key field that differs from the given settings.
 
     Only the settings given are compared (``model`` compares the VAE and text
@@ -122,13 +125,14 @@ def check_cache(cache_dir: str | Path, model: str | None = None, sources: Sequen
     if model is not None:
         want.update(model_identity(model))
     for name, value in (("resolution", resolution), ("dtype", dtype), ("flip", flip), ("drop_ties", drop_ties),
-                        ("absolute_winners", absolute_winners)):
+                        ("absolute_winners", absolute_winners), ("data_format", data_format)):
         if value is not None:
             want[name] = value
     if columns is not None:
         want["columns"] = dict(sorted(columns.items()))
     if sources is not None:
         want["sources"] = source_identity(sources)
+    key = {"data_format": "pairs", **key}  # caches written before unpaired data hold pairs
     problems = _diff({k: key.get(k) for k in want}, want)
     if deep and sources is not None:
         problems += _deep_check(cache_dir, index, sources)
@@ -145,7 +149,8 @@ def _deep_check(cache_dir: str | Path, index: dict, sources: Sequence[str]) -> l
     key = index["key"]
     loader = ncp_dataloader.PairLoader(
         expand_sources(sources), 8, 64, random_flip=False, drop_ties=key["drop_ties"],
-        absolute_winners=key["absolute_winners"], columns=key["columns"] or None, drop_last=False, shuffle=False)
+        absolute_winners=key["absolute_winners"], columns=key["columns"] or None, drop_last=False, shuffle=False,
+        format=key.get("data_format", "pairs"))
     if loader.num_pairs != index["num_pairs"]:
         return [f"pairs: cache has {index['num_pairs']}, the sources give {loader.num_pairs}"]
     cached = np.concatenate([read_tensor(Path(cache_dir) / f, "image_hashes") for f in index["pair_shards"]])

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ncp.data.batch import PairBatch
+from ncp.data.batch import Batch, PairBatch, UnpairedBatch
 from ncp.data.cache.key import check_cache
 from ncp.data.options import LoaderOptions
 from ncp.data.sources import Position, PositionedSource, num_batches
@@ -78,6 +78,8 @@ class CachedPairSource(PositionedSource):
     the same pairs with the same flips and dropped prompts as the pixel batch the
     Rust loader would give for the same settings (center crop). Pairs skipped as
     corrupt when the cache was built are skipped here too (a batch can be smaller).
+    A cache of unpaired data (``index["key"]["data_format"] == "unpaired"``) gives
+    unpaired batches (:class:`ncp.data.batch.UnpairedBatch`) with the cached labels.
     """
 
     def __init__(self, cache_dir: str | Path, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -100,7 +102,8 @@ class CachedPairSource(PositionedSource):
             self._empty = {k: f.get_tensor(k)[0] for k in f.keys()}
         self._captions = json.loads((self.dir / "captions.json").read_text())
         # the small per-pair columns live in memory (tens of bytes a pair); latents and embeddings are read by row
-        small = ("valid", "caption_ids", "original_sizes", "crop_top_left")
+        self.unpaired = self.index["key"].get("data_format", "pairs") == "unpaired"
+        small = ("valid", "caption_ids", "original_sizes", "crop_top_left") + (("desirable",) if self.unpaired else ())
         self._small = {k: self._pairs.whole(k).numpy() for k in small}
         self.position, self.skipped, self.yielded = Position(), 0, 0
         if len(self) == 0:
@@ -111,7 +114,8 @@ class CachedPairSource(PositionedSource):
         """The cache of ``o.cache_dir``, checked against the run's model and data settings."""
         return cls(o.cache_dir, o.batch_size, o.seed, o.rank, o.world_size, o.empty_prompt_prob, o.random_flip,
                    o.drop_last, model=model_path, sources=list(o.sources), resolution=o.resolution,
-                   columns=dict(o.columns), drop_ties=o.drop_ties, absolute_winners=o.absolute_winners)
+                   columns=dict(o.columns), drop_ties=o.drop_ties, absolute_winners=o.absolute_winners,
+                   data_format=o.format)
 
     def __len__(self) -> int:
         return num_batches(self.num_pairs, self.batch_size, self.rank, self.world_size, self.drop_last)
@@ -121,15 +125,21 @@ class CachedPairSource(PositionedSource):
         return self.position.epoch
 
     def stats(self) -> dict[str, Any]:
-        return {"pairs": self.index["num_valid"], "cached_pairs": self.num_pairs, "skipped": self.skipped,
-                "pairs_yielded": self.yielded, "skipped_at_build": len(self.index["skipped"])}
+        stats = {"format": "unpaired" if self.unpaired else "pairs", "pairs": self.index["num_valid"],
+                 "cached_pairs": self.num_pairs, "skipped": self.skipped, "pairs_yielded": self.yielded,
+                 "skipped_at_build": len(self.index["skipped"])}
+        if self.unpaired:
+            valid = self._small["valid"].astype(bool)
+            desirable = int((self._small["desirable"].astype(bool) & valid).sum())
+            stats.update(desirable=desirable, undesirable=int(valid.sum()) - desirable)
+        return stats
 
     def _order(self) -> np.ndarray:
         order = self._lib.epoch_order(self.num_pairs, self.batch_size, self.seed, self.epoch, self.rank,
                                       self.world_size, self.drop_last)
         return order.reshape(-1)
 
-    def batch(self, ids: np.ndarray, epoch: int) -> PairBatch | None:
+    def batch(self, ids: np.ndarray, epoch: int) -> Batch | None:
         """The batch of the pair ids `ids` with the draws of `epoch`; None if all were skipped."""
         valid = self._small["valid"][ids].astype(bool)
         self.skipped += int((~valid).sum())
@@ -139,7 +149,8 @@ class CachedPairSource(PositionedSource):
         flips, drops = self._lib.augment_draws(self.seed, epoch, ids.astype(np.uint32).tolist(),
                                                self.random_flip, self.empty_prompt_prob)
         flip_index = flips.astype(np.int64) if self.random_flip else np.zeros(len(ids), np.int64)
-        # (B, 2, 2, C, h, w) = (pair, winner/loser, mean/logvar, ...) -> (2B, 2, C, h, w), winners then losers
+        # (B, R, 2, C, h, w) = (pair, winner/loser, mean/logvar, ...) -> (RB, 2, C, h, w), winners then losers
+        # (R = 1 for unpaired images)
         latents = self._pairs.rows("latents", ids, flip_index).transpose(0, 1).flatten(0, 1)
         cap_ids = self._small["caption_ids"][ids]
         drop = torch.from_numpy(drops)
@@ -148,14 +159,17 @@ class CachedPairSource(PositionedSource):
                   for name in self._empty}  # prompt_embeds (B, L, D) [, pooled_prompt_embeds (B, D2)]
         captions = ["" if drop else self._captions[c] for c, drop in zip(cap_ids.tolist(), drops.tolist())]
         self.yielded += len(ids)
-        return PairBatch(
+        fields = dict(
             captions=captions, latents=latents, prompt_embeds=embeds["prompt_embeds"],
             pooled_prompt_embeds=embeds.get("pooled_prompt_embeds"),
             original_sizes=torch.from_numpy(self._small["original_sizes"][ids]),
             crop_top_left=torch.from_numpy(self._small["crop_top_left"][ids]),
             indices=torch.from_numpy(ids.astype(np.int64)))
+        if self.unpaired:
+            return UnpairedBatch(desirable=torch.from_numpy(self._small["desirable"][ids].astype(bool)), **fields)
+        return PairBatch(**fields)
 
-    def __iter__(self) -> Iterator[PairBatch]:
+    def __iter__(self) -> Iterator[Batch]:
         num = len(self)
         self.position.start(num)
         epoch, order = self.position.epoch, self._order()

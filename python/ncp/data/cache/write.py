@@ -1,5 +1,5 @@
-"""Writing a latent cache: every selected pair encoded once by the VAE, every caption once by the text
-encoder(s), in safetensors shards plus ``index.json`` (layout: :mod:`ncp.data.cache`)."""
+"""Writing a latent cache: every selected pair (or unpaired image) encoded once by the VAE, every caption once
+by the text encoder(s), in safetensors shards plus ``index.json`` (layout: :mod:`ncp.data.cache`)."""
 from __future__ import annotations
 
 import argparse
@@ -47,12 +47,15 @@ class _ShardWriter:
         self.rows, self.count = {}, 0
 
 
-def _invalid_row(shape: torch.Size, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The row of a pair skipped as corrupt: zeros, valid = 0."""
+def _invalid_row(shape: torch.Size, dtype: torch.dtype, unpaired: bool) -> dict[str, torch.Tensor]:
+    """The row of a pair (image) skipped as corrupt: zeros, valid = 0."""
     zeros2 = torch.zeros(2, dtype=torch.long)
-    return dict(latents=torch.zeros(shape, dtype=dtype), caption_ids=torch.tensor(-1),
-                valid=torch.tensor(0, dtype=torch.uint8), original_sizes=zeros2, crop_top_left=zeros2,
-                image_hashes=zeros2)
+    row = dict(latents=torch.zeros(shape, dtype=dtype), caption_ids=torch.tensor(-1),
+               valid=torch.tensor(0, dtype=torch.uint8), original_sizes=zeros2, crop_top_left=zeros2,
+               image_hashes=torch.zeros(shape[1], dtype=torch.long))
+    if unpaired:
+        row["desirable"] = torch.tensor(0, dtype=torch.uint8)
+    return row
 
 
 @torch.no_grad()
@@ -66,8 +69,9 @@ def _posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
 def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution: int, flip: bool = False,
                 dtype: str = "float32", batch_size: int = 8, columns: Mapping[str, str] | None = None,
                 drop_ties: bool = True, absolute_winners: bool = False, shard_size: int = 1024,
-                device: str = "cpu", num_threads: int = 0) -> Path:
-    """Encode every selected pair once; returns the cache folder."""
+                device: str = "cpu", num_threads: int = 0, data_format: str = "pairs") -> Path:
+    """Encode every selected pair (``data_format="unpaired"``: every labelled image) once; returns the cache
+    folder."""
     import ncp_dataloader
 
     out = Path(out)
@@ -77,7 +81,9 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
     loader = ncp_dataloader.PairLoader(
         expand_sources(sources), resolution, batch_size, random_crop=False, random_flip=False,
         drop_ties=drop_ties, absolute_winners=absolute_winners, columns=dict(columns) if columns else None,
-        num_threads=num_threads, drop_last=False, shuffle=False)
+        num_threads=num_threads, drop_last=False, shuffle=False, format=data_format)
+    unpaired = data_format == "unpaired"
+    roles = 1 if unpaired else 2
     pairs = _ShardWriter(out, "pairs", shard_size)
     embeds = _ShardWriter(out, "embeds", shard_size)
     caption_ids: dict[str, int] = {}
@@ -93,12 +99,13 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
 
     for b in loader:
         n = len(b["indices"])
-        pix = torch.from_numpy(np.concatenate([b["winners"], b["losers"]]))  # (2n, 3, R, R) winners then losers
+        # (roles n, 3, R, R): winners then losers, or the unpaired images
+        pix = torch.from_numpy(b["images"] if unpaired else np.concatenate([b["winners"], b["losers"]]))
         views = [_posterior(models.vae, pix)]
         if flip:
             views.append(_posterior(models.vae, pix.flip(-1)))
-        lat = torch.stack(views, dim=1)  # (2n, F, 2, C, h, w)
-        lat = lat.view(2, n, *lat.shape[1:]).permute(1, 2, 0, 3, 4, 5, 6)  # (n, F, 2, 2, C, h, w)
+        lat = torch.stack(views, dim=1)  # (roles n, F, 2, C, h, w)
+        lat = lat.view(roles, n, *lat.shape[1:]).permute(1, 2, 0, 3, 4, 5, 6)  # (n, F, roles, 2, C, h, w)
         latent_shape = list(lat.shape[4:])
         new = [c for c in dict.fromkeys(b["captions"]) if c not in caption_ids]
         for c in new:
@@ -107,18 +114,19 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
             embed(new)
         for j, index in enumerate(b["indices"].tolist()):
             while next_index < index:  # a skipped (corrupt) pair keeps its slot, marked invalid
-                pairs.add(**_invalid_row(lat.shape[1:], lat.dtype))
+                pairs.add(**_invalid_row(lat.shape[1:], lat.dtype, unpaired))
                 next_index += 1
+            label = {"desirable": torch.tensor(int(b["desirable"][j]), dtype=torch.uint8)} if unpaired else {}
             pairs.add(latents=lat[j].contiguous(), caption_ids=torch.tensor(caption_ids[b["captions"][j]]),
                       valid=torch.tensor(1, dtype=torch.uint8),
                       original_sizes=torch.from_numpy(b["original_sizes"][j].copy()),
                       crop_top_left=torch.from_numpy(b["crop_top_left"][j].copy()),
-                      image_hashes=torch.from_numpy(b["image_hashes"][j].view(np.int64).copy()))
+                      image_hashes=torch.from_numpy(b["image_hashes"][j].view(np.int64).copy()), **label)
             next_index += 1
     if latent_shape is None:
         raise ValueError(f"no pair of {', '.join(sources)} could be decoded: nothing to cache")
     while next_index < loader.num_pairs:  # trailing skipped pairs
-        pairs.add(**_invalid_row(torch.Size([1 + flip, 2, 2, *latent_shape]), torch_dtype))
+        pairs.add(**_invalid_row(torch.Size([1 + flip, roles, 2, *latent_shape]), torch_dtype, unpaired))
         next_index += 1
     pairs.flush()
     embeds.flush()
@@ -129,7 +137,7 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
     stats = loader.stats()
     index = {
         "format": FORMAT,
-        "key": cache_key(model, sources, resolution, dtype, flip, columns, drop_ties, absolute_winners),
+        "key": cache_key(model, sources, resolution, dtype, flip, columns, drop_ties, absolute_winners, data_format),
         "num_pairs": loader.num_pairs,
         "num_valid": int(stats["pairs_yielded"]),
         "shard_size": shard_size,
@@ -152,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ncp.cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="diffusers-format folder (vae/, text_encoder/, tokenizer/), or 'bundle'")
     p.add_argument("--sources", nargs="+", required=True, help="parquet paths/globs/folders, or one .jsonl")
+    p.add_argument("--format", choices=("pairs", "unpaired"), default="pairs",
+                   help="rows of pairs, or of unpaired (caption, image, label) binary feedback (data.format)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--flip", action="store_true", help="also cache the mirror images (keeps flip augmentation)")
@@ -171,14 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.check:
         try:
             check_cache(a.out, a.model, a.sources, a.resolution, a.dtype, a.flip, columns, not a.keep_ties,
-                        a.absolute_winners, deep=True)
+                        a.absolute_winners, deep=True, data_format=a.format)
         except StaleCacheError as err:
             print(err, file=sys.stderr)
             return 1
         print(f"{a.out}: up to date")
         return 0
     build_cache(a.model, a.sources, a.out, a.resolution, a.flip, a.dtype, a.batch_size, columns, not a.keep_ties,
-                a.absolute_winners, a.shard_size, a.device, a.num_threads)
+                a.absolute_winners, a.shard_size, a.device, a.num_threads, a.format)
     return 0
 
 
