@@ -22,7 +22,8 @@
 # packages the GPU image lacks (diffusers and its small deps, bitsandbytes with its CUDA 13
 # kernels only, ninja, setuptools, wheel); NCP_GPU_DEPS_EXTRA adds more requirement strings.
 #
-# Usage: scripts/build_wheels.sh [OUT_DIR]    (default ./wheels; run with the project venv active)
+# Usage: scripts/build_wheels.sh [OUT_DIR]    (default ./wheels; the Python is the active venv's,
+#        else ./.venv's, else in a linked git worktree the main worktree's .venv; PYTHON=... overrides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python.sh  # sets PY
