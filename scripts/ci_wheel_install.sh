@@ -14,7 +14,8 @@
 # Any failure exits non-zero with what failed. The venv is removed at the end (NCP_KEEP_VENV=1 keeps it).
 # Cost: the install downloads torch and its CUDA libraries (about 3.5 GB) again: pip's HTTP cache
 # stays empty on this project's machines (the registry answers carry no caching headers, so pip
-# stores nothing). Measured: 603 s of install, 672 s in all, on a loaded 2-core machine.
+# stores nothing). Measured on a 2-core machine shared with other work: 500-600 s of install,
+# 570-670 s in all, plus almost 4 minutes to remove the venv from disk (hence /dev/shm below).
 #
 # Usage: scripts/ci_wheel_install.sh [WHEEL_DIR]     (default ./wheels, from scripts/build_wheels.sh)
 # Env:   PYTHON (the interpreter whose base Python makes the venv; see scripts/_python.sh)
@@ -55,8 +56,20 @@ with zipfile.ZipFile(ncp_whl) as z:
         sys.exit(f"{ncp_whl}: no ncp/_C_build.json (the wheel has no ncp._C?)")
 PYEOF
 
-WORK=$(mktemp -d /tmp/ncp-wheel-install.XXXXXX)
+# The venv (about 4.5 GB in some 20,000 files) and pip's temporary files go to memory (/dev/shm)
+# when it has room (12 GB free there and in RAM): on this project's disks removing the venv
+# alone took almost 4 minutes. Otherwise, or with NCP_WHEEL_VENV_DIR set, to that folder or /tmp.
+free_kb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
+mem_kb=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo 2>/dev/null || echo 0)
+BASEDIR=${NCP_WHEEL_VENV_DIR:-/tmp}
+if [ -z "${NCP_WHEEL_VENV_DIR:-}" ] && [ -d /dev/shm ] && [ "$(free_kb /dev/shm || echo 0)" -gt 12000000 ] \
+   && [ "${mem_kb:-0}" -gt 12000000 ] && ! grep -qE '^\S+ /dev/shm \S+ \S*noexec' /proc/mounts; then
+  BASEDIR=/dev/shm
+fi
+WORK=$(mktemp -d "$BASEDIR/ncp-wheel-install.XXXXXX")
 [ "${NCP_KEEP_VENV:-0}" = "1" ] || trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/tmp"
+export TMPDIR=$WORK/tmp   # pip's downloads and unpacked files
 VPY=$WORK/venv/bin/python
 BASE=$($PY -c "import sys; print(sys._base_executable)")
 echo "== clean venv ($BASE -m venv $WORK/venv)"
