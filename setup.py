@@ -8,11 +8,19 @@ pure-PyTorch reference ops, and says so).
 
 Install with ``pip install --no-build-isolation .`` so the installed torch is
 used to compile (an isolated build would download a second torch).
+
+A C++ extension of torch only loads into the torch major.minor it was compiled
+against, so a build with the extension records that torch twice: the package's
+``torch`` requirement becomes ``torch==MAJOR.MINOR.*`` (the wheel's
+``Requires-Dist``), and ``ncp/_C_build.json`` beside ``ncp._C`` holds the exact
+versions, which ``ncp._torch_abi`` checks before ``ncp._C`` is loaded.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 
 from setuptools import find_namespace_packages, setup
 
@@ -41,14 +49,60 @@ def _extensions() -> tuple[list, dict]:
     else:
         ext = cpp_extension.CppExtension("ncp._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
 
+    record = _torch_build_record(with_cuda and bool(cuda_sources))
+
     class BuildExtension(cpp_extension.BuildExtension):
-        """torch's builder, plus a check that the built library shares torch's C++ runtime."""
+        """torch's builder, plus a check that the built library shares torch's C++ runtime,
+        and the record of the torch it was built against (``_C_build.json`` beside it)."""
 
         def build_extension(self, ext_):
             super().build_extension(ext_)
-            _build_checks().check_shared_cxx_runtime(self.get_ext_fullpath(ext_.name))
+            so_path = self.get_ext_fullpath(ext_.name)
+            _build_checks().check_shared_cxx_runtime(so_path)
+            _write_record(os.path.dirname(so_path), record)
+
+        def copy_extensions_to_source(self):
+            # Editable installs (pip install -e .) build into a temporary folder and copy the
+            # library into python/ncp; its record must go along.
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext_ in self.extensions:
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext_)
+                src = os.path.join(os.path.dirname(regular_file), BUILD_RECORD)
+                self.copy_file(src, os.path.join(os.path.dirname(inplace_file), BUILD_RECORD), level=self.verbose)
 
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+BUILD_RECORD = "_C_build.json"  # read by python/ncp/_torch_abi.py
+
+
+def _torch_build_record(with_cuda_kernels: bool) -> dict:
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_kernels": with_cuda_kernels,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+
+def _write_record(folder: str, record: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, BUILD_RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+
+
+def _torch_requirement(ext_modules: list) -> str:
+    """``torch==MAJOR.MINOR.*`` of the torch that compiles the extension; without one, any torch."""
+    if not ext_modules:
+        return "torch>=2.4"
+    import torch
+
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return f"torch=={major}.{minor}.*"
 
 
 def _build_checks():
@@ -75,7 +129,7 @@ setup(
     package_data={"": ["*.json", "*.txt", "*.yaml", "*.safetensors", "*.parquet"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        _torch_requirement(ext_modules),
         "diffusers>=0.30",
         "transformers>=4.40",
         "peft>=0.12",

@@ -2,7 +2,8 @@
 # GPU check of ncp on a bare GPU machine (one H100/H200; Python 3.12, torch 2.11 cu130,
 # transformers, peft, accelerate, an nvcc; no network), in under 8 minutes:
 #   1. installs the wheels it is handed (folder $1, default ./wheels; see scripts/build_wheels.sh),
-#   2. builds ncp._C from source with its CUDA kernels (ninja, sm_90 by default),
+#   2. builds ncp._C from source with its CUDA kernels (ninja, sm_90 by default), and runs its
+#      self-check (python -m ncp.ops.selfcheck: the fused ops against the reference, cpu and cuda),
 #   3. runs the `cuda` tests (pytest -m cuda),
 #   4. issue 13, SD1.5 at 512 px first (the goals' model): the step benchmark with MFU, the speed-lever
 #      sweep (channels_last, SDPA backends, fp16, regional torch.compile, CUDA graphs) and ncp's largest
@@ -102,6 +103,9 @@ build_extension() {
 export -f install_wheels build_extension   # run_step runs them under `timeout bash -c`
 run_step install_wheels 60 bash -c install_wheels
 run_step build_extension 180 bash -c build_extension
+# The fused-op self-check the wheel CI step runs (scripts/ci_wheel_install.sh), here with the CUDA kernels:
+# ncp._C matches this torch, and both ops agree with the float64 reference on cpu and cuda, forward and backward.
+run_step selfcheck 60 env PYTHONPATH=python $PY -m ncp.ops.selfcheck --device all
 run_step pytest_cuda 120 env PYTHONPATH=python $PY -m pytest -m cuda -q -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_cuda.xml" tests/test_ops.py   # the only module with cuda tests: a collection
                                                           # error elsewhere must not stop them

@@ -15,7 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ncp import _C  # noqa: F401  (loads the kernels and the schemas)
+from ncp._torch_abi import check_extension
+
+# ncp._C only works with the torch major.minor it was built against: a mismatch raises
+# TorchMismatchError (naming both versions) here, before the library is loaded.
+check_extension()
+from ncp import _C  # noqa: E402,F401  (loads the kernels and the schemas)
 from ncp.ops import reference as _reference
 
 _ops = torch.ops.ncp
