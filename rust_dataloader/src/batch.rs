@@ -316,6 +316,15 @@ pub(crate) mod tests {
         assert_eq!(num_batches(10, &cfg(3, 2, 2, false)), 2); // rank 2 has 3 pairs
     }
 
+    /// Write `cols` as one parquet file at `path`; returns the path.
+    fn write_parquet(path: &std::path::Path, cols: Vec<(&str, ArrayRef)>, props: WriterProperties) -> String {
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
     pub(crate) fn png(rgb: [u8; 3], w: u32, h: u32) -> Vec<u8> {
         let mut out = Vec::new();
         image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
@@ -349,12 +358,7 @@ pub(crate) mod tests {
             ("image_0_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()))),
             ("image_1_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.4).collect::<Vec<_>>()))),
         ];
-        let batch = RecordBatch::try_from_iter(cols).unwrap();
-        let props = WriterProperties::builder().set_max_row_group_size(2).build();
-        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        path.to_string_lossy().into_owned()
+        write_parquet(&path, cols, WriterProperties::builder().set_max_row_group_size(2).build())
     }
 
     fn columns() -> Columns {
@@ -459,12 +463,7 @@ pub(crate) mod tests {
             ("label_0", Arc::new(Float64Array::from(vec![1.0; n]))),
             ("label_1", Arc::new(Float64Array::from(vec![0.0; n]))),
         ];
-        let batch = RecordBatch::try_from_iter(cols).unwrap();
-        let props = WriterProperties::builder().set_max_row_group_size(3).set_dictionary_enabled(dictionary).build();
-        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        path.to_string_lossy().into_owned()
+        write_parquet(&path, cols, WriterProperties::builder().set_max_row_group_size(3).set_dictionary_enabled(dictionary).build())
     }
 
     #[test]
@@ -562,12 +561,7 @@ pub(crate) mod tests {
             ("image", Arc::new(BinaryArray::from(imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
             ("label", labels),
         ];
-        let batch = RecordBatch::try_from_iter(cols).unwrap();
-        let props = WriterProperties::builder().set_max_row_group_size(2).build();
-        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        path.to_string_lossy().into_owned()
+        write_parquet(&path, cols, WriterProperties::builder().set_max_row_group_size(2).build())
     }
 
     fn unpaired_columns() -> Columns {

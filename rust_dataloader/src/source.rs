@@ -591,28 +591,14 @@ fn unpaired_jsonl_rows(file_id: u32, file: &SourceFile, cols: &Columns) -> Resul
 /// Rows of a JSONL file: `{"caption", "winner", "loser"}`, paths relative to the file.
 fn jsonl_rows(file_id: u32, file: &SourceFile) -> Result<Vec<RawRow>> {
     let FileKind::Jsonl { base } = &file.kind else { unreachable!() };
-    let f = File::open(&file.path).map_err(|e| io_err(&file.path, e))?;
     let mut rows = Vec::new();
-    for (line_no, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| io_err(&file.path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| io_err(&file.path, format!("line {}: invalid JSON: {e}", line_no + 1)))?;
-        let field = |k: &str| -> Result<String> {
-            v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| LoadError::MissingColumn {
-                column: k.into(),
-                logical: k.into(),
-                path: format!("{} line {}", file.path, line_no + 1),
-                available: v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default(),
-            })
-        };
+    for (line, v) in jsonl_values(file)? {
+        let field = |k: &str| json_string(file, line, &v, k, k);
         let (caption, winner, loser) = (field("caption")?, field("winner")?, field("loser")?);
         let (image_0, image_1) = (base.join(&winner), base.join(&loser));
         rows.push(RawRow {
             file: file_id,
-            row: line_no as u64,
+            row: line as u64 - 1,
             location: Location::Paths { image_0, image_1 },
             caption,
             labels: (1.0, 0.0),

@@ -12,8 +12,22 @@ class DataError(ValueError):
     """Unreadable or malformed training data; the message names the file, row or column."""
 
 
+@dataclass(kw_only=True)
+class BatchFields:
+    """What every batch carries besides its images, one entry per item (pair or image; keyword-only)."""
+
+    prompt_embeds: Tensor | None = None  # float (B, L, D) cached text hidden states (after dropout)
+    pooled_prompt_embeds: Tensor | None = None  # float (B, D2), SDXL only
+    original_sizes: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) h, w
+    crop_top_left: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) top, left
+    indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (B,) item ids
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
 @dataclass
-class PairBatch:
+class PairBatch(BatchFields):
     """B preference pairs; every two-image tensor is stacked winners first, then losers.
 
     Exactly one of (winners, losers) or latents is set. Pixels are uint8; the
@@ -24,14 +38,6 @@ class PairBatch:
     winners: Tensor | None = None  # uint8 (B, 3, H, W)
     losers: Tensor | None = None  # uint8 (B, 3, H, W)
     latents: Tensor | None = None  # float (2B, 2, C, h, w): posterior (mean, logvar), winners then losers
-    prompt_embeds: Tensor | None = None  # float (B, L, D) cached text hidden states (after dropout)
-    pooled_prompt_embeds: Tensor | None = None  # float (B, D2), SDXL only
-    original_sizes: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) h, w
-    crop_top_left: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) top, left
-    indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (B,) pair ids
-
-    def __len__(self) -> int:
-        return len(self.captions)
 
     def __post_init__(self) -> None:
         has_pixels = self.winners is not None and self.losers is not None
@@ -46,25 +52,17 @@ class PairBatch:
 
 
 @dataclass
-class UnpairedBatch:
+class UnpairedBatch(BatchFields):
     """N single images with binary feedback (Diffusion-KTO's input): each is desirable or not.
 
-    Exactly one of ``images`` or ``latents`` is set; the other fields are those of :class:`PairBatch`, one
-    entry per image (``indices`` are row ids of the unpaired data set).
+    Exactly one of ``images`` or ``latents`` is set; the :class:`BatchFields` have one entry per image
+    (``indices`` are row ids of the unpaired data set).
     """
 
     captions: list[str]
     desirable: Tensor  # bool (N,)
     images: Tensor | None = None  # uint8 (N, 3, H, W)
     latents: Tensor | None = None  # float (N, 2, C, h, w): posterior (mean, logvar)
-    prompt_embeds: Tensor | None = None  # float (N, L, D)
-    pooled_prompt_embeds: Tensor | None = None  # float (N, D2), SDXL only
-    original_sizes: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (N, 2) h, w
-    crop_top_left: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (N, 2) top, left
-    indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (N,) row ids
-
-    def __len__(self) -> int:
-        return len(self.captions)
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.latents is None):
