@@ -135,6 +135,7 @@ setup(
         "peft>=0.12",
         "accelerate>=0.30",
         "safetensors",
+        "xxhash",
         "pyarrow>=14",
         "pillow",
         "numpy",
