@@ -71,6 +71,15 @@ def resize_crop(img: Image.Image, new_w: int, new_h: int, top: int, left: int, r
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def source_files(sources: list[str]) -> list[Path]:
+    """``data.sources`` expanded to files (``ncp.data.paths.expand_sources``); a missing one is a DataError."""
+    files = [Path(f) for f in expand_sources(sources)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"data.sources: no such file {missing[0]}")
+    return files
+
+
 @dataclass
 class Sample:
     index: int
@@ -147,10 +156,7 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __init__(self, sources: list[str], resolution: int, columns: dict[str, str] | None = None,
                  drop_ties: bool = True, absolute_winners: bool = False, random_crop: bool = False,
                  random_flip: bool = True, empty_prompt_prob: float = 0.0, seed: int = 0, strict: bool = False):
-        self.files = [Path(f) for f in expand_sources(sources)]
-        missing = [str(f) for f in self.files if not f.is_file()]
-        if missing:
-            raise DataError(f"data.sources: no such file {missing[0]}")
+        self.files = source_files(sources)
         self.columns = column_map(columns or {})
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.empty_prompt_prob, self.seed, self.strict, self.epoch = empty_prompt_prob, seed, strict, 0
@@ -254,10 +260,7 @@ class UnpairedImages(torch.utils.data.Dataset):
     def __init__(self, sources: list[str], resolution: int, columns: dict[str, str] | None = None,
                  random_crop: bool = False, random_flip: bool = True, empty_prompt_prob: float = 0.0,
                  seed: int = 0, strict: bool = False):
-        self.files = [Path(f) for f in expand_sources(sources)]
-        missing = [str(f) for f in self.files if not f.is_file()]
-        if missing:
-            raise DataError(f"data.sources: no such file {missing[0]}")
+        self.files = source_files(sources)
         self.columns = unpaired_column_map(columns or {})
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.empty_prompt_prob, self.seed, self.strict, self.epoch = empty_prompt_prob, seed, strict, 0
