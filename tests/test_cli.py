@@ -150,6 +150,22 @@ def test_v_prediction_model_with_accumulation_and_checkpointing(tiny_parquet, tm
     assert state["data"]["sample_in_epoch"] == 8  # 2 steps x 2 micro-batches x 2 pairs
 
 
+def test_report_runs_on_torchs_default_threads(tiny_sd15, tiny_parquet, tmp_path, monkeypatch):
+    """train.cpu_threads pins the training loop only: the report after it (the loader done) gets every thread
+    torch had before the run."""
+    import ncp.train
+
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.setattr(ncp.train, "world_report", lambda *a: seen.append(torch.get_num_threads()) or {})
+    torch.set_num_threads(3)  # a default the run's cpu_threads=1 differs from, on any machine
+    try:
+        assert main(_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=1", "train.report=true",
+                          "train.cpu_threads=1")) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3]
+
+
 def test_default_command_trains_on_the_bundle(tmp_path):
     """`python -m ncp.train` with only size overrides: the bundled world, the default config (NCP-DPO, Rust
     loader) — a few steps, then the LoRA loads into the bundled pipeline."""

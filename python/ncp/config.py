@@ -131,7 +131,8 @@ class TrainConfig:
     max_nonfinite: int = opt(10, "stop after this many non-finite losses in a row (each is skipped)")
     report: bool = opt(False, "after training on the bundled world: image grid, curves and judge rewards")
     device: str = opt("auto", "torch device (auto: cuda when available)")
-    cpu_threads: int = opt(0, "torch intra-op threads (0: torch's default); tiny models on a busy CPU run faster on 1")
+    cpu_threads: int = opt(0, "torch intra-op threads while training (0: torch's default; the report after "
+                            "training uses torch's default); tiny models on a busy CPU run faster on 1")
 
 
 @dataclass

@@ -331,6 +331,7 @@ def export_lora(tr: Trainer) -> Path:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; return the last step's metrics and the output paths."""
+    default_threads = torch.get_num_threads()  # before setup pins train.cpu_threads for training
     tr = setup(cfg)
     if cfg.train.resume:
         resume(tr, cfg.train.resume)
@@ -338,6 +339,8 @@ def train(cfg: Config) -> dict[str, Any]:
     lora_dir = export_lora(tr)
     result = {"step": tr.step, "lora": str(lora_dir), "metrics": last, "output_dir": str(tr.output_dir)}
     if cfg.train.report and tr.accelerator.is_main_process:
+        # train.cpu_threads leaves cores to the loader's decoders; the report after training has them all
+        torch.set_num_threads(default_threads)
         result["report"] = world_report(cfg, lora_dir, tr.output_dir)
     tr.accelerator.end_training()
     return result
