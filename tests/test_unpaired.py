@@ -36,6 +36,9 @@ FORMS = {  # the same labels in each accepted form, as parquet columns
     "int": pa.array([int(x) for x in LABELS], pa.int64()),
     "float": pa.array([float(x) for x in LABELS], pa.float64()),
     "string": pa.array(["desirable" if x else "undesirable" for x in LABELS], pa.string()),
+    # pandas' `category` dtype is written as a dictionary-encoded column
+    "category": pa.array(["desirable" if x else "undesirable" for x in LABELS], pa.string()).dictionary_encode(),
+    "int-category": pa.array([int(x) for x in LABELS], pa.int64()).dictionary_encode(),
 }
 
 
@@ -168,8 +171,10 @@ def test_jsonl_rows_with_mixed_labels_and_renamed_keys(tmp_path, jsonl):
                                         (pa.array([0.5] + [1.0] * 10, pa.float64()), "label 0.5 is not"),
                                         (pa.array(["desirable"] * 3 + ["good"] + ["undesirable"] * 7),
                                          'label "good" is not'),
-                                        (pa.array([True] * 3 + [None] + [False] * 7, pa.bool_()), "label null is not")],
-                         ids=["int", "float", "string", "null"])
+                                        (pa.array([True] * 3 + [None] + [False] * 7, pa.bool_()), "label null is not"),
+                                        (pa.array(["desirable"] * 3 + ["good"] + ["undesirable"] * 7).dictionary_encode(),
+                                         'label "good" is not')],
+                         ids=["int", "float", "string", "null", "category"])
 def test_a_bad_label_names_file_row_column_and_value(tmp_path, backend, bad, shown):
     path = write_unpaired_parquet(tmp_path / "bad.parquet", bad, names={"label": "feedback"})
     row = 0 if "0.5" in shown else 3

@@ -10,6 +10,7 @@ pub use crate::row_cache::RowGroupCache;
 use crate::selection::{select, RawRow};
 pub use crate::selection::Selection;
 use arrow_array::{Array, ArrayRef, BinaryArray, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, Int8Array, LargeBinaryArray, LargeStringArray, RecordBatch, StringArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array};
+use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::arrow::ProjectionMask;
 use std::fs::File;
@@ -335,7 +336,19 @@ pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str) -> &'a ArrayRef {
     batch.column_by_name(name).expect("projected column present")
 }
 
+/// A dictionary-encoded column (pandas' `category` dtype, pyarrow's `dictionary_encode()`) as its plain
+/// values, which the readers below take, as the torch backend's `to_pylist` does; any other column as it is.
+fn plain(arr: &ArrayRef, path: &str, name: &str) -> Result<ArrayRef> {
+    match arr.data_type() {
+        DataType::Dictionary(_, value) => arrow_cast::cast(arr, value).map_err(|e| {
+            LoadError::Unsupported(format!("column '{name}' of {path} is a dictionary of {value} that cannot be read: {e}"))
+        }),
+        _ => Ok(arr.clone()),
+    }
+}
+
 fn strings(arr: &ArrayRef, path: &str, name: &str) -> Result<Vec<String>> {
+    let arr = &plain(arr, path, name)?;
     if let Some(a) = arr.as_any().downcast_ref::<StringArray>() {
         return Ok((0..a.len()).map(|i| if a.is_null(i) { String::new() } else { a.value(i).to_string() }).collect());
     }
@@ -348,6 +361,7 @@ fn strings(arr: &ArrayRef, path: &str, name: &str) -> Result<Vec<String>> {
 /// An unpaired row's label: true, 1 and "desirable" are desirable; false, 0 and "undesirable" are not.
 /// Anything else (null, another number or string) is an error naming the file, row, column and value.
 fn labels(arr: &ArrayRef, path: &str, name: &str, first_row: u64) -> Result<Vec<bool>> {
+    let arr = &plain(arr, path, name)?;
     let any = arr.as_any();
     macro_rules! ints {
         ($($t:ty),*) => {$(
@@ -420,6 +434,7 @@ fn bad_label(path: &str, row: u64, column: &str, msg: String) -> LoadError {
 }
 
 fn floats(arr: &ArrayRef, path: &str, name: &str) -> Result<Vec<f64>> {
+    let arr = &plain(arr, path, name)?;
     let any = arr.as_any();
     if let Some(a) = any.downcast_ref::<Float64Array>() {
         return Ok((0..a.len()).map(|i| if a.is_null(i) { f64::NAN } else { a.value(i) }).collect());
@@ -706,3 +721,32 @@ pub fn skip_record(index: &PairIndex, pair: &Pair, image: u8, msg: String) -> Sk
     SkipRecord { path: index.files[pair.file as usize].path.clone(), row: pair.row, column, msg }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::types::Int32Type;
+    use arrow_array::DictionaryArray;
+    use std::sync::Arc;
+
+    fn category(values: &[Option<&str>]) -> ArrayRef {
+        Arc::new(values.iter().copied().collect::<DictionaryArray<Int32Type>>())
+    }
+
+    #[test]
+    fn dictionary_columns_read_as_their_values() {
+        let arr = category(&[Some("desirable"), Some("undesirable"), Some("desirable")]);
+        assert_eq!(labels(&arr, "f.parquet", "label", 0).unwrap(), vec![true, false, true]);
+        let captions = category(&[Some("a cat"), None, Some("a cat")]);
+        assert_eq!(strings(&captions, "f.parquet", "caption").unwrap(), vec!["a cat", "", "a cat"]);
+    }
+
+    #[test]
+    fn a_bad_dictionary_label_names_its_row_and_value() {
+        for (arr, shown) in [(category(&[Some("desirable"), Some("good")]), "label \"good\""),
+                             (category(&[Some("desirable"), None]), "label null")] {
+            let msg = labels(&arr, "f.parquet", "label", 10).unwrap_err().to_string();
+            assert!(msg.starts_with(&format!("f.parquet row 11 column 'label': {shown} is not")), "{msg}");
+        }
+    }
+}
