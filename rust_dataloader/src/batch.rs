@@ -405,7 +405,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rows = [("a", 1.0, 0.0, "A", "B"), ("b", 1.0, 0.0, "C", "D"), ("c", 1.0, 0.0, "E", "F")];
         let path = shard(dir.path(), &rows, Some(1));
-        let index = build_index(&[path.clone()], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let index = build_index(std::slice::from_ref(&path), columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
         let mut c = cfg(1, 0, 3, true);
         let b = build_batch(&index, &c, 0, &[0, 1, 2]).unwrap();
         assert_eq!(b.indices, vec![0, 2]);
@@ -447,7 +447,7 @@ pub(crate) mod tests {
         let bad = dir.path().join("bad.parquet");
         std::fs::write(&bad, b"PAR1 not parquet").unwrap();
         let bad = bad.to_string_lossy().into_owned();
-        assert!(matches!(build_index(&[bad.clone()], columns(), sel), Err(LoadError::Io { path, .. }) if path == bad));
+        assert!(matches!(build_index(std::slice::from_ref(&bad), columns(), sel), Err(LoadError::Io { path, .. }) if path == bad));
     }
 
     /// `n` rows whose image cells are distinct byte strings (not images), row groups of 3.

@@ -254,7 +254,7 @@ impl Loader {
                 )));
             }
         }
-        if sample_in_epoch % cfg.batch_size != 0 {
+        if !sample_in_epoch.is_multiple_of(cfg.batch_size) {
             return Err(LoadError::Config(format!(
                 "cannot resume: sample_in_epoch={sample_in_epoch} is not a multiple of batch_size={}",
                 cfg.batch_size
@@ -511,14 +511,14 @@ mod tests {
         let path = shard_with(dir.path(), &rows, &|i, k| {
             if i == 2 && k == 1 { b"\xff\xd8\xff broken".to_vec() } else { png([9, 9, 9], 8, 8) }
         });
-        let l = Loader::new(&[path.clone()], cfg(3), opts(2)).unwrap();
+        let l = Loader::new(std::slice::from_ref(&path), cfg(3), opts(2)).unwrap();
         let got: usize = l.iter().map(|b| b.unwrap().len()).sum();
         let s = l.run_stats();
         assert_eq!((got, s.skipped, s.pairs), (5, 1, 5));
         assert!(s.records[0].starts_with(&format!("{path} row 2 column jpg_1")), "{:?}", s.records);
         let strict = Loader::new(&[path], Config { strict: true, ..cfg(3) }, opts(2)).unwrap();
         let mut it = strict.iter();
-        assert!((&mut it).any(|b| matches!(b, Err(LoadError::Corrupt(_)))));
+        assert!(it.any(|b| matches!(b, Err(LoadError::Corrupt(_)))));
         assert!(it.next().is_none());
     }
 
