@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sd15-lora-scale", type=float, default=0.01, help="sd15 view: multiply the random LoRA B by this")
     p.add_argument("--t", default=",".join(map(str, T_GRID)))
     p.add_argument("--beta-latent", type=float, default=5000.0)
-    p.add_argument("--beta-ncp", type=float, default=2e6, help="the default run's NCP-DPO beta")
+    p.add_argument("--beta-ncp", type=float, default=2e6, help="NCP-DPO's beta on the bundled world")
     p.add_argument("--beta-log", type=float, default=5000.0, help="beta of the log forms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

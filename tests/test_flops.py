@@ -117,7 +117,8 @@ def test_training_logs_tflops_and_mfu(tiny_sd15, tiny_parquet, tmp_path):
 
     out = tmp_path / "run"
     args = [f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch",
-            "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "lora.rank=4", "train.max_steps=2",
+            "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.absolute_winners=false", "lora.rank=4",
+            "train.max_steps=2",
             f"train.output_dir={out}", "objective.name=ncp-dpo", "logging.progress=false",
             "logging.tensorboard=false", "train.report=false", "logging.peak_tflops=0.001"]
     assert main(args) == 0

@@ -20,8 +20,8 @@ def test_training_with_validation_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n")
     out = _run("-m", "ncp.train", f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch",
-               "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "lora.rank=4", "train.max_steps=1",
-               f"train.output_dir={tmp_path}/run", "logging.progress=false", "train.report=false",
+               "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.absolute_winners=false",
+               "lora.rank=4", "train.max_steps=1", f"train.output_dir={tmp_path}/run", "logging.progress=false", "train.report=false",
                f"logging.validation_prompts={prompts}", "logging.validation_every=1", "logging.validation_steps=2",
                "logging.validation_seeds=1")
     assert _notices(out) == []
@@ -30,8 +30,8 @@ def test_training_with_validation_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
 def test_sampling_with_a_lora_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
     """The report's sampler (ncp.world.sampling.load_pipeline) with the run's LoRA, as after the default run."""
     _run("-m", "ncp.train", f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch",
-         "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "lora.rank=4", "train.max_steps=1",
-         f"train.output_dir={tmp_path}/run", "logging.progress=false", "train.report=false")
+         "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.absolute_winners=false",
+         "lora.rank=4", "train.max_steps=1", f"train.output_dir={tmp_path}/run", "logging.progress=false", "train.report=false")
     out = _run("-c", "from ncp.world.sampling import generate, load_pipeline; "
                      f"pipe = load_pipeline({str(tiny_sd15)!r}, {str(tmp_path / 'run' / 'lora')!r}); "
                      "generate(pipe, ['a red cube'], [0], steps=2)")

@@ -370,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(
         prog="python -m ncp.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Align a text-to-image diffusion model with preference pairs (LoRA). With no arguments, "
-                    "trains NCP-DPO on the small world bundled with ncp.",
+                    "trains Diffusion-KTO on the small world bundled with ncp (python/ncp/configs/default.yaml says why).",
         epilog="options (set in the YAML file or as section.key=value):\n" + help_text())
     parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name}, the bundled world)")
     parser.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint "
