@@ -167,7 +167,7 @@ def test_report_runs_on_torchs_default_threads(tiny_sd15, tiny_parquet, tmp_path
 
 
 def test_default_command_trains_on_the_bundle(tmp_path):
-    """`python -m ncp.train` with only size overrides: the bundled world, the default config (NCP-DPO, Rust
+    """`python -m ncp.train` with only size overrides: the bundled world, the default config (KTO, Rust
     loader) — a few steps, then the LoRA loads into the bundled pipeline."""
     from diffusers import StableDiffusionPipeline
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import cli_args
 
 from ncp.flops import (Throughput, count_flops, full_finetune_dpo_flops, meta_conditioning, meta_unet, peak_flops,
                        peak_flops_of, step_flops)
@@ -116,12 +117,7 @@ def test_training_logs_tflops_and_mfu(tiny_sd15, tiny_parquet, tmp_path):
     from ncp.train import main
 
     out = tmp_path / "run"
-    args = [f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch",
-            "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.absolute_winners=false", "lora.rank=4",
-            "train.max_steps=2",
-            f"train.output_dir={out}", "objective.name=ncp-dpo", "logging.progress=false",
-            "logging.tensorboard=false", "train.report=false", "logging.peak_tflops=0.001"]
-    assert main(args) == 0
+    assert main(cli_args(tiny_sd15, tiny_parquet, out, "train.max_steps=2", "logging.peak_tflops=0.001")) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     config = _tiny_config(tiny_sd15)
     per_pair = step_flops(config, "sd15", 32, "ncp-dpo", ["auto"], text_len=16, lora_rank=4)

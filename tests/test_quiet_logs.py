@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+from fixtures import cli_args
+
 NOTICES = ("requires torchvision", "should be kept in float32", "No LoRA keys associated")
 
 
@@ -19,9 +21,8 @@ def test_training_with_validation_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
     """Model loading, the step, the LoRA writer and the validation pipeline (a pipeline module import)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n")
-    out = _run("-m", "ncp.train", f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch",
-               "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.absolute_winners=false",
-               "lora.rank=4", "train.max_steps=1", f"train.output_dir={tmp_path}/run", "logging.progress=false", "train.report=false",
+    out = _run("-m", "ncp.train", *cli_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=1",
+                                            "logging.tensorboard=true"),
                f"logging.validation_prompts={prompts}", "logging.validation_every=1", "logging.validation_steps=2",
                "logging.validation_seeds=1")
     assert _notices(out) == []
@@ -29,9 +30,8 @@ def test_training_with_validation_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
 
 def test_sampling_with_a_lora_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
     """The report's sampler (ncp.world.sampling.load_pipeline) with the run's LoRA, as after the default run."""
-    _run("-m", "ncp.train", f"model.path={tiny_sd15}", f"data.sources=[{tiny_parquet}]", "data.backend=torch",
-         "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.absolute_winners=false",
-         "lora.rank=4", "train.max_steps=1", f"train.output_dir={tmp_path}/run", "logging.progress=false", "train.report=false")
+    _run("-m", "ncp.train", *cli_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=1",
+                                      "logging.tensorboard=true"))
     out = _run("-c", "from ncp.world.sampling import generate, load_pipeline; "
                      f"pipe = load_pipeline({str(tiny_sd15)!r}, {str(tmp_path / 'run' / 'lora')!r}); "
                      "generate(pipe, ['a red cube'], [0], steps=2)")
