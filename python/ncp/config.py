@@ -96,11 +96,19 @@ class ObjectiveConfig:
     beta_kto: float = opt(1000.0, "KTO beta in sigmoid(beta (r - z)) (Diffusion-KTO: 1000)")
     kto_lambda_d: float = opt(1.0, "KTO weight of desirable images (winners) (Diffusion-KTO: 1)")
     kto_lambda_u: float = opt(1.0, "KTO weight of undesirable images (losers) (Diffusion-KTO: 1)")
-    taps: list[str] = opt(["auto"], "encoder taps: a preset (auto, paper, mid, multiscale) or a list of down block "
-                                    "indices and/or 'mid'; auto = mid for SD1.5, paper for SDXL")
-    tap_weights: list[float] | None = opt(None, "one weight per tap (default 1 / number of taps)")
-    error_scale: Literal["paper", "log", "log_t"] = opt(
+    taps: list[str] = opt(["auto"], "encoder taps: a preset (auto, paper, mid, multiscale, authors) or a list of "
+                                    "'conv_in', down block indices and/or 'mid'; auto = mid for SD1.5, paper for "
+                                    "SDXL; authors = the NCP authors' SD1.5 features (conv_in, every down block "
+                                    "and mid, one MSE over their concatenation; paper for SDXL)")
+    tap_weights: list[float] | None = opt(None, "one weight per tap (default 1 / number of taps; taps=authors "
+                                                "weighs each by its element count)")
+    tap_normalize: bool | None = opt(None, "taps=authors only: multiply each map by C_last / C_this before the "
+                                           "concatenation (their --normalize_intermediate_steps; default true, "
+                                           "as their 1500-step script)")
+    error_scale: Literal["paper", "coef", "log", "log_t"] = opt(
         "paper", "how per-image errors enter the loss: 'paper' as the papers write them (Diffusion-DPO, NCP); "
+                 "'coef' divides each perceptual error by c_e(t)^2, the reverse step's factor on the noise "
+                 "(the encoder's metric in noise units, stateless); "
                  "'log' compares log errors, so a logit is a ratio of errors and one beta fits every timestep; "
                  "'log_t' weights the log errors by the reference's median error at each timestep, measured "
                  "before step 1 (ncp's own additions, docs/error_scale.md)")
@@ -194,8 +202,19 @@ class Config:
             if self.data.absolute_winners:
                 raise ConfigError("data.absolute_winners selects pairs; data.format=unpaired has none")
         weights = self.objective.tap_weights
+        authors = self.objective.taps == ["authors"]
+        if weights is not None and authors:
+            raise ConfigError("objective.tap_weights: taps=authors weighs each tap by its element count "
+                              "(one MSE over the concatenation); give explicit taps to set weights")
         if weights is not None and len(weights) != len(self.objective.taps):
             raise ConfigError(f"objective.tap_weights has {len(weights)} values for {len(self.objective.taps)} taps")
+        if self.objective.tap_normalize is not None and not authors:
+            raise ConfigError(f"objective.tap_normalize applies to objective.taps=[authors] only; "
+                              f"taps are {self.objective.taps}")
+        if self.objective.error_scale == "coef" and OBJECTIVES[self.objective.name].space != "perceptual":
+            raise ConfigError(f"objective.error_scale=coef scales perceptual errors by the reverse step's "
+                              f"coefficient; objective.name={self.objective.name} compares latent errors "
+                              f"(use ncp-{self.objective.name})")
 
 
 # ---------------------------------------------------------------- type checking

@@ -19,9 +19,9 @@ from ncp.paths import bundle_path
 
 logger = logging.getLogger(__name__)
 
-Tap = Union[int, str]  # a down block index, or "mid"
+Tap = Union[int, str]  # a down block index, "conv_in" or "mid"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TAP_PRESETS = ("auto", "paper", "mid", "multiscale")
+TAP_PRESETS = ("auto", "paper", "mid", "multiscale", "authors")
 
 
 class ModelLoadError(RuntimeError):
@@ -270,28 +270,68 @@ def sdxl_time_ids(original_sizes: Tensor, crop_top_left: Tensor, resolution: int
 
 
 def resolve_taps(spec: list[str], kind: str, num_down_blocks: int) -> list[Tap]:
-    """Expand a preset or explicit list into down block indices and/or "mid", in forward order."""
+    """Expand a preset or explicit list into "conv_in", down block indices and/or "mid", in forward order."""
     if len(spec) == 1 and spec[0] in TAP_PRESETS:
-        preset = spec[0] if spec[0] != "auto" else ("paper" if kind == "sdxl" else "mid")
-        return {"paper": [num_down_blocks - 1], "mid": ["mid"],
-                "multiscale": [*range(num_down_blocks), "mid"]}[preset]
+        preset = spec[0]
+        if preset == "auto":
+            preset = "paper" if kind == "sdxl" else "mid"
+        if preset == "authors":  # their SD1.5 encoder scripts; their SDXL script taps the last down block
+            preset = "paper" if kind == "sdxl" else "authors"
+        return {"paper": [num_down_blocks - 1], "mid": ["mid"], "multiscale": [*range(num_down_blocks), "mid"],
+                "authors": ["conv_in", *range(num_down_blocks), "mid"]}[preset]
     taps: list[Tap] = []
     for item in spec:
-        if item == "mid":
-            taps.append("mid")
+        if item in ("mid", "conv_in"):
+            taps.append(item)
         elif str(item).lstrip("-").isdigit() and 0 <= int(item) < num_down_blocks:
             taps.append(int(item))
         else:
             raise ValueError(f"objective.taps: {item!r} is neither a preset ({', '.join(TAP_PRESETS)}), "
-                             f"'mid', nor a down block index in 0..{num_down_blocks - 1}")
+                             f"'conv_in', 'mid', nor a down block index in 0..{num_down_blocks - 1}")
     if len(set(taps)) != len(taps):
         raise ValueError(f"objective.taps lists a tap twice: {spec}")
-    return sorted(taps, key=lambda t: num_down_blocks if t == "mid" else t)
+    return sorted(taps, key=lambda t: _tap_order(t, num_down_blocks))
+
+
+def _tap_order(tap: Tap, num_down_blocks: int) -> int:
+    return -1 if tap == "conv_in" else num_down_blocks if tap == "mid" else int(tap)
+
+
+def concatenation_weights(shapes: list[tuple[int, int, int]], normalize: bool) -> list[float]:
+    """Scale weights ``w_s`` for which ``sum_s w_s mean_s (F_s - G_s)^2`` is the NCP authors' error: one MSE
+    over every tap's map viewed as ``(-1, h_min, w_min)`` and concatenated (``concat_intermediate_steps`` in
+    their ``src/train/model_utils.py``), so each scale weighs by its element count ``N_s / N``. With
+    ``normalize`` (their ``--normalize_intermediate_steps``) each viewed map is first multiplied by
+    ``k_s = C_last / C_s'``, ``C_s' = N_s / (h_min w_min)`` its channels after the view and ``C_last`` those of
+    the last tap, which multiplies its squared error by ``k_s^2``."""
+    _, h_min, w_min = shapes[-1]
+    counts = [c * h * w for c, h, w in shapes]
+    if any(n % (h_min * w_min) for n in counts):
+        raise ValueError(f"taps of shapes {shapes} cannot be viewed at the last tap's {h_min}x{w_min}")
+    total = sum(counts)
+    c_last = shapes[-1][0]
+    scale = [(c_last * h_min * w_min / n) ** 2 if normalize else 1.0 for n in counts]
+    return [n * k / total for n, k in zip(counts, scale)]
+
+
+@dataclass(frozen=True)
+class ConcatenatedTaps:
+    """The scale weights of ``objective.taps=authors``: ``concatenation_weights`` of the feature maps a step
+    actually taps (so any latent size, square or not, gets its exact element counts)."""
+
+    normalize: bool
+
+    def __call__(self, features: list[Tensor]) -> list[float]:
+        return concatenation_weights([tuple(f.shape[1:]) for f in features], self.normalize)
+
+
+TapWeights = Union[list[float], ConcatenatedTaps]
 
 
 def encoder_features(unet: nn.Module, sample: Tensor, timestep: Tensor, cond: Conditioning,
                      taps: list[Tap]) -> list[Tensor]:
-    """E(x, t, c): the U-Net's conv_in, time/added embeddings, down blocks and (if tapped) mid block.
+    """E(x, t, c): the U-Net's conv_in (a tap of its own), time/added embeddings, down blocks and (if tapped)
+    the mid block.
 
     Mirrors ``UNet2DConditionModel.forward`` and stops after the last tap. Returns
     the tapped activations in the order of ``taps``. Call it with adapters
@@ -305,8 +345,8 @@ def encoder_features(unet: nn.Module, sample: Tensor, timestep: Tensor, cond: Co
         emb = unet.time_embed_act(emb)
     ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=cond.added_cond_kwargs())
     h = unet.conv_in(sample)
-    found: dict[Tap, Tensor] = {}
-    last = max(len(unet.down_blocks) if t == "mid" else t for t in taps)
+    found: dict[Tap, Tensor] = {"conv_in": h}
+    last = max(_tap_order(t, len(unet.down_blocks)) for t in taps)
     for i, block in enumerate(unet.down_blocks[: last + 1]):
         if getattr(block, "has_cross_attention", False):
             h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)

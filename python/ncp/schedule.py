@@ -75,3 +75,15 @@ class NoiseSchedule:
         c_e = beta / ((1 - abar).sqrt() * alpha.sqrt())
         variance = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20)  # as diffusers' _get_variance
         return torch.stack([c_x, c_e, variance.sqrt()], dim=1)
+
+    def noise_coefficient_table(self) -> Tensor:
+        """(T,) fp32 ``1 / c_e(t)^2`` for t in [0, T): ``objective.error_scale=coef``'s per-timestep scale.
+
+        ``c_e(t) = beta_t / (sqrt(1 - abar_t) sqrt(alpha_t))`` is the factor the reverse step puts on the
+        noise estimate (``reverse_coefficients``), so ``PL / c_e(t)^2`` measures the perceptual error per unit
+        of noise error. Computed in float64 (``1 - abar_t`` is ~1e-3 at t = 1). t = 0 is never drawn.
+        """
+        beta = self.betas.double()
+        abar = self.alphas_cumprod.double()
+        c_e = beta / ((1 - abar).sqrt() * (1 - beta).sqrt())
+        return c_e.pow(-2).float()

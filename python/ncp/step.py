@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ncp import ops
-from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, frozen_checkpointing
+from ncp.models import Conditioning, Tap, TapWeights, adapters_disabled, encoder_features, frozen_checkpointing
 from ncp.objectives import Objective
 from ncp.schedule import NoiseSchedule
 
@@ -60,7 +60,7 @@ def frozen_encoder_features(base: nn.Module, x: Tensor, t: Tensor, cond: Conditi
 
 def branch_errors(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, x0: Tensor,
-    cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
+    cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-image errors of the policy and (if the objective needs it) the reference.
 
@@ -68,6 +68,7 @@ def branch_errors(
     ``noise`` hold one entry per pair (B) and are shared by its images. ``unet`` is
     the (possibly DDP-wrapped) policy; ``base`` the unwrapped module whose
     adapters are switched off for the reference and the perceptual encoder.
+    ``tap_weights``: one weight per tap, or ``ConcatenatedTaps`` (the weights from the tapped maps' sizes).
     Returns fp32 (nB,) tensors.
     """
     n = x0.shape[0] // noise.t.shape[0]
@@ -99,17 +100,22 @@ def branch_errors(
     split = [f.unflatten(0, (k, -1)) for f in feats_other]  # each (K, nB, ...)
     target = [f[-1] for f in split]
     reference = [f[0] for f in split] if ref is not None else []
-    err, err_ref = ops.multiscale_error(feats_policy, reference, target, tap_weights)
+    weights = tap_weights(feats_policy) if callable(tap_weights) else tap_weights
+    err, err_ref = ops.multiscale_error(feats_policy, reference, target, weights)
     return err, (err_ref if ref is not None else None)
 
 
-ERROR_SCALES = ("paper", "log", "log_t")
+ERROR_SCALES = ("paper", "coef", "log", "log_t")
 
 
 def scale_errors(err: Tensor, error_scale: str, weight: Tensor | None = None) -> Tensor:
     """The per-image errors as the loss sees them (``objective.error_scale``, docs/error_scale.md).
 
     - ``paper``: unchanged, ``ERR`` or ``PL`` as Diffusion-DPO and the NCP paper write them.
+    - ``coef``: ``weight * PL``, ``weight = 1 / c_e(t)^2`` (``NoiseSchedule.noise_coefficient_table``): the
+      reverse step scales the noise error by ``c_e(t)`` before the encoder sees it,
+      ``x_{t-1}(e) - x_{t-1}(eps) = -c_e(t) (e - eps)``, so this is the encoder's metric on the noise error
+      in noise units. No state, no calibration.
     - ``log``: ``log ERR``. Differences of log errors are log ratios, so a DPO logit
       ``-beta/2 ((log PL_theta(w) - log PL_ref(w)) - (log PL_theta(l) - log PL_ref(l)))``
       no longer carries the error's magnitude, which in the perceptual space swings by
@@ -121,6 +127,10 @@ def scale_errors(err: Tensor, error_scale: str, weight: Tensor | None = None) ->
     """
     if error_scale == "paper":
         return err
+    if error_scale == "coef":
+        if weight is None:
+            raise ValueError("error_scale=coef needs the per-image 1 / c_e(t)^2 (NoiseSchedule.noise_coefficient_table)")
+        return err * weight.to(err.dtype)
     if error_scale in ("log", "log_t"):
         logs = err.clamp_min(torch.finfo(err.dtype).tiny).log()
         if error_scale == "log":
@@ -133,7 +143,7 @@ def scale_errors(err: Tensor, error_scale: str, weight: Tensor | None = None) ->
 
 def preference_step(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
-    x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: list[float],
+    x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
     error_scale: str = "paper", desirable: Tensor | None = None, timestep_table: Tensor | None = None,
 ) -> StepOutput:
     """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
@@ -142,7 +152,8 @@ def preference_step(
     bool labels, ``cond`` and ``noise`` one entry per image.
     ``loss_kwargs``: the objective's hyperparameters (``Objective.loss_kwargs``); the step adds
     ``num_timesteps`` where the loss takes it.
-    ``timestep_table``: the ``(T,)`` weights of ``error_scale=log_t`` (``ncp.timestep_scale.calibrate``).
+    ``timestep_table``: the ``(T,)`` weights of ``error_scale=log_t`` (``ncp.timestep_scale.calibrate``) or
+    ``coef`` (``NoiseSchedule.noise_coefficient_table``).
     Metrics report the raw errors; the loss sees them through ``scale_errors``."""
     b = noise.t.shape[0]
     if desirable is not None and not objective.per_image:

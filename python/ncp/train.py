@@ -27,9 +27,9 @@ from ncp.data.options import LoaderOptions
 from ncp.data.sources import PairSource, build_source, endless
 from ncp.metrics import MetricsLogger
 from ncp.flops import Throughput, training_throughput
-from ncp.models import (DTYPES, Conditioning, ModelLoadError, Models, add_lora, attention_backend, compile_counters,
-                        compile_unet, encode_prompts, load_lora_into, load_models, resolve_model_path,
-                        resolve_taps, save_lora, sdxl_time_ids)
+from ncp.models import (DTYPES, Conditioning, ConcatenatedTaps, ModelLoadError, Models, TapWeights, add_lora,
+                        attention_backend, compile_counters, compile_unet, encode_prompts, load_lora_into,
+                        load_models, resolve_model_path, resolve_taps, save_lora, sdxl_time_ids)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
 from ncp.schedule import NoiseSchedule
@@ -55,11 +55,11 @@ class Trainer:
     source: PairSource
     schedule: NoiseSchedule
     taps: list
-    tap_weights: list[float]
+    tap_weights: TapWeights
     output_dir: Path
     step: int = 0
     throughput: Throughput | None = None  # perf/tflops, perf/mfu
-    timestep_table: torch.Tensor | None = None  # objective.error_scale=log_t: w(t), ncp.timestep_scale
+    timestep_table: torch.Tensor | None = None  # error_scale=log_t: w(t) (ncp.timestep_scale); coef: 1/c_e(t)^2
 
     @property
     def base(self) -> torch.nn.Module:
@@ -98,7 +98,7 @@ def setup(cfg: Config) -> Trainer:
         taps = resolve_taps(cfg.objective.taps, models.kind, len(models.unet.down_blocks))
     except ValueError as err:  # an unknown tap name: a config error, not a traceback
         raise ConfigError(str(err)) from err
-    weights = cfg.objective.tap_weights or [1.0 / len(taps)] * len(taps)
+    weights = tap_weights(cfg.objective, taps)
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     throughput = training_throughput(
@@ -111,7 +111,17 @@ def setup(cfg: Config) -> Trainer:
                  throughput=throughput)
     if cfg.objective.error_scale == "log_t":
         tr.timestep_table = calibrate_timesteps(tr, build_source(options, resolve_model_path(cfg.model.path)))
+    elif cfg.objective.error_scale == "coef":
+        tr.timestep_table = tr.schedule.noise_coefficient_table()
     return tr
+
+
+def tap_weights(objective, taps: list) -> TapWeights:
+    """The scale weights of the resolved ``taps``: the NCP authors' concatenation for ``objective.taps=authors``,
+    else ``objective.tap_weights`` or equal weights."""
+    if objective.taps == ["authors"]:
+        return ConcatenatedTaps(normalize=objective.tap_normalize is not False)
+    return objective.tap_weights or [1.0 / len(taps)] * len(taps)
 
 
 def calibrate_timesteps(tr: Trainer, source: PairSource) -> torch.Tensor:
