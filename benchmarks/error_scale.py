@@ -3,9 +3,11 @@
 For a fixed set of pairs and each timestep t of a grid (one t for the whole
 batch, the same noise for every t), this measures per pair
 
-    d_latent = (ERR_theta(w) - ERR_ref(w)) - (ERR_theta(l) - ERR_ref(l))   # Diffusion-DPO
-    d_ncp    = (PL_theta(w)  - PL_ref(w))  - (PL_theta(l)  - PL_ref(l))    # NCP-DPO, paper form
-    d_log    = the same with log PL                                          # objective.error_scale=log
+    d_latent   = (ERR_theta(w) - ERR_ref(w)) - (ERR_theta(l) - ERR_ref(l))   # Diffusion-DPO
+    d_ncp      = (PL_theta(w)  - PL_ref(w))  - (PL_theta(l)  - PL_ref(l))    # NCP-DPO, paper form
+    d_ncp_coef = d_ncp / c_e(t)^2                                              # objective.error_scale=coef
+    d_ncp_log  = the same with log PL                                          # objective.error_scale=log
+    d_ncp_log_t = w(t) d_ncp_log, w(t) calibrated on the same pairs            # objective.error_scale=log_t
 
 and prints, per t, the median and the maximum of |beta/2 d| for each form
 (the logit of each objective at the betas given), and the spread of the medians
@@ -20,6 +22,12 @@ Two views:
 
     python benchmarks/error_scale.py --lora runs/quality/ncp-dpo-full-auto-s0/step-001500
     python benchmarks/error_scale.py --views sd15 --sd15-latent 16
+    python benchmarks/error_scale.py --views bundle,sd15 --taps authors --random-lora-scale 0.01 --out ...
+
+``--taps`` picks the encoder taps of the NCP forms (``mid``, the SD1.5 default, or ``authors``: the NCP
+authors' concatenation of conv_in, every down block and mid). Without ``--lora`` the bundle view draws a
+random LoRA (``--random-lora-scale``), as the sd15 view always does: the logits then measure a random
+direction of the policy's size, not a trained one, so compare forms within one run, not across runs.
 
 Writes benchmarks/results/error_scale.json and error_scale.png.
 """
@@ -41,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 
 T_GRID = (1, 5, 20, 50, 100, 200, 400, 600, 800, 999)
-FORMS = ("latent", "ncp", "ncp_log", "latent_log")
+FORMS = ("latent", "ncp", "ncp_coef", "ncp_log", "ncp_log_t", "latent_log")
 
 # SD1.5's published U-Net config (runwayml/stable-diffusion-v1-5, unet/config.json).
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -51,7 +59,8 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def pair_differences(unet, base, schedule, x0, cond, t: int, eps, z, taps, tap_weights) -> dict[str, np.ndarray]:
+def pair_differences(unet, base, schedule, x0, cond, t: int, eps, z, taps, tap_weights,
+                     log_t_table) -> dict[str, np.ndarray]:
     """d (policy minus reference, winner minus loser) of every form, per pair, at one t."""
     from ncp.objectives import OBJECTIVES
     from ncp.step import StepNoise, branch_errors, scale_errors
@@ -65,20 +74,37 @@ def pair_differences(unet, base, schedule, x0, cond, t: int, eps, z, taps, tap_w
             for suffix, scale in (("", "paper"), ("_log", "log")):
                 e, r = scale_errors(err.double(), scale), scale_errors(ref.double(), scale)
                 out[space + suffix] = ((e[:b] - r[:b]) - (e[b:] - r[b:])).numpy()
+    out["ncp_coef"] = out["ncp"] * float(schedule.noise_coefficient_table().double()[t])
+    out["ncp_log_t"] = out["ncp_log"] * float(log_t_table[t])
     return out
 
 
 def measure(unet, base, schedule, x0, cond, taps, tap_weights, t_grid, seed: int) -> dict[int, dict]:
+    from ncp.objectives import OBJECTIVES
+    from ncp.timestep_scale import calibrate
+
     b = x0.shape[0] // 2
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((b, *x0.shape[1:]), generator=gen)
     z = torch.randn((b, *x0.shape[1:]), generator=gen)
+    table = calibrate(unet, base, schedule, OBJECTIVES["ncp-dpo"], x0, cond, taps, tap_weights,
+                      torch.Generator().manual_seed(seed))
     res = {}
     for t in t_grid:
         t0 = time.time()
-        res[t] = pair_differences(unet, base, schedule, x0, cond, t, eps, z, taps, tap_weights)
+        res[t] = pair_differences(unet, base, schedule, x0, cond, t, eps, z, taps, tap_weights, table)
         print(f"  t={t:4d}  ({time.time() - t0:.1f}s)", flush=True)
     return res
+
+
+def randomize_lora(unet, scale: float, seed: int) -> None:
+    """B of every LoRA layer drawn like A (peft's kaiming-uniform) times ``scale``: policy != reference."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                bound = 1.0 / max(1, p.shape[1]) ** 0.5
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound * scale)
 
 
 def bundle_view(args):
@@ -88,9 +114,12 @@ def bundle_view(args):
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",
                  f"train.output_dir={args.tmp}", "logging.progress=false", "logging.tensorboard=false",
                  f"data.absolute_winners={'true' if args.filtered else 'false'}"]
+    overrides += ["objective.name=ncp-dpo", f"objective.taps=[{args.taps}]"]
     if args.lora:
         overrides.append(f"lora.init_from={args.lora}")
     tr = setup(load_config(DEFAULT_CONFIG, overrides))
+    if not args.lora:
+        randomize_lora(tr.base, args.random_lora_scale, args.seed)
     batch = next(iter(tr.source))
     gen = torch.Generator().manual_seed(args.seed)
     x0 = batch_latents(batch, tr.models, gen)
@@ -105,6 +134,7 @@ def sd15_view(args):
 
     from ncp.models import Conditioning, resolve_taps
     from ncp.schedule import NoiseSchedule
+    from ncp.train import tap_weights
 
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False)
@@ -119,8 +149,9 @@ def sd15_view(args):
     gen = torch.Generator().manual_seed(args.seed + 1)
     x0 = torch.randn((2 * n, 4, s, s), generator=gen)  # SD latents (scaled) are roughly unit-variance
     cond = Conditioning(torch.randn((n, 77, 768), generator=gen))
-    taps = resolve_taps(["auto"], "sd15", len(unet.down_blocks))
-    return measure(unet, unet, schedule, x0, cond, taps, [1.0], args.t, args.seed)
+    taps = resolve_taps([args.taps], "sd15", len(unet.down_blocks))
+    weights = tap_weights(argparse.Namespace(taps=[args.taps], tap_weights=None, tap_normalize=None), taps)
+    return measure(unet, unet, schedule, x0, cond, taps, weights, args.t, args.seed)
 
 
 def summarise(res: dict[int, dict], betas: dict[str, float]) -> dict:
@@ -133,22 +164,28 @@ def summarise(res: dict[int, dict], betas: dict[str, float]) -> dict:
                              "max_abs_logit": float(logit.max()), "median_abs_d": float(np.median(np.abs(d[form]))),
                              "max_over_median": float(logit.max() / max(np.median(logit), 1e-300))}
     spread = {}
+    latent_level = float(np.median([rows[t]["latent"]["median_abs_logit"] for t in rows]))
     for form in FORMS:
         med = [rows[t][form]["median_abs_logit"] for t in rows]
+        # the beta at which this form's typical logit (median over t of the median |logit|) equals latent DPO's
+        level = float(np.median(med))
         spread[form] = {"median_spread_across_t": float(max(med) / max(min(med), 1e-300)),
-                        "worst_max_over_median": float(max(rows[t][form]["max_over_median"] for t in rows))}
+                        "worst_max_over_median": float(max(rows[t][form]["max_over_median"] for t in rows)),
+                        "beta_matching_latent": betas[form] * latent_level / max(level, 1e-300)}
     return {"per_t": {str(t): r for t, r in rows.items()}, "spread": spread, "betas": betas}
 
 
 def format_table(view: str, s: dict) -> str:
-    head = f"{'t':>5} " + " ".join(f"{f + ' med/max':>22}" for f in FORMS)
+    head = f"{'t':>5} " + " ".join(f"{f + ' med/max':>23}" for f in FORMS)
     lines = [f"[{view}] |logit| = |beta/2 d| per pair; betas {s['betas']}", head]
     for t, r in s["per_t"].items():
-        lines.append(f"{t:>5} " + " ".join(f"{r[f]['median_abs_logit']:>10.3g} /{r[f]['max_abs_logit']:>10.3g}"
+        lines.append(f"{t:>5} " + " ".join(f"{r[f]['median_abs_logit']:>11.3g} /{r[f]['max_abs_logit']:>10.3g}"
                                            for f in FORMS))
-    lines.append(f"{'spread':>5} " + " ".join(f"{s['spread'][f]['median_spread_across_t']:>10.3g}x"
+    lines.append(f"{'spread':>5} " + " ".join(f"{s['spread'][f]['median_spread_across_t']:>11.3g}x"
                                               f"{s['spread'][f]['worst_max_over_median']:>10.3g}x" for f in FORMS))
     lines.append("  (spread: max/min over t of the median |logit|, then the worst max/median within one t)")
+    lines.append("beta at which each form's median |logit| (median over t) equals latent DPO's: "
+                 + ", ".join(f"{f} {s['spread'][f]['beta_matching_latent']:.3g}" for f in FORMS))
     return "\n".join(lines)
 
 
@@ -161,7 +198,7 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.2), squeeze=False)
     for ax, (view, s) in zip(axes[0], summaries.items()):
         ts = [int(t) for t in s["per_t"]]
-        for form, style in zip(FORMS, ("C0-", "C1-", "C2-", "C0:")):
+        for form, style in zip(FORMS, ("C0-", "C1-", "C3-", "C2-", "C4-", "C0:")):
             med = [s["per_t"][str(t)][form]["median_abs_logit"] for t in ts]
             mx = [s["per_t"][str(t)][form]["max_abs_logit"] for t in ts]
             ax.plot(ts, med, style, marker="o", ms=3, label=f"{form} median")
@@ -181,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--views", default="bundle,sd15")
     p.add_argument("--lora", default=None, help="bundle view: a trained LoRA folder (a run's step-N or lora/)")
+    p.add_argument("--random-lora-scale", type=float, default=0.01,
+                   help="bundle view without --lora: a random LoRA, B scaled by this")
+    p.add_argument("--taps", default="mid", help="encoder taps of the NCP forms: a preset (mid, authors, ...)")
     p.add_argument("--pairs", type=int, default=64, help="bundle view: pairs")
     p.add_argument("--filtered", action="store_true", help="bundle view: absolute-winner pairs only")
     p.add_argument("--sd15-pairs", type=int, default=8)
@@ -190,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--beta-latent", type=float, default=5000.0)
     p.add_argument("--beta-ncp", type=float, default=2e6, help="NCP-DPO's beta on the bundled world")
     p.add_argument("--beta-log", type=float, default=5000.0, help="beta of the log forms")
+    p.add_argument("--beta-coef", type=float, default=1000.0, help="beta of the coef form")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tmp", default="runs/error_scale")
@@ -197,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     args.t = [int(x) for x in args.t.split(",")]
     torch.set_num_threads(args.threads)
-    betas = {"latent": args.beta_latent, "ncp": args.beta_ncp, "ncp_log": args.beta_log, "latent_log": args.beta_log}
+    betas = {"latent": args.beta_latent, "ncp": args.beta_ncp, "ncp_coef": args.beta_coef, "ncp_log": args.beta_log,
+             "ncp_log_t": args.beta_log, "latent_log": args.beta_log}
     summaries, raw = {}, {}
     for view in [v for v in args.views.split(",") if v]:
         print(f"view {view}", flush=True)

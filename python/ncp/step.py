@@ -6,6 +6,7 @@ branches they need (``ncp.objectives.OBJECTIVES``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,20 @@ def frozen_encoder_features(base: nn.Module, x: Tensor, t: Tensor, cond: Conditi
         return list(encoder_features(base, x, t, cond, taps))
 
 
+def encoder_precision(dtype: torch.dtype | None, device: torch.device):
+    """The autocast context of the perceptual encoder's passes: none (the surrounding one) for None, autocast
+    off for fp32, else autocast to ``dtype`` (fp16 over bf16 weights: autocast casts them per op)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def branch_errors(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, x0: Tensor,
     cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
+    encoder_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-image errors of the policy and (if the objective needs it) the reference.
 
@@ -69,6 +81,9 @@ def branch_errors(
     the (possibly DDP-wrapped) policy; ``base`` the unwrapped module whose
     adapters are switched off for the reference and the perceptual encoder.
     ``tap_weights``: one weight per tap, or ``ConcatenatedTaps`` (the weights from the tapped maps' sizes).
+    ``encoder_dtype`` (perceptual objectives): the reverse step returns fp32 and the frozen encoder runs under
+    autocast to this dtype (fp32: no autocast), whatever the policy's precision; None: both in the
+    surrounding precision, the reverse step's output in ``x_t``'s dtype (``model.perceptual_precision``).
     Returns fp32 (nB,) tensors.
     """
     n = x0.shape[0] // noise.t.shape[0]
@@ -92,11 +107,13 @@ def branch_errors(
     eps_policy = schedule.to_epsilon(pred, x_t, t)
     others = [schedule.to_epsilon(ref, x_t, t)] if ref is not None else []
     others = torch.stack([*others, eps.to(pred.dtype)])  # (K, nB, C, h, w): [reference,] true noise
-    prev_policy, prev_other = ops.reverse_step(x_t, eps_policy, others, z.to(x_t.dtype), coef)
+    x_in = x_t if encoder_dtype is None else x_t.float()  # the branches differ by c_e(t) (e - eps): keep it
+    prev_policy, prev_other = ops.reverse_step(x_in, eps_policy, others, z.to(x_in.dtype), coef)
     k = prev_other.shape[0]
-    with torch.no_grad(), adapters_disabled(base):
-        feats_other = encoder_features(base, prev_other.flatten(0, 1), (t - 1).repeat(k), cond.repeat(k), taps)
-    feats_policy = frozen_encoder_features(base, prev_policy, t - 1, cond, taps)
+    with encoder_precision(encoder_dtype, x_t.device):
+        with torch.no_grad(), adapters_disabled(base):
+            feats_other = encoder_features(base, prev_other.flatten(0, 1), (t - 1).repeat(k), cond.repeat(k), taps)
+        feats_policy = frozen_encoder_features(base, prev_policy, t - 1, cond, taps)
     split = [f.unflatten(0, (k, -1)) for f in feats_other]  # each (K, nB, ...)
     target = [f[-1] for f in split]
     reference = [f[0] for f in split] if ref is not None else []
@@ -145,6 +162,7 @@ def preference_step(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
     x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
     error_scale: str = "paper", desirable: Tensor | None = None, timestep_table: Tensor | None = None,
+    encoder_dtype: torch.dtype | None = None,
 ) -> StepOutput:
     """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
     (objectives that do not need losers use the first B rows); ``cond``: B prompts.
@@ -160,7 +178,7 @@ def preference_step(
         raise ValueError("unpaired (labelled) images need a per-image objective: kto or ncp-kto")
     if desirable is None and not objective.needs_losers:
         x0 = x0[:b]  # SFT trains on the winners only
-    err, err_ref = branch_errors(unet, base, schedule, objective, x0, cond, noise, taps, tap_weights)
+    err, err_ref = branch_errors(unet, base, schedule, objective, x0, cond, noise, taps, tap_weights, encoder_dtype)
     # (winner rows, loser rows): slices for pairs (no device sync), the labels' masks for unpaired images
     groups = (slice(0, b), slice(b, None)) if desirable is None else (desirable, ~desirable)
     if "num_timesteps" in objective.keyword_arguments:
