@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from ncp.config import load_config
 from ncp.objectives import OBJECTIVES
@@ -38,7 +39,11 @@ def test_recipe_has_the_paper_values(model, objective):
     assert cfg.objective.name == objective
     assert cfg.lora.rank == 64 and cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert cfg.optim.use_8bit == "on"
-    assert cfg.model.weight_dtype in ("bf16", "fp16")  # frozen weights in half precision
+    # frozen weights in half precision on the GPU, except where the perceptual path runs fp32 (issue 26)
+    from ncp.train import frozen_weight_dtype
+
+    half = not objective.startswith("ncp-") or cfg.model.perceptual_precision not in ("auto", "fp32")
+    assert frozen_weight_dtype(cfg, on_gpu=True) == (torch.bfloat16 if half else torch.float32)
     assert cfg.data.resolution == paper["resolution"]
     assert cfg.optim.warmup_steps == paper["warmup"]
     assert cfg.train.max_steps == 2000

@@ -69,6 +69,28 @@ def encoder_precision(dtype: torch.dtype | None, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def perceptual_dtype(setting: str, policy_dtype: torch.dtype, weight_dtype: torch.dtype,
+                     device: torch.device) -> torch.dtype | None:
+    """``model.perceptual_precision`` -> ``branch_errors``' ``encoder_dtype`` (None: the policy's precision).
+
+    ``policy_dtype``: what the policy computes in (the autocast dtype, else the frozen weights' dtype). The
+    branch difference NCP lives on is ``c_e(t) (e - eps)``, ``c_e(t)`` 0.004-0.02: bf16 rounds it away
+    (``benchmarks/precision.py``: the LoRA gradient's cosine with float64 0.47-0.61 on the bundled model, fp16
+    0.93-0.95, fp32 0.998), so ``auto`` runs the reverse step and the encoder in fp32 under a bf16 policy
+    (fp16 where the frozen weights are half precision: an fp32 encoder needs fp32 weights)."""
+    if setting == "same" or (setting == "auto" and policy_dtype != torch.bfloat16):
+        return None
+    if setting == "auto":
+        setting = "fp32" if weight_dtype == torch.float32 else "fp16"
+    if setting == "fp32" and weight_dtype != torch.float32:
+        raise ValueError(f"model.perceptual_precision=fp32 runs the frozen encoder without autocast: it needs "
+                         f"model.weight_dtype=fp32 or auto (the weights are {str(weight_dtype).removeprefix('torch.')})")
+    if setting == "fp16" and device.type == "cpu" and weight_dtype == torch.bfloat16:
+        raise ValueError("model.perceptual_precision=fp16 over bf16 weights needs CUDA autocast (CPU autocast's "
+                         "GroupNorm wants fp32 parameters): use model.weight_dtype=fp32 or auto on the CPU")
+    return torch.float32 if setting == "fp32" else torch.float16
+
+
 def branch_errors(
     unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, x0: Tensor,
     cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
@@ -107,7 +129,9 @@ def branch_errors(
     eps_policy = schedule.to_epsilon(pred, x_t, t)
     others = [schedule.to_epsilon(ref, x_t, t)] if ref is not None else []
     others = torch.stack([*others, eps.to(pred.dtype)])  # (K, nB, C, h, w): [reference,] true noise
-    x_in = x_t if encoder_dtype is None else x_t.float()  # the branches differ by c_e(t) (e - eps): keep it
+    x_in = x_t
+    if encoder_dtype is not None:  # the branches differ by c_e(t) (e - eps) only: the reverse step in fp32
+        x_in, eps_policy, others = x_t.float(), eps_policy.float(), others.float()
     prev_policy, prev_other = ops.reverse_step(x_in, eps_policy, others, z.to(x_in.dtype), coef)
     k = prev_other.shape[0]
     with encoder_precision(encoder_dtype, x_t.device):

@@ -33,7 +33,7 @@ from ncp.models import (DTYPES, Conditioning, ConcatenatedTaps, ModelLoadError, 
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
 from ncp.schedule import NoiseSchedule
-from ncp.step import preference_step, sample_noise
+from ncp.step import perceptual_dtype, preference_step, sample_noise
 
 logger = logging.getLogger("ncp.train")
 
@@ -60,10 +60,22 @@ class Trainer:
     step: int = 0
     throughput: Throughput | None = None  # perf/tflops, perf/mfu
     timestep_table: torch.Tensor | None = None  # error_scale=log_t: w(t) (ncp.timestep_scale); coef: 1/c_e(t)^2
+    encoder_dtype: torch.dtype | None = None  # model.perceptual_precision (None: the policy's precision)
 
     @property
     def base(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.unet)
+
+
+def frozen_weight_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
+    """``model.weight_dtype``; auto: bf16 on a GPU, fp32 on the CPU, and fp32 for a perceptual objective whose
+    reverse step and encoder run in fp32 (``model.perceptual_precision`` auto or fp32: autocast then casts the
+    weights for the bf16 policy, ``ncp.step.perceptual_dtype``)."""
+    if cfg.model.weight_dtype != "auto":
+        return DTYPES[cfg.model.weight_dtype]
+    fp32_encoder = (OBJECTIVES[cfg.objective.name].space == "perceptual"
+                    and cfg.model.perceptual_precision in ("auto", "fp32"))
+    return torch.bfloat16 if on_gpu and not fp32_encoder else torch.float32
 
 
 def setup(cfg: Config) -> Trainer:
@@ -75,8 +87,7 @@ def setup(cfg: Config) -> Trainer:
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
     if cfg.train.cpu_threads > 0:
         torch.set_num_threads(cfg.train.cpu_threads)
-    weight_dtype = DTYPES[cfg.model.weight_dtype] if cfg.model.weight_dtype != "auto" else (
-        torch.bfloat16 if on_gpu else torch.float32)
+    weight_dtype = frozen_weight_dtype(cfg, on_gpu)
     models = load_models(cfg.model.path, cfg.model.kind, accelerator.device, weight_dtype, cfg.model.vae_path,
                          encoders_on_device=cfg.data.cache_dir is None)
     torch.manual_seed(cfg.train.seed)  # the LoRA init
@@ -109,6 +120,13 @@ def setup(cfg: Config) -> Trainer:
     tr = Trainer(cfg, accelerator, models, unet, params, optimizer, lr_scheduler, source,
                  NoiseSchedule.from_scheduler(models.scheduler, accelerator.device), taps, weights, output_dir,
                  throughput=throughput)
+    policy_dtype = DTYPES[precision] if precision != "no" else weight_dtype
+    if OBJECTIVES[cfg.objective.name].space == "perceptual":
+        try:
+            tr.encoder_dtype = perceptual_dtype(cfg.model.perceptual_precision, policy_dtype, weight_dtype,
+                                                accelerator.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if cfg.objective.error_scale == "log_t":
         tr.timestep_table = calibrate_timesteps(tr, build_source(options, resolve_model_path(cfg.model.path)))
     elif cfg.objective.error_scale == "coef":
@@ -207,7 +225,8 @@ def micro_step(tr: Trainer, batch: Batch, micro: int):
     with tr.accelerator.autocast(), attention_backend(cfg.model.attention_backend):
         return preference_step(tr.unet, tr.base, tr.schedule, objective, objective.loss_kwargs(cfg.objective),
                                x0, cond, noise, tr.taps, tr.tap_weights, cfg.objective.error_scale,
-                               timestep_table=tr.timestep_table, desirable=desirable)
+                               timestep_table=tr.timestep_table, desirable=desirable,
+                               encoder_dtype=tr.encoder_dtype)
 
 
 def batches(source: PairSource) -> Iterator[Batch]:
