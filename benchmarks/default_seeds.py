@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from goals import goal  # noqa: E402  (benchmarks/goals.yaml)
 
 
 def run_seed(seed: int, overrides: list[str], out_dir: Path) -> dict:
@@ -40,6 +42,15 @@ def run_seed(seed: int, overrides: list[str], out_dir: Path) -> dict:
     marker.write_text(json.dumps(overrides))
     (out_dir / "wall.json").write_text(json.dumps(wall))
     return json.loads(report.read_text()) | wall
+
+
+def goals(summary: dict) -> dict[str, bool]:
+    """Issue 15's goal for the default run (benchmarks/goals.yaml), in the JSON (the printed lines are unchanged)."""
+    g = goal("default_run.mean_gain")
+    out = {f"mean gain over seeds >= +{g}": summary["mean_gain"] >= g}
+    if goal("default_run.every_interval_above_0"):
+        out["every seed's interval above 0"] = summary["seeds_with_interval_above_0"] == len(summary["seeds"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": "python benchmarks/default_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    summary["goals"] = goals(summary)
     print(f"{args.name}: mean gain over {len(rows)} seeds {summary['mean_gain']:+.4f}; "
           f"{summary['seeds_with_interval_above_0']} of {len(rows)} intervals above 0")
     out = Path(args.out or HERE / "results" / f"default_seeds_{args.name}.json")

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from step import MODELS as STEP_MODELS  # noqa: E402  (the published U-Net configs, BaselineStep)
 from step import SCHEDULER, BaselineStep, machine, print_report, write_report  # noqa: E402
+from goals import goal  # noqa: E402  (benchmarks/goals.yaml)
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, vae/config.json (SDXL's VAE: the same network, scaling 0.13025)
 VAE: dict[str, Any] = {
@@ -409,10 +410,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def goals(rows: list[dict[str, Any]], summary: dict[str, Any], full_size: bool) -> dict[str, Any]:
     if not full_size or not any(r["device"] == "cuda" for r in rows):
         return {"note": "the goals are stated for full-size models on an H100; not evaluated on this run"}
-    targets = {("sd15", "ncp-cache"): 2.0, ("sd15", "ncp-jpeg"): 1.5, ("sdxl", "ncp-cache"): 3.0,
-               ("sdxl", "ncp-jpeg"): 2.0}
     g = {}
-    for (model, pipeline), x in targets.items():
+    for model, pipeline in (("sd15", "ncp-cache"), ("sd15", "ncp-jpeg"), ("sdxl", "ncp-cache"), ("sdxl", "ncp-jpeg")):
+        x = goal(f"e2e.over_baseline_pairs_per_s.{model}.{pipeline}")
         r = summary.get(f"{model} {pipeline} dpo / baseline pairs/s")
         g[f"{model}: {pipeline} (DPO) >= {x}x the baseline pipeline's pairs/s"] = None if r is None else r >= x
     return g

@@ -1,7 +1,7 @@
 """Which MaPO and KTO scales give NCP logits of the latent objectives' size? (issue 16)
 
 NCP-DPO's beta on the bundled world is 5000 x ~400 because its logit differences
-are ~400x smaller than DPO's (RESULTS.md, "Why NCP needs a different beta here").
+are ~400x smaller than DPO's (RESULTS_ARCHIVE.md, "Why NCP needs a different beta here").
 MaPO and KTO build their logits from other differences, so each gets its own ratio:
 
 - MaPO: ``T (g(ERR_w) - g(ERR_l))`` with ``g(x) = s x / (exp(s x) - 1)``; for small ``s x``

@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from goals import goal  # noqa: E402  (benchmarks/goals.yaml)
 
 # ---------------------------------------------------------------- the published U-Net configs
 
@@ -805,13 +807,13 @@ def goals(results: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, A
     g: dict[str, Any] = {}
     for model, s in summary.items():  # issue 13 (best lever configuration where a sweep ran)
         best = (s.get("sweep_best_dpo") or {}).get("mfu") or s.get("dpo_mfu")
-        target = 0.27 if model == "sd15" else 0.25
+        target = goal(f"step.dpo_mfu.{model}")
         g[f"{model}: ncp DPO step >= {target:.0%} MFU"] = None if best is None else best >= target
-        r = s.get("ncp_dpo_mfu_over_dpo_mfu")
-        g[f"{model}: NCP-DPO MFU within 5 % of DPO's"] = None if r is None else r >= 0.95
+        r, share = s.get("ncp_dpo_mfu_over_dpo_mfu"), goal("step.ncp_dpo_mfu_over_dpo_mfu")
+        g[f"{model}: NCP-DPO MFU within {round(100 * (1 - share))} % of DPO's"] = None if r is None else r >= share
         if model == "sd15":
-            r = s.get("dpo_over_baseline_pairs_per_s")
-            g["sd15: ncp DPO pairs/s >= 1.6x the baseline step"] = None if r is None else r >= 1.6
+            r, x = s.get("dpo_over_baseline_pairs_per_s"), goal("step.sd15_dpo_over_baseline_pairs_per_s")
+            g[f"sd15: ncp DPO pairs/s >= {x}x the baseline step"] = None if r is None else r >= x
     return g
 
 

@@ -34,7 +34,7 @@ def check_shared_cxx_runtime(so_path: str) -> None:
     Such a library (a compiler wrapper that adds -static-libstdc++ makes one) loads and runs,
     but every C++ exception it throws -- each TORCH_CHECK that rejects a bad argument -- then
     crashes Python with a segmentation fault instead of raising a RuntimeError. Seen on a GPU
-    image whose CXX=/opt/gcc/bin/g++ wrapper did this (see benchmarks/RESULTS.md, Ops, GPU).
+    image whose CXX=/opt/gcc/bin/g++ wrapper did this (see benchmarks/RESULTS_ARCHIVE.md, Ops, GPU).
     """
     needed = elf_needed(so_path)
     if needed is None:  # not ELF (macOS, Windows): nothing to check

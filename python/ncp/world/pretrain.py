@@ -16,7 +16,7 @@ the time, which gives preference data judged from pixels a systematic error
 to correct. Training the text encoder on the flawed captions too merges the
 two words' embeddings, which no U-Net adapter can separate again; a world
 whose only flaw is capacity leaves a small LoRA nothing to fix (both in
-benchmarks/RESULTS.md, "Quality", with how much a short LoRA run corrects).
+benchmarks/RESULTS_ARCHIVE.md, "Third session", with how much a short LoRA run corrects).
 The VAE never sees captions.
 """
 from __future__ import annotations
