@@ -21,6 +21,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
     ("same", BF16, F32, None),
     ("fp16", F32, F32, F16),
     ("fp32", BF16, F32, F32),
+    ("tf32", BF16, F32, F32),   # fp32 tensors; train.setup allows TF32
 ])
 def test_perceptual_dtype(setting, policy, weights, expected):
     assert perceptual_dtype(setting, policy, weights, CPU) == expected

@@ -38,12 +38,13 @@ class ModelConfig:
     kind: Literal["auto", "sd15", "sdxl"] = opt("auto", "model family; 'auto' reads model_index.json")
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "dtype of the frozen weights (auto: bf16 on GPU, fp32 on CPU; fp32 for the ncp-* objectives when "
-                "perceptual_precision is auto or fp32)")
-    perceptual_precision: Literal["auto", "same", "fp16", "fp32"] = opt(
+                "perceptual_precision is auto, tf32 or fp32)")
+    perceptual_precision: Literal["auto", "same", "fp16", "tf32", "fp32"] = opt(
         "auto", "precision of the ncp-* objectives' reverse step and encoder passes: 'same' as the policy; "
-                "'fp16' the reverse step in fp32, the encoder under fp16 autocast; 'fp32' both in fp32 (needs fp32 "
-                "weights); auto: fp32 under a bf16 policy (fp16 over half-precision weights), else same: bf16 rounds "
-                "NCP's branch difference away (docs/method.md, Precision)")
+                "'fp16' the reverse step in fp32, the encoder under fp16 autocast; 'fp32' both in fp32 with TF32 "
+                "off on a GPU (needs fp32 weights); 'tf32' the same with TF32 on; auto: fp32 under a bf16 policy "
+                "(fp16 over half-precision weights), else same. bf16 rounds NCP's branch difference away "
+                "(docs/method.md, Precision)")
     vae_path: str | None = opt(None, "a separate VAE folder (e.g. an fp16-safe SDXL VAE)")
     gradient_checkpointing: bool = opt(False, "recompute U-Net activations in backward to save memory")
     compile_unet: bool | Literal["regional", "full"] = opt(

@@ -71,24 +71,25 @@ def encoder_precision(dtype: torch.dtype | None, device: torch.device):
 
 def perceptual_dtype(setting: str, policy_dtype: torch.dtype, weight_dtype: torch.dtype,
                      device: torch.device) -> torch.dtype | None:
-    """``model.perceptual_precision`` -> ``branch_errors``' ``encoder_dtype`` (None: the policy's precision).
+    """``model.perceptual_precision`` -> ``branch_errors``' ``encoder_dtype`` (None: the policy's precision;
+    ``tf32`` and ``fp32`` both give fp32, ``train.setup`` sets the TF32 switches).
 
     ``policy_dtype``: what the policy computes in (the autocast dtype, else the frozen weights' dtype). The
-    branch difference NCP lives on is ``c_e(t) (e - eps)``, ``c_e(t)`` 0.004-0.02: bf16 rounds it away
-    (``benchmarks/precision.py``: the LoRA gradient's cosine with float64 0.47-0.61 on the bundled model, fp16
-    0.93-0.95, fp32 0.998), so ``auto`` runs the reverse step and the encoder in fp32 under a bf16 policy
-    (fp16 where the frozen weights are half precision: an fp32 encoder needs fp32 weights)."""
+    branch difference NCP lives on is ``c_e(t) (e - eps)``, ``c_e(t)`` 0.004-0.02: bf16 rounds it away. The
+    LoRA gradient's cosine with float64 on the bundled model (``benchmarks/precision.py``): bf16 0.47-0.61,
+    fp16 encoder 0.93-0.95, TF32 (emulated) 0.98, fp32 0.998; so ``auto`` runs the reverse step and the encoder
+    in fp32 under a bf16 policy (fp16 where the frozen weights are half precision: fp32 needs fp32 weights)."""
     if setting == "same" or (setting == "auto" and policy_dtype != torch.bfloat16):
         return None
     if setting == "auto":
         setting = "fp32" if weight_dtype == torch.float32 else "fp16"
-    if setting == "fp32" and weight_dtype != torch.float32:
-        raise ValueError(f"model.perceptual_precision=fp32 runs the frozen encoder without autocast: it needs "
+    if setting in ("fp32", "tf32") and weight_dtype != torch.float32:
+        raise ValueError(f"model.perceptual_precision={setting} runs the frozen encoder without autocast: it needs "
                          f"model.weight_dtype=fp32 or auto (the weights are {str(weight_dtype).removeprefix('torch.')})")
     if setting == "fp16" and device.type == "cpu" and weight_dtype == torch.bfloat16:
         raise ValueError("model.perceptual_precision=fp16 over bf16 weights needs CUDA autocast (CPU autocast's "
                          "GroupNorm wants fp32 parameters): use model.weight_dtype=fp32 or auto on the CPU")
-    return torch.float32 if setting == "fp32" else torch.float16
+    return torch.float16 if setting == "fp16" else torch.float32
 
 
 def branch_errors(

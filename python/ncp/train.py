@@ -74,7 +74,7 @@ def frozen_weight_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
     if cfg.model.weight_dtype != "auto":
         return DTYPES[cfg.model.weight_dtype]
     fp32_encoder = (OBJECTIVES[cfg.objective.name].space == "perceptual"
-                    and cfg.model.perceptual_precision in ("auto", "fp32"))
+                    and cfg.model.perceptual_precision in ("auto", "tf32", "fp32"))
     return torch.bfloat16 if on_gpu and not fp32_encoder else torch.float32
 
 
@@ -127,6 +127,9 @@ def setup(cfg: Config) -> Trainer:
                                                 accelerator.device)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        if tr.encoder_dtype == torch.float32 and on_gpu:  # the only fp32 convs and matmuls of the step
+            tf32 = cfg.model.perceptual_precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     if cfg.objective.error_scale == "log_t":
         tr.timestep_table = calibrate_timesteps(tr, build_source(options, resolve_model_path(cfg.model.path)))
     elif cfg.objective.error_scale == "coef":
