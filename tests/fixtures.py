@@ -157,11 +157,22 @@ def cli_args(model, data, out, *extra: str) -> list[str]:
     every pair: the tests do not follow the bundled default run's objective and data filter (default.yaml), which
     a few-row test file would empty. ``extra`` come last, and a later override of the same key wins
     (``ncp.config.apply_overrides`` applies them in order)."""
-    return [f"model.path={model}", f"data.sources=[{data}]", "data.backend=torch", "data.resolution=32",
+    args = [f"model.path={model}", f"data.sources=[{data}]", "data.backend=torch", "data.resolution=32",
             "objective.name=ncp-dpo", "objective.beta=2e6", "data.absolute_winners=false",
             "data.batch_size=2", "data.num_workers=0", "lora.rank=4", f"train.output_dir={out}",
             "optim.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false", "train.report=false",
             *extra]
+    return only_read_overrides(args)
+
+
+def only_read_overrides(args: list[str]) -> list[str]:
+    """``args`` without the ``objective.*`` overrides the final objective does not read (the CLI refuses them:
+    ``ncp.config.check_overrides_apply``), so one argument list serves every objective."""
+    from ncp.config import unread_objective_keys
+
+    names = [a.partition("=")[2] for a in args if a.startswith("objective.name=")]
+    unread = unread_objective_keys(names[-1] if names else "kto", [a.partition("=")[0] for a in args])
+    return [a for a in args if a.partition("=")[0] not in unread]
 
 
 def lora_moves_unet(model: Path, lora: Path) -> float:

@@ -18,6 +18,18 @@ def _args(model, parquet, out, *extra):
     return cli_args(model, parquet, out, "train.max_steps=3", "optim.lr=1e-3", "objective.beta=5000", *extra)
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["objective.name=kto", "objective.beta=5"], "objective.beta (read by dpo, ncp-dpo)"),
+    (["objective.name=dpo", "objective.taps=[mid]"], "objective.taps (read by the ncp-* objectives"),
+    (["objective.name=ncp-sft", "objective.cpo_lambda=0"], "objective.cpo_lambda (read by cpo, ncp-cpo)"),
+])
+def test_an_override_the_objective_does_not_read_is_a_named_error(overrides, named, capsys):
+    """objective.name=kto objective.beta=5 used to run, ignoring beta."""
+    assert main(overrides + ["--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "objective.name=" + overrides[0].split("=")[1] in err
+
+
 def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -337,6 +337,36 @@ def _is_str_field(section: str, name: str) -> bool:
     return tp is str or tp == (str | None)
 
 
+PERCEPTUAL_KEYS = ("taps", "tap_weights", "tap_normalize")  # read by the ncp-* objectives only
+
+
+def unread_objective_keys(name: str, keys: list[str]) -> dict[str, str]:
+    """The ``objective.*`` keys among ``keys`` that objective ``name`` does not read, each with who does."""
+    objective = OBJECTIVES[name]
+    out = {}
+    for key in keys:
+        section, _, field_name = key.partition(".")
+        if section != "objective":
+            continue
+        readers = [n for n, o in OBJECTIVES.items() if field_name in o.hyperparameters]
+        if readers and field_name not in objective.hyperparameters:
+            out[key] = ", ".join(readers)
+        elif field_name in PERCEPTUAL_KEYS and objective.space != "perceptual":
+            out[key] = "the ncp-* objectives (their encoder taps)"
+    return out
+
+
+def check_overrides_apply(cfg: Config, overrides: list[str]) -> None:
+    """A command-line ``objective.*`` override that the chosen objective does not read is an error naming it
+    and the objectives that do (as TRL's configs refuse a field of another trainer). Recipe files may set the
+    values of every objective: each objective reads its own."""
+    unread = unread_objective_keys(cfg.objective.name, [o.partition("=")[0].strip() for o in overrides])
+    if unread:
+        listed = "; ".join(f"{k} (read by {who})" for k, who in unread.items())
+        raise ConfigError(f"objective.name={cfg.objective.name} does not read {listed}: drop it or pick the "
+                          f"objective that does")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     values = load_yaml(path) if path else {}
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
@@ -364,4 +394,6 @@ def help_text() -> str:
 if __name__ == "__main__":  # python -m ncp.config > docs/config.md
     print("# Configuration reference\n\nGenerated from `ncp/config.py` (`python -m ncp.config > docs/config.md`); "
           "every option can be set in the YAML file (`section: {key: value}`) or on the command line as "
-          "`section.key=value`.\n\n```\n" + help_text() + "\n```")
+          "`section.key=value`. On the command line, an `objective.*` value the chosen objective does not read "
+          "(`objective.name=kto objective.beta=5`) is an error naming the objectives that read it.\n\n```\n"
+          + help_text() + "\n```")

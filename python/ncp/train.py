@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ncp import checkpoint as ckpt
-from ncp.config import Config, ConfigError, help_text, load_config, to_dict
+from ncp.config import Config, ConfigError, check_overrides_apply, help_text, load_config, to_dict
 from ncp.data.batch import Batch, DataError, UnpairedBatch, vae_posterior
 from ncp.data.options import LoaderOptions
 from ncp.data.sources import PairSource, build_source, endless
@@ -412,6 +412,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    check_overrides_apply(cfg, overrides)
     if args.print_config:
         import yaml
 
