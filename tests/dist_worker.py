@@ -9,7 +9,7 @@ from ncp.train import batches, optimizer_step, setup
 
 
 def main(out_dir: str, *overrides: str) -> None:
-    cfg = load_config(None, list(overrides))
+    cfg = load_config(None, [o for o in overrides if not o.startswith("--")])
     tr = setup(cfg)
     seen = []
     source_iter = batches(tr.source)

@@ -152,17 +152,23 @@ def step_inputs_with_lora(folder: Path):
 
 
 def cli_args(model, data, out, *extra: str) -> list[str]:
-    """``python -m ncp.train`` overrides for a tiny CPU run: the model at ``model``, the data at ``data`` through
+    """``python -m ncp.train`` arguments for a tiny CPU run: the bundled world's recipe (``--config=default``: a
+    run naming a model would get its family's recipe), the model at ``model``, the data at ``data`` through
     the torch backend, 32 px, batch 2, rank 4, no report / progress bar / TensorBoard, and NCP-DPO (beta 2e6) on
     every pair: the tests do not follow the bundled default run's objective and data filter (default.yaml), which
     a few-row test file would empty. ``extra`` come last, and a later override of the same key wins
     (``ncp.config.apply_overrides`` applies them in order)."""
-    args = [f"model.path={model}", f"data.sources=[{data}]", "data.backend=torch", "data.resolution=32",
+    args = ["--config=default", f"model.path={model}", f"data.sources=[{data}]", "data.backend=torch", "data.resolution=32",
             "objective.name=ncp-dpo", "objective.beta=2e6", "data.absolute_winners=false",
             "data.batch_size=2", "data.num_workers=0", "lora.rank=4", f"train.output_dir={out}",
             "optim.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false", "train.report=false",
             *extra]
     return only_read_overrides(args)
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    """The ``section.key=value`` items of CLI arguments (``load_config`` takes no ``--config``)."""
+    return [a for a in args if not a.startswith("--")]
 
 
 def only_read_overrides(args: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 from ncp.config import load_config
 from ncp.train import main, optimizer_step, batches, setup
 
-from fixtures import cli_args, lora_moves_unet
+from fixtures import cli_args, lora_moves_unet, overrides_of
 
 OBJECTIVES = ["sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"]
 
@@ -25,7 +25,7 @@ def _args(model, parquet, out, *extra):
 ])
 def test_an_override_the_objective_does_not_read_is_a_named_error(overrides, named, capsys):
     """objective.name=kto objective.beta=5 used to run, ignoring beta."""
-    assert main(overrides + ["--print-config"]) == 2
+    assert main(overrides + ["--print-config"]) == 2  # the bundled model: the default recipe
     err = capsys.readouterr().err
     assert named in err and "objective.name=" + overrides[0].split("=")[1] in err
 
@@ -63,7 +63,8 @@ def test_cli_trains_sdxl(objective, tiny_sdxl, tiny_parquet, tmp_path):
 def test_one_step_changes_only_lora(tiny_sd15, tiny_parquet, tmp_path):
     """Step 1 moves every lora_B (the B = 0 init gives lora_A no gradient yet); step 2 moves every
     lora_A too. Weight decay is off so only gradients move weights. No base weight changes."""
-    cfg = load_config(None, _args(tiny_sd15, tiny_parquet, tmp_path, "optim.weight_decay=0", "objective.name=ncp-dpo"))
+    cfg = load_config(None, overrides_of(_args(tiny_sd15, tiny_parquet, tmp_path, "optim.weight_decay=0",
+                                                "objective.name=ncp-dpo")))
     tr = setup(cfg)
     named = dict(tr.base.named_parameters())
     start = {n: p.detach().clone() for n, p in named.items()}
@@ -107,7 +108,7 @@ def test_compiled_unet_trains_like_the_eager_one(tiny_sd15, tiny_parquet, tmp_pa
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ncp.train", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "ncp.train", "--config=default", *args], capture_output=True, text=True)
 
 
 def test_cli_errors_name_the_problem(tiny_sd15, tmp_path):
@@ -194,3 +195,32 @@ def test_default_command_trains_on_the_bundle(tmp_path):
     assert [m["step"] for m in lines] == [1, 2] and "err/reference_winner" in lines[0]
     pipe = StableDiffusionPipeline.from_pretrained(str(bundle_path("model")), safety_checker=None)
     pipe.load_lora_weights(str(out / "lora"))
+
+
+@pytest.mark.parametrize("extra, recipe", [
+    ([], "default.yaml"),  # the bundled model
+    (["model.path=/models/stable-diffusion-v1-5"], "sd15.yaml"),
+    (["model.path=stabilityai/stable-diffusion-xl-base-1.0"], "sdxl.yaml"),
+    (["model.path=/models/custom", "model.kind=sdxl"], "sdxl.yaml"),
+    (["--config", "sd15", "model.path=bundle"], "sd15.yaml"),
+])
+def test_a_run_naming_a_model_gets_its_family_recipe(extra, recipe):
+    """`python -m ncp.train model.path=/models/sd15` used to train the bundled world's recipe (KTO, 32 px,
+    rank 8, absolute winners) on an SD1.5 model."""
+    from ncp.train import recipe as recipe_of
+
+    config = extra[extra.index("--config") + 1] if "--config" in extra else None
+    overrides = [e for e in extra if "=" in e]
+    path, why = recipe_of(config, overrides)
+    assert path.name == recipe and path.is_file(), why
+
+
+def test_a_named_model_does_not_inherit_the_bundled_world(tiny_sd15, capsys):
+    out = subprocess.run([sys.executable, "-m", "ncp.train", f"model.path={tiny_sd15}", "--print-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import yaml
+
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["data"]["resolution"] == 512 and cfg["lora"]["rank"] == 64  # sd15.yaml, not default.yaml's 32 / 8
+    assert cfg["objective"]["name"] == "ncp-dpo" and "recipe: " in out.stderr and "sd15.yaml" in out.stderr

@@ -15,7 +15,7 @@ import torch
 from ncp.config import load_config
 from ncp.objectives import OBJECTIVES
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "python" / "ncp" / "configs"
 MODELS = {"sd15": dict(resolution=512, warmup=500, taps=["mid"]),
           "sdxl": dict(resolution=1024, warmup=200, taps=["paper"])}
 RECIPES = [(model, objective) for model in MODELS for objective in OBJECTIVES]
@@ -27,7 +27,7 @@ def _path(model: str) -> Path:
 
 
 def test_one_recipe_per_model_and_nothing_else():
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == {_path(m).name for m in MODELS}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {_path(m).name for m in MODELS} | {"default.yaml"}
 
 
 @pytest.mark.parametrize("model,objective", RECIPES)
@@ -69,7 +69,7 @@ def test_recipe_opens_with_the_commands_that_run_it(model):
     path = _path(model)
     head = path.read_text().split("\n\n", 1)[0]
     assert all(line.startswith("#") for line in head.splitlines())
-    assert f"-m ncp.train --config configs/{path.name} objective.name=" in head
+    assert f"-m ncp.train --config {model} objective.name=" in head
     assert load_config(path).objective.name == "ncp-dpo"  # the paper's method without an override
     listed = re.search(r"# Objectives: (.*) \(", head).group(1).split(", ")
     assert listed == list(OBJECTIVES)  # every objective is named in the header

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 BIN = Path(sys.executable).parent
-ARGS = ["data.backend=torch", "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "lora.rank=4",
+ARGS = ["--config=default", "data.backend=torch", "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "lora.rank=4",
         "objective.name=dpo", "objective.beta=5000", "data.absolute_winners=false",
         "optim.lr=1e-3", "logging.progress=false", "logging.tensorboard=false", "train.report=false"]
 

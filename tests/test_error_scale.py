@@ -8,7 +8,7 @@ import torch
 from ncp.objectives import OBJECTIVES, cpo_loss, dpo_loss
 from ncp.step import preference_step, sample_noise, scale_errors
 
-from fixtures import cli_args
+from fixtures import cli_args, overrides_of
 
 
 def t(*v):
@@ -164,7 +164,7 @@ def test_cli_log_t_calibrates_the_same_table_on_every_start(tiny_sd15, tiny_parq
 
     args = cli_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=2", "optim.lr=1e-3",
                     "objective.name=ncp-dpo", "objective.beta=100", "objective.error_scale=log_t")
-    tables = [setup(load_config(None, args)).timestep_table for _ in range(2)]
+    tables = [setup(load_config(None, overrides_of(args))).timestep_table for _ in range(2)]
     assert tables[0].shape == (1000,) and torch.equal(tables[0], tables[1])
     assert (tables[0] > 0).all() and tables[0].mean().item() == pytest.approx(1.0, rel=1e-5)
     assert main(args) == 0

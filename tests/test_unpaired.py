@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures import cli_args, jpeg_bytes
+from fixtures import cli_args, jpeg_bytes, overrides_of
 from ncp.config import ConfigError, load_config
 from ncp.data.batch import DataError, UnpairedBatch
 from ncp.data.options import LoaderOptions
@@ -284,7 +284,7 @@ def test_cache_round_trip(cache_dir, tiny_sd15, shard):
 def test_a_paired_objective_on_unpaired_data_is_a_config_error(tmp_path, tiny_sd15, shard):
     for name in ("dpo", "ncp-cpo", "mapo", "sft"):
         with pytest.raises(ConfigError, match=rf"objective.name={name} compares the two images of a pair.*kto"):
-            load_config(None, cli_args(tiny_sd15, shard, tmp_path, "data.format=unpaired", f"objective.name={name}"))
+            load_config(None, overrides_of(cli_args(tiny_sd15, shard, tmp_path, "data.format=unpaired", f"objective.name={name}")))
     assert main(cli_args(tiny_sd15, shard, tmp_path, "data.format=unpaired", "objective.name=dpo")) == 2
 
 

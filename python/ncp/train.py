@@ -29,7 +29,7 @@ from ncp.metrics import MetricsLogger
 from ncp.flops import Throughput, training_throughput
 from ncp.models import (DTYPES, Conditioning, ConcatenatedTaps, ModelLoadError, Models, TapWeights, add_lora,
                         attention_backend, compile_counters, compile_unet, encode_prompts, load_lora_into,
-                        load_models, resolve_model_path, resolve_taps, save_lora, sdxl_time_ids)
+                        detect_kind, load_models, resolve_model_path, resolve_taps, save_lora, sdxl_time_ids)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
 from ncp.schedule import NoiseSchedule
@@ -395,7 +395,26 @@ def world_report(cfg: Config, lora_dir: Path, output_dir: Path) -> dict:
 # ---------------------------------------------------------------- CLI
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+RECIPES = Path(__file__).resolve().parent / "configs"  # default (the bundled world), sd15, sdxl
+DEFAULT_CONFIG = RECIPES / "default.yaml"
+
+
+def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
+    """The YAML file a run starts from, and why. ``--config``: a file, or a shipped recipe by name (default,
+    sd15, sdxl). Without it: the bundled world's default.yaml for the bundled model only; a run naming another
+    model (``model.path=``) gets its family's recipe (``model.kind``, else ``ncp.models.detect_kind``)."""
+    if config:
+        named = RECIPES / f"{config}.yaml"
+        return (named, f"--config {config}") if named.is_file() else (Path(config), f"--config {config}")
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    path = given.get("model.path", "bundle").strip()
+    if path == "bundle":
+        return DEFAULT_CONFIG, "the bundled model's recipe"
+    kind = given.get("model.kind", "auto").strip()
+    kind = detect_kind(path) if kind == "auto" else kind
+    if kind not in ("sd15", "sdxl"):
+        raise ConfigError(f"model.kind={kind}: no shipped recipe; give one with --config FILE")
+    return RECIPES / f"{kind}.yaml", f"the {kind} recipe (model.path={path} is not the bundled model)"
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -403,16 +422,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
         prog="python -m ncp.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Align a text-to-image diffusion model with preference pairs (LoRA). With no arguments, "
                     "trains Diffusion-KTO on the small world bundled with ncp (python/ncp/configs/default.yaml says why).",
-        epilog="options (set in the YAML file or as section.key=value):\n" + help_text())
-    parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name}, the bundled world)")
+        epilog="options (set in the YAML file or as section.key=value; the defaults shown are the code's, and "
+               "the recipe in force sets many of them: --print-config shows what a run gets):\n" + help_text())
+    parser.add_argument("--config", help="YAML config, or a shipped recipe: default (the bundled world), sd15, "
+                                          "sdxl (without it: default for the bundled model, else the model "
+                                          "family's recipe)")
     parser.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint "
                                          "folder (same as train.resume=...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    path, why = recipe(args.config, overrides)
+    cfg = load_config(path, overrides)
     check_overrides_apply(cfg, overrides)
+    logger.info("recipe: %s (%s); overrides: %s", path, why, " ".join(overrides) or "none")
     if args.print_config:
         import yaml
 
