@@ -282,6 +282,8 @@ class NcpStep:
         self.policy = self.unet  # the module the policy pass calls (a wrapper under compile=full)
         self.levers: dict[str, Any] = {}
         self.compiled: tuple | None = None
+        self.weight_dtype = self.dtype  # the frozen weights (fp32 when the perceptual path runs fp32)
+        self.encoder_dtype = None  # model.perceptual_precision of the ncp-* variants (None: the policy's)
 
     def set_levers(self, levers: dict[str, Any]) -> None:
         """Apply one configuration of the speed levers (``model.*`` of ncp's config) to the built U-Net:
@@ -293,11 +295,18 @@ class NcpStep:
         fmt = torch.channels_last if levers.get("channels_last") else torch.contiguous_format
         self.unet.to(memory_format=fmt)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[levers.get("dtype", "bf16")]
-        if dtype != self.dtype:
+        # model.perceptual_precision: fp32 / tf32 keep the frozen weights fp32 (autocast casts them for the
+        # policy) and run the reverse step and encoder in fp32; fp16 the encoder under fp16 autocast
+        perceptual = levers.get("perceptual", "same")
+        weights = torch.float32 if perceptual in ("fp32", "tf32") else dtype
+        if weights != self.weight_dtype:
             for p in self.unet.parameters():
                 if not p.requires_grad:  # the frozen weights; the LoRA weights stay fp32
-                    p.data = p.data.to(dtype)
-            self.dtype = dtype
+                    p.data = p.data.to(weights)
+        self.dtype, self.weight_dtype = dtype, weights
+        self.encoder_dtype = {"same": None, "fp16": torch.float16}.get(perceptual, torch.float32)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = perceptual != "fp32"
         how, mode = levers.get("compile", False), levers.get("compile_mode", "default")
         if how and (how, mode) != self.compiled:
             if self.compiled is not None:
@@ -310,7 +319,7 @@ class NcpStep:
         from ncp.models import Conditioning
 
         self.batch = batch
-        self.inp = _inputs(self.spec, batch, self.dtype, self.device)
+        self.inp = _inputs(self.spec, batch, self.weight_dtype, self.device)
         self.cond = Conditioning(self.inp["hidden"], self.inp["pooled"], self.inp["time_ids"])
 
     def step(self, variant: str) -> float:
@@ -326,7 +335,7 @@ class NcpStep:
         with torch.autocast(self.device.type, dtype=self.dtype), attention_backend(self.levers.get("attention", "auto")):
             out = preference_step(self.policy, self.unet, self.schedule, self.objectives[variant],
                                   self.objectives[variant].loss_kwargs(self.loss_values), x0, self.cond, noise,
-                                  self.taps, self.tap_weights)
+                                  self.taps, self.tap_weights, encoder_dtype=self.encoder_dtype)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -547,8 +556,8 @@ def _sweep(runner, variants: list[str], spec: dict[str, Any], device, common: di
             continue
         for variant in variants:
             t = timed[variant]
-            rows.append(dict(base, variant=variant, frozen_dtype=levers.get("dtype", "bf16").replace("bf16", "bfloat16")
-                             .replace("fp16", "float16"), steps_timed=len(t["step_s_all"]),
+            rows.append(dict(base, variant=variant, frozen_dtype=str(runner.weight_dtype).replace("torch.", ""),
+                             steps_timed=len(t["step_s_all"]),
                              warmup=timed_spec["warmup"], step_s=round(t["step_s"], 4),
                              step_s_all=[round(x, 4) for x in t["step_s_all"]],
                              pairs_per_s=round(common["batch"] / t["step_s"], 4),
@@ -584,7 +593,8 @@ def _levers_name(levers: dict[str, Any]) -> str:
              levers.get("compile_mode", "") if levers.get("compile_mode", "default") != "default" else "",
              "channels_last" if levers.get("channels_last") else "",
              f"attn={levers['attention']}" if levers.get("attention", "auto") != "auto" else "",
-             levers.get("dtype", "") if levers.get("dtype", "bf16") != "bf16" else ""]
+             levers.get("dtype", "") if levers.get("dtype", "bf16") != "bf16" else "",
+             f"perceptual={levers['perceptual']}" if levers.get("perceptual", "same") != "same" else ""]
     return "+".join(p for p in parts if p) or "eager"
 
 
@@ -592,6 +602,7 @@ def _levers_name(levers: dict[str, Any]) -> str:
 # fp16 on CUDA only: the CPU has no fast fp16 matmul).
 SWEEP: list[dict[str, Any]] = [
     {}, {"channels_last": True}, {"attention": "cudnn"}, {"attention": "efficient"}, {"dtype": "fp16"},
+    {"perceptual": "fp32"}, {"perceptual": "tf32"}, {"perceptual": "fp16"},  # issue 26: ncp-dpo's precision
     {"compile": "regional"}, {"compile": "regional", "channels_last": True},
     {"compile": "regional", "compile_mode": "reduce-overhead"},
 ]
