@@ -4,7 +4,8 @@ import sys
 
 from fixtures import cli_args
 
-NOTICES = ("requires torchvision", "should be kept in float32", "No LoRA keys associated")
+NOTICES = ("requires torchvision", "should be kept in float32", "No LoRA keys associated",
+           "Loading weights", "Loading pipeline components")  # the loaders' bars (issue 24)
 
 
 def _run(*args: str) -> str:

@@ -53,10 +53,13 @@ class CLIPScorer:
     def __init__(self, path: str, kind: str = "pickscore", batch_size: int = 32):
         from transformers import CLIPModel, CLIPProcessor
 
+        from ncp.models import quiet_loading
+
         self.name = f"{kind}:{Path(path).name}"
         self.kind = kind
-        self.model = CLIPModel.from_pretrained(path).eval()
-        self.processor = CLIPProcessor.from_pretrained(path)
+        with quiet_loading():
+            self.model = CLIPModel.from_pretrained(path).eval()
+            self.processor = CLIPProcessor.from_pretrained(path)
         self.batch_size = batch_size
 
     @torch.no_grad()

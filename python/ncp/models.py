@@ -83,9 +83,29 @@ class Models:
     device: torch.device
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" and diffusers' "Loading pipeline components" bars off for one load, by
+    the libraries' own switches (restored after): every ncp command loads models, none should print them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
     try:
-        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+        with quiet_loading():
+            return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"cannot load {subfolder}/ of model {path}: {err}") from err
 

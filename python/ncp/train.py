@@ -1,4 +1,4 @@
-"""``python -m ncp.train``: LoRA preference training (DPO / CPO / SFT, latent or NCP space).
+"""``python -m ncp.train``: LoRA preference training (SFT, DPO, CPO, MaPO, KTO; latent or NCP space: docs/objectives.md).
 
 Reads like a table of contents: parse the config, build the models, the data
 and the optimizer, run the one loop every objective shares, clean up.

@@ -28,10 +28,12 @@ def sampling_defaults(model_dir: str | Path) -> tuple[int, float]:
 
 def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):
     """A StableDiffusionPipeline on the CPU, quiet, with the LoRA loaded when given."""
+    from ncp.models import quiet_loading
     from ncp.pipelines import load_unet_lora, pipeline_class
 
-    pipe = pipeline_class("sd15").from_pretrained(str(model_dir), safety_checker=None,
-                                                  requires_safety_checker=False)
+    with quiet_loading():
+        pipe = pipeline_class("sd15").from_pretrained(str(model_dir), safety_checker=None,
+                                                      requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         load_unet_lora(pipe, lora_dir)
