@@ -95,13 +95,13 @@ class Sample:
 
 def jsonl_lines(file: Path) -> Iterator[tuple[int, str]]:
     """The non-blank lines of a JSONL file with their numbers (from 1); a line that is not UTF-8 is a
-    :class:`DataError` naming the file, line and byte."""
+    :class:`DataError` naming the file, line and byte (the Rust loader's message)."""
     for line_no, raw in enumerate(file.read_bytes().splitlines(), start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"{file} line {line_no}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                            f"{err.start + 1}: {err.reason})") from None
+                            f"{err.start + 1})") from None
         if line.strip():
             yield line_no, line
 
