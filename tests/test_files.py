@@ -7,7 +7,7 @@ import pytest
 import xxhash
 
 import ncp.files
-from ncp.files import file_digest, remove_stale_temps, replace_folder, temp_sibling
+from ncp.files import file_digest, remove_stale_temps, replace_folder, temp_sibling, written_whole
 
 
 def test_file_digest_is_the_xxh3_of_the_bytes(tmp_path, monkeypatch):
@@ -50,3 +50,15 @@ def test_stale_temporary_folders_are_removed(tmp_path):
         p.mkdir()
     remove_stale_temps(final)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, alive.name, other.name])
+
+
+def test_written_whole_puts_the_folder_in_place_only_at_the_end(tmp_path):
+    final = _folder(tmp_path / "out", "old")
+    with pytest.raises(KeyboardInterrupt), written_whole(final) as tmp:
+        (tmp / "f").write_text("half")
+        raise KeyboardInterrupt
+    assert (final / "f").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with written_whole(final) as tmp:
+        (tmp / "f").write_text("new")
+        assert (final / "f").read_text() == "old"
+    assert (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -189,7 +188,7 @@ def fuse_into(unet: torch.nn.Module, modules: dict[str, tuple[Tensor, Tensor]], 
 def export_merged(lora_dir: Path, model: str, out_dir: Path) -> Path:
     """The base pipeline with the LoRA fused into its U-Net weights, saved whole (no adapter left) into a
     temporary folder beside ``out_dir`` and renamed to it at the end (``out_dir``: new or empty)."""
-    from ncp.files import remove_stale_temps, replace_folder, temp_sibling
+    from ncp.files import written_whole
     from ncp.models import resolve_model_path
     from ncp.pipelines import bind_pil_image_processors
 
@@ -200,16 +199,9 @@ def export_merged(lora_dir: Path, model: str, out_dir: Path) -> Path:
 
     pipe = DiffusionPipeline.from_pretrained(model_path)
     fuse_into(pipe.unet, *read_lora(lora_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
-    tmp = temp_sibling(out_dir)
-    try:
+    with written_whole(out_dir) as tmp:
         pipe.save_pretrained(str(tmp))
         check_merge_target(model_path, out_dir)  # still new or empty
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

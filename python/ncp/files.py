@@ -8,6 +8,8 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
@@ -85,3 +87,21 @@ def replace_folder(new: Path, final: Path) -> None:
     os.rename(final, old)
     os.rename(new, final)
     shutil.rmtree(old)
+
+
+@contextmanager
+def written_whole(final: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``final`` (``.NAME.tmp-PID``) to write into: put at ``final``
+    (:func:`replace_folder`) when the block ends, removed when it raises. Killed writers' folders are removed
+    first (:func:`remove_stale_temps`)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    tmp = temp_sibling(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ from ncp.data.cache.key import (CACHE_DTYPES, FORMAT, cache_files, cache_key, ch
                                 model_folder, read_index, verify_files)
 from ncp.data.paths import expand_sources
 from ncp.data.rust import loader_batches, pair_loader
-from ncp.files import remove_stale_temps, replace_folder, temp_sibling
+from ncp.files import written_whole
 from ncp.models import encode_prompts, load_models
 
 logger = logging.getLogger("ncp.cache")
@@ -101,19 +100,10 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
     cache in ``out`` is replaced only with ``overwrite`` (any other non-empty folder never is)."""
     out = Path(out)
     check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with written_whole(out) as tmp:
         _write_cache(tmp, model, sources, resolution, flip, dtype, batch_size, columns, drop_ties,
                      absolute_winners, shard_size, device, num_threads, data_format)
         check_target(out, overwrite)  # nothing else took the folder meanwhile
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     index = read_index(out)
     logger.info("cached %d pairs (%d skipped), %d captions in %s (%.1fs)", index["num_valid"],
                 len(index["skipped"]), index["num_captions"], out, index["seconds"])
