@@ -235,13 +235,19 @@ def run_ncp(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_cache(spec: dict[str, Any], cache_dir: str) -> dict[str, Any]:
-    """``python -m ncp.cache`` over the dataset (both flips, as random_flip trains), timed (a cache already in
-    ``--work`` is reused and says so)."""
-    if (Path(cache_dir) / "index.json").is_file():
+    """``python -m ncp.cache`` over the dataset (both flips, as random_flip trains), timed (a cache of this ncp's
+    format already in ``--work`` is reused and says so; one of an older format is rebuilt in its place)."""
+    from ncp.data import DataError
+    from ncp.data.cache import read_index
+
+    try:
+        read_index(cache_dir)
         return {"reused": cache_dir}
+    except DataError:  # none, or an older format
+        pass
     cmd = [sys.executable, "-m", "ncp.cache", "--model", spec["model_dir"], "--sources", spec["data_glob"],
            "--out", cache_dir, "--resolution", str(spec["resolution"]), "--flip", "--device", spec["device"],
-           "--dtype", "bfloat16" if spec["device"] == "cuda" else "float32"]
+           "--dtype", "bfloat16" if spec["device"] == "cuda" else "float32", "--overwrite"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0

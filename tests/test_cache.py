@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import torch
 ncp_dataloader = pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not installed")
 
 from fixtures import build_tiny_sd15, random_pairs, write_pickapic_parquet  # noqa: E402
-from ncp.data.cache import (CachedPairSource, StaleCacheError, build_cache, check_cache, main,  # noqa: E402
-                            read_index)
+from ncp.data.cache import (FORMAT, CachedPairSource, CacheTargetError, CorruptCacheError,  # noqa: E402
+                            StaleCacheError, build_cache, check_cache, main, read_index, verify_files)
 from ncp.data.rust import RustPairSource  # noqa: E402
 from ncp.models import encode_prompts, load_models  # noqa: E402
 from ncp.train import batch_latents  # noqa: E402
@@ -50,6 +51,10 @@ def test_index_and_layout(cache, shard):
     assert index["flips"] == 2 and index["num_captions"] == 5
     assert len(index["pair_shards"]) == 3 and index["latent_shape"] == [4, RES // 2, RES // 2]
     assert index["key"]["resolution"] == RES and index["key"]["crop"] == "center" and index["key"]["flip"] is True
+    assert index["format"] == FORMAT == "ncp-latent-cache/2"
+    # every other file of the folder has its size and xxh3-64 in the index
+    assert sorted(index["files"]) == sorted(p.name for p in cache.iterdir() if p.name != "index.json")
+    assert all(e["size"] == (cache / n).stat().st_size and len(e["xxh3"]) == 16 for n, e in index["files"].items())
 
 
 def test_cache_batches_equal_pixel_batches_encoded(cache, sd15, shard):
@@ -185,3 +190,144 @@ def test_training_refuses_a_mismatched_cache(tmp_path, sd15, tiny_parquet, capsy
             "logging.progress=false", "train.report=false", f"train.output_dir={tmp_path}/o"]
     assert train_main(args) == 2
     assert "resolution" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- integrity: hashes, atomic rebuild
+
+
+def _damaged(cache, tmp_path, name, damage):
+    """A copy of ``cache`` whose file ``name`` was changed by ``damage(bytearray) -> bytes``."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(cache, copy)
+    path = copy / name
+    path.write_bytes(damage(bytearray(path.read_bytes())))
+    return copy
+
+
+def _flip_byte(data: bytearray) -> bytes:
+    data[len(data) // 2] ^= 0x01
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("pairs-00001.safetensors", _flip_byte, "has other bytes than when it was written"),
+    ("embeds-00000.safetensors", lambda d: bytes(d[:len(d) - 100]), r"has \d+ bytes, index.json says \d+ \(truncated"),
+    ("pairs-00000.safetensors", lambda d: b"\xff" * 8 + bytes(d[8:]), "has other bytes"),
+    ("captions.json", lambda d: bytes(d).replace(b"caption 1", b"caption 7"), "has other bytes"),
+])
+def test_a_damaged_file_is_named_on_open_and_by_check(cache, shard, sd15, tmp_path, capsys, name, damage, message):
+    """A flipped byte, a truncated shard, a bad header, a changed caption: opening the cache (as training does)
+    and ``--check`` raise one line naming the file."""
+    copy = _damaged(cache, tmp_path, name, damage)
+    with pytest.raises(CorruptCacheError, match=f"latent cache file {copy / name} {message}") as err:
+        CachedPairSource(copy, batch_size=2)
+    assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+    with pytest.raises(CorruptCacheError, match=name):
+        verify_files(copy, read_index(copy))
+    args = ["--model", sd15, "--sources", shard, "--out", str(copy), "--resolution", str(RES), "--flip", "--check"]
+    assert main(args) == 1
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and name in err_lines[0] and err_lines[0].startswith("error: latent cache file")
+
+
+def test_a_bad_header_is_named_even_with_a_matching_hash(cache, tmp_path):
+    """The reader's own header parse names the file too (a header whose length or offsets do not fit)."""
+    from ncp.data.cache.read import _map
+
+    path = _damaged(cache, tmp_path, "pairs-00000.safetensors", lambda d: (10**9).to_bytes(8, "little") + d[8:])
+    with pytest.raises(CorruptCacheError, match=r"pairs-00000.safetensors: bad safetensors header \(header length"):
+        _map(path / "pairs-00000.safetensors")
+    path.joinpath("x.safetensors").write_bytes((20).to_bytes(8, "little") + b'{"a": [1, 2, 3]}    ')
+    with pytest.raises(CorruptCacheError, match="x.safetensors: bad safetensors header"):
+        _map(path / "x.safetensors")
+
+
+def test_an_old_format_or_unreadable_index_is_refused(cache, tmp_path):
+    from ncp.data.cache.key import is_cache
+
+    copy = tmp_path / "old"
+    shutil.copytree(cache, copy)
+    index = json.loads((copy / "index.json").read_text())
+    (copy / "index.json").write_text(json.dumps({**index, "format": "ncp-latent-cache/1"}))
+    with pytest.raises(StaleCacheError, match=r"format 'ncp-latent-cache/1', this ncp reads 'ncp-latent-cache/2'.*"
+                                              r"rebuild it with `python -m ncp.cache \.\.\. --overwrite`"):
+        CachedPairSource(copy, batch_size=2)
+    assert is_cache(copy)  # so --overwrite may replace it
+    (copy / "index.json").write_text('{"format": "ncp-latent-cache/2", "key": ')
+    with pytest.raises(CorruptCacheError, match=r"latent cache index .*index.json cannot be read"):
+        read_index(copy)
+
+
+def test_a_killed_rebuild_leaves_the_old_cache(tmp_path, sd15, shard, monkeypatch):
+    """A rebuild that dies mid-way (an exception after the first shard) leaves the old cache whole and in use,
+    and no temporary folder; a killed one's temporary folder (its pid gone) is removed by the next build."""
+    from ncp.data.cache import write
+
+    out = build_cache(sd15, [shard], tmp_path / "c", RES, batch_size=5, shard_size=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def dies_on_the_second_batch(vae, pixels):
+        calls.append(1)
+        if len(calls) == 2:
+            assert list(tmp_path.glob(".c.tmp-*/pairs-00000.safetensors"))  # half a cache is on disk
+            raise KeyboardInterrupt
+        return real(vae, pixels)
+
+    real = write._posterior
+    monkeypatch.setattr(write, "_posterior", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(sd15, [shard], out, 16, batch_size=5, shard_size=4, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    verify_files(out, read_index(out))
+    assert len(list(CachedPairSource(out, batch_size=4))) == 3
+
+    stale = tmp_path / ".c.tmp-4194305"  # above Linux's largest pid: a writer that no longer runs
+    (stale / "pairs-00000.safetensors").parent.mkdir()
+    (stale / "pairs-00000.safetensors").write_bytes(b"half")
+    rebuilt = build_cache(sd15, [shard], out, 16, batch_size=5, shard_size=4, overwrite=True)
+    assert read_index(rebuilt)["key"]["resolution"] == 16 and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_rebuild_needs_overwrite_and_replaces_caches_only(tmp_path, sd15, shard, capsys):
+    args = ["--model", sd15, "--sources", shard, "--resolution", "16", "--shard-size", "8"]
+    out = tmp_path / "c"
+    assert main([*args, "--out", str(out)]) == 0  # a new folder
+    first = read_index(out)
+    assert main([*args, "--out", str(out)]) == 2
+    assert "holds a latent cache; pass --overwrite to rebuild it" in capsys.readouterr().err
+    assert read_index(out) == first
+    assert main([*args, "--out", str(out), "--overwrite", "--flip"]) == 0
+    assert read_index(out)["flips"] == 2
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--out", str(tmp_path / "empty")]) == 0  # an empty folder needs no --overwrite
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, "--out", str(other), *extra]) == 2
+        assert "holds no latent cache" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    with pytest.raises(CacheTargetError, match="is a file"):
+        build_cache(sd15, [shard], other / "notes.txt", 16)
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_training_names_a_corrupt_cache_in_one_line(cache, tmp_path, sd15, shard, capsys):
+    """`ncp.train` on a cache with a flipped byte: exit 2, one line naming the shard, no step taken."""
+    from ncp.train import main as train_main
+
+    copy = _damaged(cache, tmp_path, "pairs-00002.safetensors", _flip_byte)
+    args = [f"model.path={sd15}", f"data.sources=[{shard}]", f"data.resolution={RES}", "data.batch_size=2",
+            "data.absolute_winners=false", f"data.cache_dir={copy}", "lora.rank=4", "train.max_steps=1",
+            "logging.progress=false", "logging.tensorboard=false", "train.report=false",
+            f"train.output_dir={tmp_path}/o"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error")]  # beside it: progress bars of model loading
+    assert line.startswith(f"error: latent cache file {copy / 'pairs-00002.safetensors'} has other bytes")
+    assert "Traceback" not in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

@@ -29,6 +29,16 @@ def test_read_prompts_txt_and_partiprompts_tsv(tmp_path):
         read_prompts(tmp_path / "parti.tsv", column="text")
 
 
+@pytest.mark.parametrize("name, text", [("p.txt", "a red circle\ntwo blue squares\n"),
+                                        ("p.tsv", "Prompt\tCategory\na red circle\tA\ntwo blue squares\tB\n"),
+                                        ("p.csv", "prompt,category\na red circle,A\ntwo blue squares,B\n")])
+def test_read_prompts_drops_a_utf8_bom(tmp_path, name, text):
+    """A byte-order mark is neither in the first prompt (.txt) nor in the first column's name (.tsv/.csv)."""
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    prompts = read_prompts(tmp_path / name)
+    assert prompts == ["a red circle", "two blue squares"] and not prompts[0].startswith("\ufeff")
+
+
 def test_bootstrap_and_paired_stats():
     x = np.array([1.0, 2.0, 3.0, 4.0])
     lo, hi = bootstrap_ci(x)

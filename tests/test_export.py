@@ -134,3 +134,66 @@ def test_cli_reads_the_runs_model(tiny_sd15, tmp_path, capsys):
     assert all(v.dtype == torch.float16 for v in state.values())
     assert main([str(tmp_path / "nothing-here")]) == 2
     assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_the_base_model_and_a_non_empty_folder(tiny_sd15, tmp_path, capsys):
+    """``--merge`` onto the base model's folder, a folder inside it (also through a link) or any non-empty folder
+    is a named error (exit 2) before anything is written: no kohya file, the model's files unchanged."""
+    lora_dir = _lora_run(tiny_sd15, "sd15", ATTENTION, tmp_path)
+    model_files = _tree(tiny_sd15)
+    (tmp_path / "link").symlink_to(tiny_sd15)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()  # the progress bars of building the LoRA
+    for target, message in ((tiny_sd15, "is the base model's own folder"),
+                            (tiny_sd15 / "unet", "is inside the base model's folder"),
+                            (tmp_path / "link" / "unet", "is inside the base model's folder"),
+                            (tmp_path / "link" / "new", "is inside the base model's folder"),
+                            (mine, "exists and is not an empty folder")):
+        assert main([str(lora_dir), "--model", str(tiny_sd15), "--merge", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --merge {target} {message}") and "\n" not in err
+    assert _tree(tiny_sd15) == model_files and _tree(mine) == {"notes.txt": b"keep me"}
+    assert not (lora_dir.parent / "lora_kohya.safetensors").exists()
+
+
+def test_merge_writes_beside_the_target_and_renames_at_the_end(tiny_sd15, tmp_path, monkeypatch):
+    """An export that dies before the rename leaves neither the target nor its temporary folder; an empty
+    target folder is filled."""
+    import ncp.files
+
+    lora_dir = _lora_run(tiny_sd15, "sd15", ATTENTION, tmp_path)
+    seen = []
+
+    def dies(new, final):
+        seen.append(sorted(p.name for p in new.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ncp.files, "replace_folder", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export_merged(lora_dir, str(tiny_sd15), tmp_path / "merged")
+    assert "unet" in seen[0] and "model_index.json" in seen[0]  # the pipeline was written, beside the target
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.tmp-*"))
+    monkeypatch.undo()
+    (tmp_path / "merged").mkdir()
+    assert export_merged(lora_dir, str(tiny_sd15), tmp_path / "merged") == tmp_path / "merged"
+    assert (tmp_path / "merged" / "unet").is_dir() and not list(tmp_path.glob(".merged.tmp-*"))
+
+
+def test_a_lora_without_its_run_config_needs_model(tiny_sd15, tmp_path, capsys):
+    """No step-*/config.json beside the LoRA folder: the base model is asked for, not assumed to be the
+    bundled one."""
+    lora_dir = _lora_run(tiny_sd15, "sd15", ATTENTION, tmp_path)
+    capsys.readouterr()
+    assert main([str(lora_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "has no run config beside it" in err and "pass --model" in err
+    assert not (lora_dir.parent / "lora_kohya.safetensors").exists()
+    assert main([str(lora_dir), "--model", str(tiny_sd15)]) == 0
+    assert (lora_dir.parent / "lora_kohya.safetensors").is_file()

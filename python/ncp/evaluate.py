@@ -108,16 +108,17 @@ def make_scorers(spec: str) -> list[Scorer]:
 
 
 def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
-    """One prompt a line (.txt), or a .tsv/.csv with a prompt column (PartiPrompts: 'Prompt')."""
+    """One prompt a line (.txt), or a .tsv/.csv with a prompt column (PartiPrompts: 'Prompt'). UTF-8; a
+    byte-order mark (as Windows editors write) is dropped, not kept in the first prompt or column name."""
     path = Path(path)
     if path.suffix.lower() in (".tsv", ".csv"):
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             names = {n.lower(): n for n in reader.fieldnames or []}
             if column.lower() not in names:
                 raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames})")
             return [row[names[column.lower()]].strip() for row in reader if row[names[column.lower()]].strip()]
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

@@ -14,7 +14,10 @@
 
 The input is a run folder (its ``lora/``) or a LoRA folder written by ``ncp.models.save_lora``. The base
 model (needed for SDXL's block names and for ``--merge``) is read from the run's checkpoint config
-unless ``--model`` names it.
+unless ``--model`` names it; a LoRA folder without its run's config needs ``--model``.
+
+``--merge`` never overwrites: it refuses a folder that is not empty and the base model's own folder (or one
+inside it), and writes into ``.DIR.tmp-PID`` beside the target, renamed to it when complete.
 """
 from __future__ import annotations
 
@@ -51,6 +54,28 @@ def run_model_path(lora_dir: Path) -> str | None:
     if not configs:
         return None
     return json.loads(configs[-1].read_text()).get("model", {}).get("path")
+
+
+def base_model(lora_dir: Path, model: str | None) -> str:
+    """``model`` if given, else the run's model.path; a LoRA whose run config is not beside it names no base
+    model, and guessing one (the bundled model) would export a LoRA onto the wrong U-Net."""
+    model = model or run_model_path(lora_dir)
+    if model is None:
+        raise ExportError(f"{lora_dir} has no run config beside it ({lora_dir.parent}/step-*/config.json) naming "
+                          f"its base model; pass --model (a diffusers folder, hub id or 'bundle')")
+    return model
+
+
+def check_merge_target(model_path: str | Path, target: Path) -> None:
+    """Refuse a ``--merge`` target that is the base model's folder or inside it (paths resolved, links
+    followed), a file, or a folder that is not empty."""
+    model_dir, out = Path(model_path).resolve(), target.resolve()
+    if out == model_dir or out.is_relative_to(model_dir):
+        where = "the base model's own folder" if out == model_dir else f"inside the base model's folder {model_dir}"
+        raise ExportError(f"--merge {target} is {where}: refusing to write over the model; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--merge {target} exists and is not an empty folder: refusing to write into it; "
+                          f"choose a new or empty folder")
 
 
 def read_lora(lora_dir: Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float, int]:
@@ -161,16 +186,22 @@ def fuse_into(unet: torch.nn.Module, modules: dict[str, tuple[Tensor, Tensor]], 
 
 
 def export_merged(lora_dir: Path, model: str, out_dir: Path) -> Path:
-    """The base pipeline with the LoRA fused into its U-Net weights, saved whole (no adapter left)."""
+    """The base pipeline with the LoRA fused into its U-Net weights, saved whole (no adapter left) into a
+    temporary folder beside ``out_dir`` and renamed to it at the end (``out_dir``: new or empty)."""
+    from ncp.files import written_whole
     from ncp.models import resolve_model_path
     from ncp.pipelines import bind_pil_image_processors
 
+    model_path = resolve_model_path(model)
+    check_merge_target(model_path, out_dir)
     bind_pil_image_processors()
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(resolve_model_path(model))
+    pipe = DiffusionPipeline.from_pretrained(model_path)
     fuse_into(pipe.unet, *read_lora(lora_dir))
-    pipe.save_pretrained(str(out_dir))
+    with written_whole(out_dir) as tmp:
+        pipe.save_pretrained(str(tmp))
+        check_merge_target(model_path, out_dir)  # still new or empty
     return out_dir
 
 
@@ -178,16 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ncp.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("lora", help="a run folder (its lora/) or a LoRA folder written by ncp.train")
-    p.add_argument("--model", help="base model: diffusers folder, hub id or 'bundle' (default: the run's model.path)")
+    p.add_argument("--model", help="base model: diffusers folder, hub id or 'bundle' (default: the run's model.path; "
+                                   "required for a LoRA folder without its run)")
     p.add_argument("--out", help="kohya file (default: <lora folder>_kohya.safetensors beside the LoRA folder)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the kohya file's tensors")
-    p.add_argument("--merge", metavar="DIR", help="also write a full diffusers pipeline with the LoRA fused here")
+    p.add_argument("--merge", metavar="DIR", help="also write a full diffusers pipeline with the LoRA fused into DIR "
+                                                  "(a new or empty folder, not the base model's)")
     args = p.parse_args(argv)
-    from ncp.models import ModelLoadError
+    from ncp.models import ModelLoadError, resolve_model_path
 
     try:
         lora_dir = find_lora_dir(args.lora)
-        model = args.model or run_model_path(lora_dir) or "bundle"
+        model = base_model(lora_dir, args.model)
+        if args.merge:  # refused before anything is written
+            check_merge_target(resolve_model_path(model), Path(args.merge))
         out = Path(args.out) if args.out else lora_dir.parent / f"{lora_dir.name}_kohya.safetensors"
         print(f"kohya LoRA: {export_kohya(lora_dir, model, out, DTYPES[args.dtype])}")
         if args.merge:

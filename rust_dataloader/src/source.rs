@@ -551,19 +551,31 @@ fn json_label(v: &serde_json::Value) -> Option<bool> {
 }
 
 /// The lines of a JSONL file as JSON values, with their line numbers (1-based); blank lines are skipped.
+/// A line that is not UTF-8 is a BadValue naming the line, the byte and its column (as the torch backend).
 fn jsonl_values(file: &SourceFile) -> Result<Vec<(usize, serde_json::Value)>> {
     let f = File::open(&file.path).map_err(|e| io_err(&file.path, e))?;
     let mut out = Vec::new();
-    for (line_no, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| io_err(&file.path, e))?;
+    for (line_no, raw) in BufReader::new(f).split(b'\n').enumerate() {
+        let raw = raw.map_err(|e| io_err(&file.path, e))?;
+        let line = utf8_line(&raw, &file.path, line_no + 1)?;
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
+        let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| io_err(&file.path, format!("line {}: invalid JSON: {e}", line_no + 1)))?;
         out.push((line_no + 1, v));
     }
     Ok(out)
+}
+
+/// A line's bytes (without its `\n`, and a `\r` before it) as text, or a BadValue "FILE line N: not UTF-8
+/// (byte 0xXX at column C)" (C from 1).
+fn utf8_line<'a>(raw: &'a [u8], path: &str, line: usize) -> Result<&'a str> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    std::str::from_utf8(raw).map_err(|e| LoadError::BadValue {
+        place: format!("{path} line {line}"),
+        msg: format!("not UTF-8 (byte 0x{:02x} at column {})", raw[e.valid_up_to()], e.valid_up_to() + 1),
+    })
 }
 
 /// The value of key `name` (logical `logical`) of a JSONL line, or a MissingColumn error naming file and line.
@@ -739,6 +751,13 @@ mod tests {
         assert_eq!(labels(&arr, "f.parquet", "label", 0).unwrap(), vec![true, false, true]);
         let captions = category(&[Some("a cat"), None, Some("a cat")]);
         assert_eq!(strings(&captions, "f.parquet", "caption").unwrap(), vec!["a cat", "", "a cat"]);
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_names_its_byte() {
+        assert_eq!(utf8_line(b"{\"a\": 1}\r", "f.jsonl", 3).unwrap(), "{\"a\": 1}");
+        let msg = utf8_line(b"{\"caption\": \"caf\xe9\"}", "f.jsonl", 2).unwrap_err().to_string();
+        assert_eq!(msg, "f.jsonl line 2: not UTF-8 (byte 0xe9 at column 17)");
     }
 
     #[test]

@@ -29,6 +29,35 @@ def _import_loader() -> Any:
     return ncp_dataloader
 
 
+def pair_loader(**kwargs: Any) -> Any:
+    """``ncp_dataloader.PairLoader(**kwargs)``; a missing column or a bad argument is a :class:`DataError`."""
+    lib = _import_loader()
+    try:
+        return lib.PairLoader(**kwargs)
+    except (KeyError, ValueError, OSError) as err:  # the loader's message names the file and column
+        raise loader_error(err) from err
+
+
+def loader_batches(loader: Any) -> Iterator[dict[str, Any]]:
+    """The dict batches of a ``PairLoader``. What its threads meet is a :class:`DataError` with the loader's
+    message (file, row, column): a corrupt image with ``strict``, a column of another type, a bad value, an
+    unreadable shard. A panic (RuntimeError, a bug) is left as it is."""
+    it = iter(loader)
+    while True:
+        try:
+            d = next(it)
+        except StopIteration:
+            return
+        except (KeyError, ValueError, OSError) as err:
+            raise loader_error(err) from err
+        yield d
+
+
+def loader_error(err: Exception) -> DataError:
+    """An error of the Rust loader as a DataError (a KeyError's message without its quotes)."""
+    return DataError(str(err).strip("'\""))
+
+
 def batch_from_dict(d: Mapping[str, Any]) -> Batch:
     """A `PairBatch` (or, for unpaired data, an `UnpairedBatch`) from one dict batch of
     `ncp_dataloader.PairLoader` (zero-copy views of its arrays)."""
@@ -49,8 +78,8 @@ class RustPairSource:
     world_size-th pair; augmentation (crop, flip, empty-prompt dropout) is seeded
     by (seed, epoch, pair index), so the output does not depend on `num_threads`.
     Corrupt images are skipped (a batch can then be smaller) and listed in
-    `stats()["skipped_records"]`; with `strict=True` they raise
-    `ncp_dataloader.CorruptImageError`.
+    `stats()["skipped_records"]`; with `strict=True` they raise a
+    :class:`ncp.data.batch.DataError` naming the file, row and column (as every error of the loader does).
     Up to `row_group_cache_mb` MB of whole row groups' images stay in memory, so a
     row group is not read and decoded again for each batch that draws from it
     (0: read only the selected rows, per batch).
@@ -71,13 +100,9 @@ class RustPairSource:
         return self
 
     def _open(self, options: LoaderOptions) -> None:
-        lib = _import_loader()
         self.options = options
         self.resolution, self.batch_size = options.resolution, options.batch_size
-        try:
-            self._loader = lib.PairLoader(**options.pair_loader_kwargs(expand_sources(options.sources)))
-        except (KeyError, ValueError) as err:  # a missing column, a bad argument: the message names it
-            raise DataError(str(err).strip("'\"")) from err
+        self._loader = pair_loader(**options.pair_loader_kwargs(expand_sources(options.sources)))
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -106,5 +131,5 @@ class RustPairSource:
         return dict(self._loader.stats())
 
     def __iter__(self) -> Iterator[Batch]:
-        for d in self._loader:
+        for d in loader_batches(self._loader):
             yield batch_from_dict(d)

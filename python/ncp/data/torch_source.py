@@ -93,6 +93,27 @@ class Sample:
 # ---------------------------------------------------------------- reading
 
 
+def jsonl_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSONL file with their numbers (from 1); a line that is not UTF-8 is a
+    :class:`DataError` naming the file, line and byte (the Rust loader's message)."""
+    for line_no, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{file} line {line_no}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                            f"{err.start + 1})") from None
+        if line.strip():
+            yield line_no, line
+
+
+def json_string(value: Any, file: Path, line_no: int, key: str) -> str:
+    """``value`` of ``key`` on a JSONL line, or a :class:`DataError` naming file, line and key (the Rust
+    loader's message)."""
+    if not isinstance(value, str):
+        raise DataError(f"{file} line {line_no} key '{key}': expected a string, got {json.dumps(value)}")
+    return value
+
+
 def open_parquet(file: Path, columns: dict[str, str], required: tuple[str, ...]) -> pq.ParquetFile:
     """The parquet file, or a DataError naming it (unreadable) or the required columns it lacks."""
     try:
@@ -185,15 +206,13 @@ class PreferencePairs(torch.utils.data.Dataset):
     def _read_jsonl(self, file: Path) -> dict[str, list]:
         cols: dict[str, list] = {k: [] for k in ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid")}
         cols["_paths"] = []
-        for line_no, line in enumerate(file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+        for line_no, line in jsonl_lines(file):
             try:
                 rec = json.loads(line)
-                paths = [str((file.parent / rec[k]).resolve()) for k in ("winner", "loser")]
-                caption = rec["caption"]
+                caption, winner, loser = (json_string(rec[k], file, line_no, k) for k in ("caption", "winner", "loser"))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DataError(f"{file}:{line_no}: expected {{caption, winner, loser}}: {err}") from err
+            paths = [str((file.parent / p).resolve()) for p in (winner, loser)]
             cols["caption"].append(caption)
             cols["label_0"].append(1.0)
             cols["label_1"].append(0.0)
@@ -286,9 +305,7 @@ class UnpairedImages(torch.utils.data.Dataset):
 
     def _read_jsonl(self, file: Path) -> list[tuple[int, int, str, bool, str]]:
         out = []
-        for line_no, line in enumerate(file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+        for line_no, line in jsonl_lines(file):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
@@ -300,9 +317,7 @@ class UnpairedImages(torch.utils.data.Dataset):
                                     f"available columns: {', '.join(rec) if isinstance(rec, dict) else ''}")
                 values[logical] = rec[key]
             for logical in ("caption", "image"):
-                if not isinstance(values[logical], str):
-                    raise DataError(f"{file} line {line_no} key '{self.columns[logical]}': expected a string, "
-                                    f"got {json.dumps(values[logical])}")
+                json_string(values[logical], file, line_no, self.columns[logical])
             desirable = parse_label(values["label"], f"{file} line {line_no} key '{self.columns['label']}'")
             out.append((0, line_no - 1, values["caption"], desirable, str(file.parent / values["image"])))
         return out
@@ -420,8 +435,26 @@ class TorchPairSource(PositionedSource):
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.dataset.collate,
                                              num_workers=self.num_workers,
                                              persistent_workers=False)
-        for batch, skipped in loader:
+        for batch, skipped in worker_errors(loader):
             self.position.took(n)
             self.skipped += skipped
             if batch is not None:
                 yield batch
+
+
+def worker_errors(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """The items of ``loader``; a :class:`DataError` raised in one of its worker processes keeps its own
+    one-line message (torch re-raises it with the worker's traceback in the message)."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except DataError as err:
+            head = f"{type(err).__module__}.{type(err).__qualname__}: "
+            own = [line.removeprefix(head) for line in str(err).splitlines() if line.startswith(head)]
+            if not own:  # raised in this process: already its own message
+                raise
+            raise type(err)(own[-1]) from None
+        yield item

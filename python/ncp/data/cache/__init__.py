@@ -15,9 +15,15 @@ the run's settings (``deep=True`` re-hashes every image) and raises
 :class:`StaleCacheError` naming what differs; a cache is never used silently
 against other settings.
 
+A cache is only used whole. The index holds the size and xxh3 hash of every
+other file; :func:`verify_files` (run when training opens the cache, and by
+``--check``) raises :class:`CorruptCacheError` naming a missing, truncated or
+changed file. A build writes into ``.DIR.tmp-PID`` beside DIR and moves it in
+place when complete; an existing cache is replaced only with ``--overwrite``.
+
 Layout of DIR::
 
-    index.json                   format, key, shapes, shard lists, counts, skipped pairs
+    index.json                   format, key, shapes, shard lists, counts, skipped pairs, files (size, xxh3)
     captions.json                the distinct captions, by caption id
     pairs-00000.safetensors      per pair (shard_size rows): latents (n, F, 2, 2, C, h, w) =
                                  (pair, flip, winner/loser, mean/logvar, ...), caption_ids, valid,
@@ -27,9 +33,10 @@ Layout of DIR::
     embeds-00000.safetensors     per caption: prompt_embeds (m, L, D) [, pooled_prompt_embeds (m, D2)]
     empty.safetensors            the empty prompt's embeddings (empty-prompt dropout)
 """
-from ncp.data.cache.key import FORMAT, StaleCacheError, cache_key, check_cache, read_index
+from ncp.data.cache.key import (FORMAT, CorruptCacheError, StaleCacheError, cache_key, check_cache, read_index,
+                                verify_files)
 from ncp.data.cache.read import CachedPairSource
-from ncp.data.cache.write import build_cache, main
+from ncp.data.cache.write import CacheTargetError, build_cache, main
 
-__all__ = ["FORMAT", "CachedPairSource", "StaleCacheError", "build_cache", "cache_key", "check_cache", "main",
-           "read_index"]
+__all__ = ["FORMAT", "CacheTargetError", "CachedPairSource", "CorruptCacheError", "StaleCacheError", "build_cache",
+           "cache_key", "check_cache", "main", "read_index", "verify_files"]

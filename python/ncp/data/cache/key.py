@@ -1,9 +1,12 @@
 """What a latent cache is valid for: its key (model components, data, settings), and the check that names
-every field in which a cache differs from a run's settings."""
+every field in which a cache differs from a run's settings; and what its files are: the size and xxh3 hash of
+each, in the index, verified by :func:`verify_files`."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,15 +16,25 @@ from safetensors import safe_open
 
 from ncp.data.batch import DataError
 from ncp.data.paths import expand_sources
+from ncp.files import file_digest
 from ncp.models import DTYPES, detect_kind, resolve_model_path
 
-FORMAT = "ncp-latent-cache/1"
+logger = logging.getLogger("ncp.cache")
+
+FORMAT = "ncp-latent-cache/2"  # 2: the index holds the size and xxh3 of every file ("files")
+REBUILD = "rebuild it with `python -m ncp.cache ... --overwrite`"
 # The dtypes a cache is written in, by their torch names (the key stores the name): ncp.models' table.
 CACHE_DTYPES = {str(t).removeprefix("torch."): t for t in DTYPES.values()}
 
 
 class StaleCacheError(DataError):
-    """The cache was made from other images, models or settings than the run's; the message names them."""
+    """The cache was made from other images, models or settings than the run's (or by an older ncp); the
+    message names them."""
+
+
+class CorruptCacheError(DataError):
+    """A cache file is not what the index says: missing, truncated, other bytes, a bad header; the one-line
+    message names the file."""
 
 
 def read_tensor(path: Path, name: str) -> np.ndarray:
@@ -89,14 +102,69 @@ def cache_key(model: str, sources: Sequence[str], resolution: int, dtype: str, f
     }
 
 
+def _load_index(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
+        raise CorruptCacheError(f"latent cache index {path} cannot be read ({err}); {REBUILD}") from err
+
+
+def is_cache(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a latent cache of any format (one ``--overwrite`` may replace)."""
+    path = Path(folder) / "index.json"
+    try:
+        index = _load_index(path) if path.is_file() else None
+    except CorruptCacheError:
+        return False
+    return isinstance(index, dict) and str(index.get("format", "")).startswith("ncp-latent-cache/")
+
+
 def read_index(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / "index.json"
     if not path.is_file():
         raise StaleCacheError(f"{cache_dir} is not a latent cache (no index.json); build it with `python -m ncp.cache`")
-    index = json.loads(path.read_text())
+    index = _load_index(path)
+    if not isinstance(index, dict):
+        raise CorruptCacheError(f"latent cache index {path} holds no mapping; {REBUILD}")
     if index.get("format") != FORMAT:
-        raise StaleCacheError(f"{path}: format {index.get('format')!r}, this ncp reads {FORMAT!r}; rebuild the cache")
+        raise StaleCacheError(f"{path}: a latent cache of format {index.get('format')!r}, this ncp reads {FORMAT!r} "
+                              f"(which holds every file's hash); {REBUILD}")
     return index
+
+
+def cache_files(index: dict[str, Any]) -> list[str]:
+    """Every file of a cache besides index.json, as its readers open them."""
+    return [*index["pair_shards"], *index["embed_shards"], "empty.safetensors", "captions.json"]
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A file's entry in the index (size, xxh3-64); the file is flushed to disk on the way."""
+    return {"size": path.stat().st_size, "xxh3": file_digest(path, fsync=True)}
+
+
+def verify_files(cache_dir: str | Path, index: dict[str, Any]) -> None:
+    """Raise :class:`CorruptCacheError` naming the first file whose size or xxh3 differs from the index (each
+    file is read whole once: the cost is that of reading the cache)."""
+    start, total, files = time.perf_counter(), 0, index.get("files", {})
+    for name in cache_files(index):
+        path = Path(cache_dir) / name
+        want = files.get(name)
+        if want is None:
+            raise CorruptCacheError(f"latent cache file {path}: index.json holds no hash for it; {REBUILD}")
+        if not path.is_file():
+            raise CorruptCacheError(f"latent cache file {path} is missing; {REBUILD}")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise CorruptCacheError(f"latent cache file {path} has {size} bytes, index.json says {want['size']} "
+                                    f"(truncated or replaced); {REBUILD}")
+        digest = file_digest(path)
+        if digest != want["xxh3"]:
+            raise CorruptCacheError(f"latent cache file {path} has other bytes than when it was written (xxh3 "
+                                    f"{digest}, index.json says {want['xxh3']}); {REBUILD}")
+        total += size
+    seconds = time.perf_counter() - start
+    logger.info("latent cache %s: %d files (%.2f GB) match their hashes (%.1f s, %.2f GB/s)", cache_dir,
+                len(cache_files(index)), total / 1e9, seconds, total / 1e9 / max(seconds, 1e-9))
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -132,7 +200,6 @@ def check_cache(cache_dir: str | Path, model: str | None = None, sources: Sequen
         want["columns"] = dict(sorted(columns.items()))
     if sources is not None:
         want["sources"] = source_identity(sources)
-    key = {"data_format": "pairs", **key}  # caches written before unpaired data hold pairs
     problems = _diff({k: key.get(k) for k in want}, want)
     if deep and sources is not None:
         problems += _deep_check(cache_dir, index, sources)
@@ -144,18 +211,18 @@ def check_cache(cache_dir: str | Path, model: str | None = None, sources: Sequen
 
 def _deep_check(cache_dir: str | Path, index: dict, sources: Sequence[str]) -> list[str]:
     """Re-hash every pair's images (in index order, as cached) and compare."""
-    import ncp_dataloader
+    from ncp.data.rust import loader_batches, pair_loader
 
     key = index["key"]
-    loader = ncp_dataloader.PairLoader(
-        expand_sources(sources), 8, 64, random_flip=False, drop_ties=key["drop_ties"],
+    loader = pair_loader(
+        sources=expand_sources(sources), resolution=8, batch_size=64, random_flip=False, drop_ties=key["drop_ties"],
         absolute_winners=key["absolute_winners"], columns=key["columns"] or None, drop_last=False, shuffle=False,
-        format=key.get("data_format", "pairs"))
+        format=key["data_format"])
     if loader.num_pairs != index["num_pairs"]:
         return [f"pairs: cache has {index['num_pairs']}, the sources give {loader.num_pairs}"]
     cached = np.concatenate([read_tensor(Path(cache_dir) / f, "image_hashes") for f in index["pair_shards"]])
     problems = []
-    for b in loader:
+    for b in loader_batches(loader):
         got = b["image_hashes"].view(np.int64)
         for j, i in enumerate(b["indices"].tolist()):
             if not np.array_equal(cached[i], got[j]):

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ncp.data.batch import Batch, PairBatch, UnpairedBatch
-from ncp.data.cache.key import check_cache
+from ncp.data.cache.key import REBUILD, CorruptCacheError, check_cache, verify_files
 from ncp.data.options import LoaderOptions
 from ncp.data.sources import Position, PositionedSource, num_batches
 
@@ -54,17 +54,28 @@ class Shards:
 
 
 def _map(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a read-only memory map (no copy)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """Every tensor of a safetensors file as a read-only memory map (no copy); a header that does not
+    describe the file is a :class:`CorruptCacheError` naming it."""
     size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            header = json.loads(f.read(n))
+        specs = {name: spec for name, spec in header.items() if name != "__metadata__"}
+        for name, spec in specs.items():
+            start, end = spec["data_offsets"]
+            itemsize = _ST_DTYPES[spec["dtype"]].itemsize
+            if not 0 <= start <= end <= size - 8 - n or end - start != itemsize * int(np.prod(spec["shape"])):
+                raise ValueError(f"tensor {name!r} {spec['dtype']} {spec['shape']} at bytes [{start}, {end}) "
+                                 f"does not fit")
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
+        raise CorruptCacheError(f"latent cache file {path}: bad safetensors header ({err}); {REBUILD}") from err
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)
     out = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
+    for name, spec in specs.items():
         start, end = spec["data_offsets"]
         out[name] = flat[8 + n + start:8 + n + end].view(_ST_DTYPES[spec["dtype"]]).view(spec["shape"])
     return out
@@ -90,6 +101,7 @@ class CachedPairSource(PositionedSource):
         self._lib = ncp_dataloader
         self.dir = Path(cache_dir)
         self.index = check_cache(cache_dir, **expect)
+        verify_files(self.dir, self.index)  # every file, once, before any is read
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.empty_prompt_prob, self.drop_last = empty_prompt_prob, drop_last
         self.random_flip = random_flip and self.index["flips"] == 2
@@ -102,7 +114,7 @@ class CachedPairSource(PositionedSource):
             self._empty = {k: f.get_tensor(k)[0] for k in f.keys()}
         self._captions = json.loads((self.dir / "captions.json").read_text())
         # the small per-pair columns live in memory (tens of bytes a pair); latents and embeddings are read by row
-        self.unpaired = self.index["key"].get("data_format", "pairs") == "unpaired"
+        self.unpaired = self.index["key"]["data_format"] == "unpaired"
         small = ("valid", "caption_ids", "original_sizes", "crop_top_left") + (("desirable",) if self.unpaired else ())
         self._small = {k: self._pairs.whole(k).numpy() for k in small}
         self.position, self.skipped, self.yielded = Position(), 0, 0

@@ -1,5 +1,8 @@
 """Writing a latent cache: every selected pair (or unpaired image) encoded once by the VAE, every caption once
-by the text encoder(s), in safetensors shards plus ``index.json`` (layout: :mod:`ncp.data.cache`)."""
+by the text encoder(s), in safetensors shards plus ``index.json`` (layout: :mod:`ncp.data.cache`).
+
+A cache is written into ``.NAME.tmp-PID`` beside ``--out`` and put in place when complete, so a killed build
+leaves the old cache (or none), never an index over other shards; replacing a cache needs ``overwrite``."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ncp.data.batch import vae_posterior
-from ncp.data.cache.key import CACHE_DTYPES, FORMAT, StaleCacheError, cache_key, check_cache, model_folder
+from ncp.data.batch import DataError, vae_posterior
+from ncp.data.cache.key import (CACHE_DTYPES, FORMAT, cache_files, cache_key, check_cache, file_entry, is_cache,
+                                model_folder, read_index, verify_files)
 from ncp.data.paths import expand_sources
+from ncp.data.rust import loader_batches, pair_loader
+from ncp.files import written_whole
 from ncp.models import encode_prompts, load_models
 
 logger = logging.getLogger("ncp.cache")
@@ -65,23 +71,57 @@ def _posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack([mean, logvar], dim=1).cpu()
 
 
-@torch.no_grad()
+class CacheTargetError(DataError):
+    """``--out`` is a folder a cache build must not write into; the message says why and what to do."""
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, a non-empty folder without ``overwrite``, or a folder that is not a
+    latent cache (``overwrite`` replaces caches only)."""
+    if out.exists() and not out.is_dir():
+        raise CacheTargetError(f"--out {out} is a file, not a cache folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_cache(out):
+        raise CacheTargetError(f"--out {out} is a non-empty folder that holds no latent cache (no index.json of "
+                               f"one); refusing to replace it: choose another --out")
+    if not overwrite:
+        raise CacheTargetError(f"--out {out} holds a latent cache; pass --overwrite to rebuild it (the old "
+                               f"cache stays in place until the new one is complete)")
+
+
 def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution: int, flip: bool = False,
                 dtype: str = "float32", batch_size: int = 8, columns: Mapping[str, str] | None = None,
                 drop_ties: bool = True, absolute_winners: bool = False, shard_size: int = 1024,
-                device: str = "cpu", num_threads: int = 0, data_format: str = "pairs") -> Path:
+                device: str = "cpu", num_threads: int = 0, data_format: str = "pairs",
+                overwrite: bool = False) -> Path:
     """Encode every selected pair (``data_format="unpaired"``: every labelled image) once; returns the cache
-    folder."""
-    import ncp_dataloader
-
+    folder. The cache is written beside ``out`` and replaces it at the end, only if it is complete; an existing
+    cache in ``out`` is replaced only with ``overwrite`` (any other non-empty folder never is)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_target(out, overwrite)
+    with written_whole(out) as tmp:
+        _write_cache(tmp, model, sources, resolution, flip, dtype, batch_size, columns, drop_ties,
+                     absolute_winners, shard_size, device, num_threads, data_format)
+        check_target(out, overwrite)  # nothing else took the folder meanwhile
+    index = read_index(out)
+    logger.info("cached %d pairs (%d skipped), %d captions in %s (%.1fs)", index["num_valid"],
+                len(index["skipped"]), index["num_captions"], out, index["seconds"])
+    return out
+
+
+@torch.no_grad()
+def _write_cache(out: Path, model: str, sources: Sequence[str], resolution: int, flip: bool, dtype: str,
+                 batch_size: int, columns: Mapping[str, str] | None, drop_ties: bool, absolute_winners: bool,
+                 shard_size: int, device: str, num_threads: int, data_format: str) -> None:
+    """The cache's files in the folder ``out``, index.json (with every other file's size and hash) last."""
     torch_dtype = CACHE_DTYPES[dtype]
     models = load_models(model_folder(model), "auto", torch.device(device), torch_dtype, with_unet=False)
-    loader = ncp_dataloader.PairLoader(
-        expand_sources(sources), resolution, batch_size, random_crop=False, random_flip=False,
-        drop_ties=drop_ties, absolute_winners=absolute_winners, columns=dict(columns) if columns else None,
-        num_threads=num_threads, drop_last=False, shuffle=False, format=data_format)
+    loader = pair_loader(
+        sources=expand_sources(sources), resolution=resolution, batch_size=batch_size, random_crop=False,
+        random_flip=False, drop_ties=drop_ties, absolute_winners=absolute_winners,
+        columns=dict(columns) if columns else None, num_threads=num_threads, drop_last=False, shuffle=False,
+        format=data_format)
     unpaired = data_format == "unpaired"
     roles = 1 if unpaired else 2
     pairs = _ShardWriter(out, "pairs", shard_size)
@@ -97,7 +137,7 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
                 row["pooled_prompt_embeds"] = cond.pooled[j].cpu()
             embeds.add(**row)
 
-    for b in loader:
+    for b in loader_batches(loader):
         n = len(b["indices"])
         # (roles n, 3, R, R): winners then losers, or the unpaired images
         pix = torch.from_numpy(b["images"] if unpaired else np.concatenate([b["winners"], b["losers"]]))
@@ -124,7 +164,7 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
                       image_hashes=torch.from_numpy(b["image_hashes"][j].view(np.int64).copy()), **label)
             next_index += 1
     if latent_shape is None:
-        raise ValueError(f"no pair of {', '.join(sources)} could be decoded: nothing to cache")
+        raise DataError(f"no pair of {', '.join(sources)} could be decoded: nothing to cache")
     while next_index < loader.num_pairs:  # trailing skipped pairs
         pairs.add(**_invalid_row(torch.Size([1 + flip, roles, 2, *latent_shape]), torch_dtype, unpaired))
         next_index += 1
@@ -134,6 +174,7 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
     save_file({k: v.cpu().contiguous() for k, v in
                {"prompt_embeds": empty.hidden_states, "pooled_prompt_embeds": empty.pooled}.items() if v is not None},
               str(out / "empty.safetensors"), metadata={"format": FORMAT})
+    (out / "captions.json").write_text(json.dumps(list(caption_ids), ensure_ascii=False))
     stats = loader.stats()
     index = {
         "format": FORMAT,
@@ -149,11 +190,8 @@ def build_cache(model: str, sources: Sequence[str], out: str | Path, resolution:
         "skipped": stats["skipped_records"],
         "seconds": round(time.perf_counter() - start, 3),
     }
-    (out / "captions.json").write_text(json.dumps(list(caption_ids), ensure_ascii=False))
+    index["files"] = {name: file_entry(out / name) for name in cache_files(index)}
     (out / "index.json").write_text(json.dumps(index, indent=1))
-    logger.info("cached %d pairs (%d skipped), %d captions in %s (%.1fs)", index["num_valid"],
-                len(index["skipped"]), len(caption_ids), out, index["seconds"])
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sources", nargs="+", required=True, help="parquet paths/globs/folders, or one .jsonl")
     p.add_argument("--format", choices=("pairs", "unpaired"), default="pairs",
                    help="rows of pairs, or of unpaired (caption, image, label) binary feedback (data.format)")
-    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--out", required=True, help="cache folder (written beside it, moved in place when complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the cache already in --out (kept until the new one is complete)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--flip", action="store_true", help="also cache the mirror images (keeps flip augmentation)")
     p.add_argument("--dtype", choices=sorted(CACHE_DTYPES), default="float32", help="VAE / text encoder dtype")
@@ -174,21 +214,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-threads", type=int, default=0, help="loader threads (0 = all cores)")
     p.add_argument("--check", action="store_true",
-                   help="do not build: check an existing cache against these settings (and re-hash every image)")
+                   help="do not build: verify every file's hash, check an existing cache against these settings "
+                        "and re-hash every image")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     columns = dict(c.split("=", 1) for c in a.columns)
-    if a.check:
-        try:
+    try:
+        if a.check:
+            verify_files(a.out, read_index(a.out))
             check_cache(a.out, a.model, a.sources, a.resolution, a.dtype, a.flip, columns, not a.keep_ties,
                         a.absolute_winners, deep=True, data_format=a.format)
-        except StaleCacheError as err:
-            print(err, file=sys.stderr)
-            return 1
-        print(f"{a.out}: up to date")
-        return 0
-    build_cache(a.model, a.sources, a.out, a.resolution, a.flip, a.dtype, a.batch_size, columns, not a.keep_ties,
-                a.absolute_winners, a.shard_size, a.device, a.num_threads, a.format)
+            print(f"{a.out}: intact and up to date")
+            return 0
+        build_cache(a.model, a.sources, a.out, a.resolution, a.flip, a.dtype, a.batch_size, columns,
+                    not a.keep_ties, a.absolute_winners, a.shard_size, a.device, a.num_threads, a.format, a.overwrite)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if a.check else 2
     return 0
 
 
