@@ -36,9 +36,8 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path | None, output_dir: Path):
         name = signal.Signals(signum).name
         self.code = EXIT_CODES[signum]
-        saved = (f"checkpoint {checkpoint}" if checkpoint is not None
-                 else "no step was taken since the start, nothing to save")
-        super().__init__(f"stopped by {name} before step {step + 1}: {saved}. Resume with the same command and "
+        saved = f"checkpoint {checkpoint}" if checkpoint is not None else "no step taken, nothing to save"
+        super().__init__(f"stopped by {name} after step {step}: {saved}. Resume with the same command and "
                          f"--resume auto (train.output_dir={output_dir})")
 
 
