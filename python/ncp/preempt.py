@@ -47,8 +47,10 @@ class SignalStop:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "SignalStop":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
             for sig in EXIT_CODES:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -60,6 +62,8 @@ class SignalStop:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked loader worker (Ctrl-C reaches the whole group): its parent stops it
+            return
         name = signal.Signals(signum).name
         if self.signum:
             os.write(2, f"ncp.train: {name} again: exiting at once, without a checkpoint\n".encode())
