@@ -313,3 +313,21 @@ def test_a_hub_id_without_network_is_named_at_once(tmp_path, monkeypatch):
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
     assert resolve_model_path("org/model") == str(snapshot)
     hub_reachable.cache_clear()
+
+
+def test_tensorboard_drops_the_steps_after_the_resumed_one(tmp_path):
+    """A run resumed at step 2 over a run that logged steps 1-4: TensorBoard shows 1, 2 of the first and 3-5 of
+    the second (purge_step), as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ncp.metrics import MetricsLogger
+
+    for start, stop, offset in ((0, 4, 0.0), (2, 5, 10.0)):
+        log = MetricsLogger(tmp_path, stop, start, enabled=True, progress=False, tensorboard=True)
+        for step in range(start + 1, stop + 1):
+            log.log(step, {"loss": offset + step})
+        log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1), (2, 2), (3, 13), (4, 14), (5, 15)]
+    assert [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 13, 14, 15]
