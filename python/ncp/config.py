@@ -257,6 +257,15 @@ def resume_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     return diffs
 
 
+def check_resume(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
+    """One :class:`ConfigError` listing every :func:`resume_differences` of the checkpoint in ``folder``."""
+    diffs = resume_differences(saved, cfg)
+    if diffs:
+        raise ConfigError(f"cannot resume from {folder}: {len(diffs)} setting(s) that shape the saved state differ "
+                          f"from the checkpoint's (checkpoint -> now): {'; '.join(diffs)}. Only the settings of "
+                          f"ncp.config.RESUME_MAY_CHANGE may change on resume (docs/runs.md)")
+
+
 def _plain(value: Any) -> Any:
     """Tuples as lists, as JSON reads them back."""
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -115,6 +115,8 @@ def prepare(folder: Path, resume: str | None, overwrite: bool) -> None:
 def claim(folder: Path, resume: str | None, overwrite: bool, accelerator: Any) -> Iterator[None]:
     """Hold ``folder`` for one run (see the module doc). The main process takes the lock; a refusal is raised
     on every rank (the others name the main process's error), so no rank waits for one that has quit."""
+    if overwrite and resume:
+        raise RunFolderError(f"--overwrite clears the run that train.resume={resume} would continue: give one of them")
     lock, error = None, None
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import torch
 
 from ncp import checkpoint as ckpt
 from ncp import run_dir
-from ncp.config import Config, ConfigError, help_text, load_config, resume_differences, to_dict
+from ncp.config import Config, ConfigError, check_resume, help_text, load_config, to_dict
 from ncp.data.batch import Batch, DataError, UnpairedBatch, vae_posterior
 from ncp.data.options import LoaderOptions
 from ncp.data.sources import PairSource, build_source, endless
@@ -148,11 +148,7 @@ def resume(tr: Trainer, spec: str) -> None:
     if folder is None:  # --resume auto with no checkpoint yet
         logger.info("--resume auto: no checkpoint in %s, starting at step 0", tr.output_dir)
         return
-    diffs = resume_differences(ckpt.read_json(folder / "config.json"), tr.cfg)
-    if diffs:
-        raise ConfigError(f"cannot resume from {folder}: {len(diffs)} setting(s) that shape the saved state differ "
-                          f"from the checkpoint's (checkpoint -> now): {'; '.join(diffs)}. Only the settings of "
-                          f"ncp.config.RESUME_MAY_CHANGE may change on resume (docs/runs.md)")
+    check_resume(ckpt.read_json(folder / "config.json"), tr.cfg, folder)
     load_lora_into(tr.base, folder)
     state = ckpt.load_trainer_state(folder, tr.optimizer, tr.lr_scheduler)
     tr.source.resume(state["data"])
@@ -434,9 +430,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-    if args.overwrite and cfg.train.resume:
-        raise ConfigError(f"--overwrite clears the run that train.resume={cfg.train.resume} would continue: "
-                          f"give one of them")
     if args.print_config:
         import yaml
 
