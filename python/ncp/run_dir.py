@@ -123,9 +123,12 @@ def claim(folder: Path, resume: str | None, overwrite: bool, accelerator: Any) -
         try:
             lock = RunLock(folder).acquire()
             prepare(folder, resume, overwrite)
-        except RunFolderError as err:
+        except BaseException as err:  # the lock goes with any failure (an in-process caller may run again)
             if lock is not None:
                 lock.release()
+                lock = None
+            if not isinstance(err, RunFolderError):
+                raise
             error = err
     if max_over_ranks(accelerator, error is not None):
         raise error or RunFolderError(f"{folder}: refused by the main process (its error says why)")
