@@ -35,7 +35,7 @@ def run_seed(seed: int, overrides: list[str], out_dir: Path) -> dict:
     if report.is_file() and marker.is_file() and json.loads(marker.read_text()) == overrides:
         return json.loads(report.read_text()) | json.loads((out_dir / "wall.json").read_text())
     cmd = [sys.executable, "-m", "ncp.train", *overrides, f"train.seed={seed}", f"train.output_dir={out_dir}",
-           "logging.progress=false"]
+           "logging.progress=false", "--overwrite"]  # a run of other overrides may be there: start afresh
     t0 = time.time()
     subprocess.run(cmd, check=True, env=os.environ | {"PYTHONPATH": str(HERE.parent / "python")})
     wall = {"wall_s": round(time.time() - t0, 1)}

@@ -41,16 +41,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(model, parquet, out, *extra):
+def _launch(model, parquet, out, *extra, program=("-m", "ncp.train"), check=True):
     # --multi_gpu is accelerate's torch.distributed launcher; without GPUs the ranks run on the CPU over gloo
     # (its --cpu flag would start a single process).
     cmd = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(_free_port()),
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ncp.train", f"model.path={model}",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *program, f"model.path={model}",
            f"data.sources=[{parquet}]", f"train.output_dir={out}", "objective.name=dpo", "train.checkpoint_every=2",
            "optim.warmup_steps=10",
            *ARGS, *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=True)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=check)
 
 
 def test_accelerate_launch_checkpoints_once_and_resumes(tiny_sd15, tiny_parquet, tmp_path):
@@ -71,3 +71,24 @@ def test_accelerate_launch_checkpoints_once_and_resumes(tiny_sd15, tiny_parquet,
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert (out / "step-000004" / "state.json").is_file()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_sd15, tiny_parquet, tmp_path):
+    """SIGTERM to rank 1 alone, inside its step 3 (tests/signal_worker.py): the ranks agree (an all-reduced stop
+    flag), both finish step 3, its checkpoint is written once, both exit 143 saying how to resume; the resumed
+    run has the losses of an uninterrupted one."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _launch(tiny_sd15, tiny_parquet, full, "train.max_steps=4")
+    worker = Path(__file__).parent / "signal_worker.py"
+    r = _launch(tiny_sd15, tiny_parquet, part, "train.max_steps=50",
+                program=(str(worker), "SIGTERM", "step", "3", "1", "1"), check=False)
+    assert r.returncode != 0
+    said = f"stopped by SIGTERM after step 3: checkpoint {part / 'step-000003'}"
+    assert sum(line.startswith(said) for line in r.stderr.splitlines()) == 2, r.stderr[-3000:]  # each rank
+    assert [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    from ncp.checkpoint import verify_checkpoint
+
+    verify_checkpoint(part / "step-000003")
+    _launch(tiny_sd15, tiny_parquet, part, "train.max_steps=4", "train.resume=auto")
+    losses = [[json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()] for out in (full, part)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6, abs=1e-9)

@@ -3,11 +3,15 @@
 A checkpoint holds the LoRA (diffusers format), the optimizer and LR scheduler,
 the RNG states, the data order and the config. It is written to a temporary
 folder and renamed into place, so a crash never leaves a half-written
-``step-*`` folder; ``state.json`` is written last.
+``step-*`` folder; ``manifest.json`` is written last: the size and xxh3-64 of
+every other file. Resuming verifies it (:func:`verify_checkpoint`), and
+``--resume latest`` / ``auto`` fall back to the newest intact checkpoint,
+saying which ones they skipped and why.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -19,7 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -27,33 +35,101 @@ def step_dir(output_dir: Path, step: int) -> Path:
     return output_dir / f"step-{step:06d}"
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def step_folders(output_dir: Path) -> list[Path]:
+    """Every ``step-*`` folder, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in output_dir.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with ``state.json``), oldest first."""
+    return [p for p in step_folders(output_dir) if (p / "state.json").is_file()]
 
 
 class CheckpointError(OSError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+def file_hash(path: Path) -> str:
+    """The xxh3-64 of a file's bytes, 16 hex digits."""
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: the size and xxh3-64 of every other file of ``folder``."""
+    files = {f.name: {"size": f.stat().st_size, "xxh3_64": file_hash(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check every file against ``manifest.json``; a :class:`CheckpointError` names the first that fails.
+    A checkpoint written before manifests existed is accepted unverified (with a warning)."""
+    manifest = folder / MANIFEST
+    if not (folder / "state.json").is_file():
+        raise CheckpointError(f"{folder / 'state.json'} is missing (not a complete checkpoint)")
+    if not manifest.is_file():
+        logger.warning("%s has no %s (written by an older ncp): its files are not verified", folder, MANIFEST)
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest} is unreadable ({err})") from err
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["size"]:
+            what = "truncated" if size < want["size"] else "longer than written"
+            raise CheckpointError(f"{path} is {what}: {size} bytes, {MANIFEST} says {want['size']}")
+        if file_hash(path) != want["xxh3_64"]:
+            raise CheckpointError(f"{path} does not match its xxh3 in {MANIFEST} (corrupt or altered)")
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """'latest', 'auto' or an explicit folder -> a complete checkpoint folder (an error names what is missing).
-    'auto' is 'latest' when a checkpoint exists and None (start afresh) when none does: for jobs that a
-    scheduler restarts."""
-    if resume in ("latest", "auto"):
-        found = list_checkpoints(output_dir)
-        if not found:
-            if resume == "auto":
-                return None
-            raise FileNotFoundError(f"--resume latest: no checkpoint (step-*/state.json) in {output_dir}")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no state.json)")
-    return path
+    """'latest', 'auto' or an explicit folder -> a verified checkpoint folder (an error names the file that
+    fails). 'latest' and 'auto' take the newest intact checkpoint, logging each newer one they skip and why;
+    'auto' is None (start afresh) when there is no checkpoint at all: for jobs that a scheduler restarts."""
+    if resume not in ("latest", "auto"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        verify_checkpoint(path)
+        return path
+    found = step_folders(output_dir)
+    if not found:
+        if resume == "auto":
+            return None
+        raise FileNotFoundError(f"--resume latest: no checkpoint (step-*/) in {output_dir}")
+    skipped: dict[str, CheckpointError] = {}
+    for folder in reversed(found):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as err:
+            logger.warning("--resume %s: skipping %s: %s", resume, folder.name, err)
+            skipped[folder.name] = err
+            continue
+        if skipped:
+            logger.warning("--resume %s: resuming from %s, the newest intact checkpoint (skipped %s)", resume,
+                           folder.name, ", ".join(skipped))
+        return folder
+    raise CheckpointError(f"--resume {resume}: no intact checkpoint in {output_dir}: "
+                          + "; ".join(f"{name}: {err}" for name, err in skipped.items()))
+
+
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; unreadable JSON is a :class:`CheckpointError` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err})") from err
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,6 +163,7 @@ def save_checkpoint(output_dir: Path, step: int, write_lora, optimizer, lr_sched
                     "rng": rng_state()}, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state}, indent=2))
+        write_manifest(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -111,6 +188,8 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
             f"{path}: refused: it holds Python objects other than tensors and plain data, which could run code "
             f"when loaded (a checkpoint of another program or an altered one; ncp's own hold none). "
             f"{str(err).splitlines()[0]}") from err
+    except (RuntimeError, EOFError, OSError) as err:  # a truncated or damaged zip archive
+        raise CheckpointError(f"{path} is unreadable ({str(err).splitlines()[0]})") from err
 
 
 def load_trainer_state(folder: Path, optimizer, lr_scheduler) -> dict:
@@ -119,4 +198,4 @@ def load_trainer_state(folder: Path, optimizer, lr_scheduler) -> dict:
     optimizer.load_state_dict(blob["optimizer"])
     lr_scheduler.load_state_dict(blob["lr_scheduler"])
     set_rng_state(blob["rng"])
-    return json.loads((folder / "state.json").read_text())
+    return read_json(folder / "state.json")

@@ -145,7 +145,9 @@ class TrainConfig:
                                    "jobs) or a checkpoint folder to resume from")
     max_nonfinite: int = opt(10, "stop after this many non-finite losses in a row (each is skipped)")
     report: bool = opt(False, "after training on the bundled world: image grid, curves and judge rewards")
-    device: str = opt("auto", "torch device (auto: cuda when available)")
+    device: Literal["auto", "cpu", "cuda"] = opt(
+        "auto", "where to train (auto: cuda when available); cuda without a CUDA device is an error. Each process "
+                "takes the GPU of its local rank: pick GPUs with CUDA_VISIBLE_DEVICES")
     cpu_threads: int = opt(0, "torch intra-op threads while training (0: torch's default; the report after "
                             "training uses torch's default); tiny models on a busy CPU run faster on 1")
 
@@ -183,12 +185,14 @@ class Config:
         checks = [
             ("data.resolution", self.data.resolution > 0 and self.data.resolution % 8 == 0, "a positive multiple of 8"),
             ("data.batch_size", self.data.batch_size > 0, "positive"),
+            ("data.num_workers", self.data.num_workers >= 0, "0 or positive"),
             ("data.empty_prompt_prob", 0.0 <= self.data.empty_prompt_prob <= 1.0, "in [0, 1]"),
             ("lora.rank", self.lora.rank > 0, "positive"),
             ("optim.lr", self.optim.lr > 0, "positive"),
             ("optim.betas", len(self.optim.betas) == 2, "two numbers"),
             ("train.max_steps", self.train.max_steps > 0, "positive"),
             ("train.grad_accum", self.train.grad_accum > 0, "positive"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 0, "0 (only at the end) or positive"),
             ("train.keep_checkpoints", self.train.keep_checkpoints > 0, "positive"),
             ("train.max_nonfinite", self.train.max_nonfinite > 0, "positive"),
             ("logging.validation_every", self.logging.validation_every >= 0, "0 or positive"),
@@ -222,6 +226,56 @@ class Config:
             raise ConfigError(f"objective.error_scale=coef scales perceptual errors by the reverse step's "
                               f"coefficient; objective.name={self.objective.name} compares latent errors "
                               f"(use ncp-{self.objective.name})")
+
+
+# ---------------------------------------------------------------- resuming
+
+
+# The fields a resumed run may set differently from its checkpoint: how long, how often, where and how fast it
+# runs, and what it logs. Every other field shapes the saved state (the objective and its hyperparameters, the
+# model, the LoRA, the data, its order and filters, the optimizer) and must match (``resume_differences``).
+# "section.*" is a whole section. docs/runs.md lists them.
+RESUME_MAY_CHANGE = (
+    "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.output_dir",
+    "train.max_nonfinite", "train.report", "train.device", "train.cpu_threads", "train.mixed_precision",
+    "data.num_workers", "data.strict",
+    "model.weight_dtype", "model.gradient_checkpointing", "model.compile_unet", "model.compile_mode",
+    "model.channels_last", "model.attention_backend",
+    "logging.*",
+)
+
+
+def may_change_on_resume(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in RESUME_MAY_CHANGE
+
+
+def resume_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``key: checkpoint value -> current value`` for each field outside :data:`RESUME_MAY_CHANGE` that differs
+    between a checkpoint's config (``saved``, as ``to_dict`` wrote it) and ``cfg``. Keys the checkpoint lacks
+    (written before they existed) are not compared."""
+    current = to_dict(cfg)
+    diffs = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = (saved.get(section) or {}).get(key, value)
+            if not may_change_on_resume(name) and _plain(old) != _plain(value):
+                diffs.append(f"{name}: {old!r} -> {value!r}")
+    return diffs
+
+
+def check_resume(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
+    """One :class:`ConfigError` listing every :func:`resume_differences` of the checkpoint in ``folder``."""
+    diffs = resume_differences(saved, cfg)
+    if diffs:
+        raise ConfigError(f"cannot resume from {folder}: {len(diffs)} setting(s) that shape the saved state differ "
+                          f"from the checkpoint's (checkpoint -> now): {'; '.join(diffs)}. Only the settings of "
+                          f"ncp.config.RESUME_MAY_CHANGE may change on resume (docs/runs.md)")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as JSON reads them back."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 # ---------------------------------------------------------------- type checking

@@ -6,8 +6,11 @@ adapters disabled: no second copy of the weights is ever made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -41,7 +44,36 @@ def resolve_model_path(path: str) -> str:
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model.path {path} does not exist (and is not a hub id of the form org/name)")
-    return path  # a hub id: from_pretrained reads the cache or the network
+    return hub_model(path)
+
+
+def hub_model(repo_id: str) -> str:
+    """A hub id as ``from_pretrained`` should get it: the id when the hub answers, else its local copy in the
+    hub cache, else a :class:`ModelLoadError` at once (not 30 s of retries and a missing-file error)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = constants.is_offline_mode()
+    if not offline and hub_reachable(constants.ENDPOINT):
+        return repo_id
+    why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} does not answer"
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except LocalEntryNotFoundError as err:
+        raise ModelLoadError(f"no network and no local copy of {repo_id} ({why}; none in the hub cache "
+                             f"{constants.HF_HUB_CACHE}): download it where there is a network "
+                             f"(hf download {repo_id}) or set model.path to a local folder") from err
+
+
+@functools.cache
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds (asked once per process)."""
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def detect_kind(path: str) -> str:
@@ -152,8 +184,13 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[str]
     """Add a peft LoRA adapter to the U-Net; return its trainable parameters (kept in fp32)."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
-                                lora_dropout=dropout, init_lora_weights=True))
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
+                                    lora_dropout=dropout, init_lora_weights=True))
+    except ValueError as err:  # peft: no module matched (NoMatchingPeftModuleError is a ValueError)
+        linear = sorted({_short_name(n) for n, m in unet.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelLoadError(f"lora.target_modules {target_modules} matched no module of the U-Net (its linear "
+                             f"layers end in {', '.join(linear[:12])}{', ...' if len(linear) > 12 else ''})") from err
     if init_from is not None:
         load_lora_into(unet, init_from)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -162,6 +199,12 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[str]
     for p in params:
         p.data = p.data.float()
     return params
+
+
+def _short_name(path: str) -> str:
+    """The end of a module path that names it: ``to_q``, ``to_out.0`` (a list index needs its list's name)."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
@@ -193,7 +236,10 @@ def load_lora_into(unet: nn.Module, lora_dir: str | Path) -> None:
     file = Path(lora_dir) / "pytorch_lora_weights.safetensors"
     if not file.is_file():
         raise ModelLoadError(f"no LoRA weights at {file}")
-    state = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
+    try:
+        state = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
+    except Exception as err:  # safetensors raises its own error type on a damaged file
+        raise ModelLoadError(f"{file} is unreadable ({err})") from err
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")

@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import torch
 
 from ncp import checkpoint as ckpt
-from ncp.config import Config, ConfigError, check_overrides_apply, help_text, load_config, to_dict
+from ncp import run_dir
+from ncp.config import Config, ConfigError, check_overrides_apply, check_resume, help_text, load_config, to_dict
 from ncp.data.batch import Batch, DataError, UnpairedBatch, vae_posterior
 from ncp.data.options import LoaderOptions
 from ncp.data.sources import PairSource, build_source, endless
@@ -32,6 +33,7 @@ from ncp.models import (DTYPES, Conditioning, ConcatenatedTaps, ModelLoadError, 
                         detect_kind, load_models, resolve_model_path, resolve_taps, save_lora, sdxl_time_ids)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
+from ncp.preempt import Preempted, SignalStop
 from ncp.schedule import NoiseSchedule
 from ncp.step import perceptual_dtype, preference_step, sample_noise
 
@@ -81,6 +83,9 @@ def frozen_weight_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
 def setup(cfg: Config) -> Trainer:
     from accelerate import Accelerator
 
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda, but torch sees no CUDA device here (torch.cuda.is_available() is "
+                          "false); use train.device=auto or cpu")
     device_name = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device_name.startswith("cuda")
     precision = cfg.train.mixed_precision if cfg.train.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
@@ -164,6 +169,7 @@ def resume(tr: Trainer, spec: str) -> None:
     if folder is None:  # --resume auto with no checkpoint yet
         logger.info("--resume auto: no checkpoint in %s, starting at step 0", tr.output_dir)
         return
+    check_resume(ckpt.read_json(folder / "config.json"), tr.cfg, folder)
     load_lora_into(tr.base, folder)
     state = ckpt.load_trainer_state(folder, tr.optimizer, tr.lr_scheduler)
     tr.source.resume(state["data"])
@@ -256,8 +262,11 @@ def optimizer_step(tr: Trainer, data: Iterator[Batch]) -> dict[str, float] | Non
             sums[k] = sums.get(k, 0.0) + float(v) / accum
         pairs += len(batch)
     max_norm = tr.cfg.optim.max_grad_norm
-    grad_norm = acc.clip_grad_norm_(tr.params, max_norm if max_norm > 0 else math.inf)
-    sums["train/grad_norm"] = float(grad_norm)
+    grad_norm = float(acc.clip_grad_norm_(tr.params, max_norm if max_norm > 0 else math.inf))
+    if not math.isfinite(grad_norm):  # an overflowed gradient would make every weight NaN: skip, as a bad loss
+        tr.optimizer.zero_grad(set_to_none=True)
+        return None
+    sums["train/grad_norm"] = grad_norm
     sums["train/lr"] = tr.lr_scheduler.get_last_lr()[0]
     tr.optimizer.step()
     tr.lr_scheduler.step()
@@ -276,8 +285,21 @@ def peak_memory_mb(device: torch.device) -> float:
 # ---------------------------------------------------------------- the loop
 
 
+class DivergedError(FloatingPointError):
+    """The LoRA weights are not finite: no checkpoint or LoRA of them is written."""
+
+
+def require_finite(tr: Trainer) -> None:
+    if not torch.stack([torch.isfinite(p).all() for p in tr.params]).all():
+        good = ckpt.list_checkpoints(tr.output_dir)
+        raise DivergedError(f"the LoRA weights are not finite after step {tr.step} (the run diverged): no "
+                            f"checkpoint or LoRA of them written. Last checkpoint: "
+                            f"{good[-1] if good else 'none'}; lower optim.lr or objective.beta and resume")
+
+
 def write_checkpoint(tr: Trainer) -> None:
     acc = tr.accelerator
+    require_finite(tr)
     acc.wait_for_everyone()
     if acc.is_main_process:
         ckpt.save_checkpoint(tr.output_dir, tr.step, lambda d: save_lora(tr.base, d, tr.models.kind),
@@ -302,22 +324,32 @@ def build_validator(tr: Trainer):
                      tr.output_dir)
 
 
-def run_loop(tr: Trainer) -> dict[str, float]:
+def run_loop(tr: Trainer, stop: SignalStop) -> dict[str, float]:
+    """Train to ``train.max_steps``; on a signal (``stop``), checkpoint the step reached and raise
+    :class:`Preempted`."""
     cfg, acc = tr.cfg, tr.accelerator
     log = MetricsLogger(tr.output_dir, cfg.train.max_steps, tr.step, acc.is_main_process,
                         cfg.logging.progress, cfg.logging.tensorboard)
     data = batches(tr.source)
     nonfinite_in_row, nonfinite_total, last = 0, 0, {}
+    saved_step = tr.step  # of the newest checkpoint: the resumed one, or the start (nothing to save)
     validator = build_validator(tr)
     tr.unet.train()
     try:
         while tr.step < cfg.train.max_steps:
+            signum = stop.requested(acc)
+            if signum:
+                if tr.step != saved_step:
+                    write_checkpoint(tr)
+                raise Preempted(signum, tr.step, ckpt.step_dir(tr.output_dir, tr.step) if tr.step else None,
+                                tr.output_dir)
             start = time.perf_counter()
             metrics = optimizer_step(tr, data)
             if metrics is None:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
-                logger.warning("non-finite loss at step %d: skipped (%d in a row)", tr.step + 1, nonfinite_in_row)
+                logger.warning("non-finite loss or gradient at step %d: skipped (%d in a row)", tr.step + 1,
+                               nonfinite_in_row)
                 if nonfinite_in_row >= cfg.train.max_nonfinite:
                     raise FloatingPointError(
                         f"{nonfinite_in_row} non-finite losses in a row (train.max_nonfinite); last good step "
@@ -343,6 +375,7 @@ def run_loop(tr: Trainer) -> dict[str, float]:
             every = cfg.train.checkpoint_every
             if (every and tr.step % every == 0) or tr.step == cfg.train.max_steps:
                 write_checkpoint(tr)
+                saved_step = tr.step
     finally:
         log.close()
     return last
@@ -351,6 +384,7 @@ def run_loop(tr: Trainer) -> dict[str, float]:
 def export_lora(tr: Trainer) -> Path:
     """The final adapter in ``output_dir/lora`` (written beside, then renamed into place)."""
     final = tr.output_dir / "lora"
+    require_finite(tr)
     if tr.accelerator.is_main_process:
         tmp = tr.output_dir / ".tmp-lora"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,19 +395,21 @@ def export_lora(tr: Trainer) -> Path:
     return final
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train as configured; return the last step's metrics and the output paths."""
+def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Train as configured; return the last step's metrics and the output paths. The run folder is held for
+    the run (ncp.run_dir; ``overwrite`` clears a run in it); a signal stops it with a checkpoint (ncp.preempt)."""
     default_threads = torch.get_num_threads()  # before setup pins train.cpu_threads for training
     tr = setup(cfg)
-    if cfg.train.resume:
-        resume(tr, cfg.train.resume)
-    last = run_loop(tr)
-    lora_dir = export_lora(tr)
-    result = {"step": tr.step, "lora": str(lora_dir), "metrics": last, "output_dir": str(tr.output_dir)}
-    if cfg.train.report and tr.accelerator.is_main_process:
-        # train.cpu_threads leaves cores to the loader's decoders; the report after training has them all
-        torch.set_num_threads(default_threads)
-        result["report"] = world_report(cfg, lora_dir, tr.output_dir)
+    with run_dir.claim(tr.output_dir, cfg.train.resume, overwrite, tr.accelerator), SignalStop() as stop:
+        if cfg.train.resume:
+            resume(tr, cfg.train.resume)
+        last = run_loop(tr, stop)
+        lora_dir = export_lora(tr)
+        result = {"step": tr.step, "lora": str(lora_dir), "metrics": last, "output_dir": str(tr.output_dir)}
+        if cfg.train.report and tr.accelerator.is_main_process:
+            # train.cpu_threads leaves cores to the loader's decoders; the report after training has them all
+            torch.set_num_threads(default_threads)
+            result["report"] = world_report(cfg, lora_dir, tr.output_dir)
     tr.accelerator.end_training()
     return result
 
@@ -417,7 +453,8 @@ def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
     return RECIPES / f"{kind}.yaml", f"the {kind} recipe (model.path={path} is not the bundled model)"
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """The config and whether ``--overwrite`` was given."""
     parser = argparse.ArgumentParser(
         prog="python -m ncp.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Align a text-to-image diffusion model with preference pairs (LoRA). With no arguments, "
@@ -429,6 +466,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                                           "family's recipe)")
     parser.add_argument("--resume", help="'latest', 'auto' (latest if there is one, else start) or a checkpoint "
                                          "folder (same as train.resume=...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="clear the run already in train.output_dir and start afresh (without it, a folder "
+                             "holding a run is refused unless the run resumes it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
@@ -442,18 +482,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         sys.exit(0)
-    return cfg
+    return cfg, args.overwrite
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = parse_args(argv)
-        result = train(cfg)
+        result = train(*parse_args(argv))
     except (ConfigError, ModelLoadError, DataError, OSError, ImportError, FloatingPointError) as err:
         logger.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        logger.warning("%s", stop)
+        print(stop, file=sys.stderr)
+        return stop.code
     logger.info("done: %d steps, LoRA at %s", result["step"], result["lora"])
     return 0
 
