@@ -166,7 +166,7 @@ def test_training_from_the_cache_gives_the_pixel_losses(tmp_path, sd15, tiny_par
     from ncp.train import main as train_main
 
     cache_dir = build_cache(sd15, [str(tiny_parquet)], tmp_path / "cache", RES, flip=True, batch_size=4)
-    common = [f"model.path={sd15}", f"data.sources=[{tiny_parquet}]", f"data.resolution={RES}", "data.batch_size=2",
+    common = ["--config=default", f"model.path={sd15}", f"data.sources=[{tiny_parquet}]", f"data.resolution={RES}", "data.batch_size=2",
               "data.absolute_winners=false", "data.num_workers=1", "data.empty_prompt_prob=0.5", "lora.rank=4", "train.max_steps=4",
               "objective.name=ncp-dpo", "objective.beta=5000", "optim.lr=1e-3", "optim.warmup_steps=1",
               "logging.progress=false",
@@ -185,7 +185,7 @@ def test_training_refuses_a_mismatched_cache(tmp_path, sd15, tiny_parquet, capsy
     from ncp.train import main as train_main
 
     cache_dir = build_cache(sd15, [str(tiny_parquet)], tmp_path / "cache", RES, flip=False, batch_size=4)
-    args = [f"model.path={sd15}", f"data.sources=[{tiny_parquet}]", f"data.resolution={RES * 2}",
+    args = ["--config=default", f"model.path={sd15}", f"data.sources=[{tiny_parquet}]", f"data.resolution={RES * 2}",
             "data.batch_size=2", "data.absolute_winners=false", f"data.cache_dir={cache_dir}", "lora.rank=4", "train.max_steps=1",
             "logging.progress=false", "train.report=false", f"train.output_dir={tmp_path}/o"]
     assert train_main(args) == 2
@@ -321,7 +321,7 @@ def test_training_names_a_corrupt_cache_in_one_line(cache, tmp_path, sd15, shard
     from ncp.train import main as train_main
 
     copy = _damaged(cache, tmp_path, "pairs-00002.safetensors", _flip_byte)
-    args = [f"model.path={sd15}", f"data.sources=[{shard}]", f"data.resolution={RES}", "data.batch_size=2",
+    args = ["--config=default", f"model.path={sd15}", f"data.sources=[{shard}]", f"data.resolution={RES}", "data.batch_size=2",
             "data.absolute_winners=false", f"data.cache_dir={copy}", "lora.rank=4", "train.max_steps=1",
             "logging.progress=false", "logging.tensorboard=false", "train.report=false",
             f"train.output_dir={tmp_path}/o"]

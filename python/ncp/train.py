@@ -471,7 +471,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
                              "holding a run is refused unless the run resumes it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may stand between the overrides
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     path, why = recipe(args.config, overrides)
     cfg = load_config(path, overrides)
