@@ -111,3 +111,24 @@ def test_a_second_signal_exits_at_once(reference, tiny_sd15, tiny_parquet, tmp_p
     assert list(out.glob(".tmp-step-000004-*"))
     _resume_matches(tiny_sd15, tiny_parquet, out, reference, 5)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(reference, tiny_sd15, tiny_parquet, tmp_path):
+    """Slurm at its time limit (and scancel) signals the whole process group: the torch backend's loader
+    workers must leave SIGTERM to the training process, which checkpoints and stops them (before, the workers
+    died first and the run ended in PyTorch's "DataLoader worker is killed" error without a checkpoint)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ncp.train", *_args(tiny_sd15, tiny_parquet, out,
+                                                                       "train.max_steps=100000",
+                                                                       "data.num_workers=2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the training process and its loader workers
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    step = len(_losses(out))
+    assert f"stopped by SIGTERM after step {step}" in err and "Traceback" not in err
+    ckpt.verify_checkpoint(out / f"step-{step:06d}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -131,6 +132,15 @@ def open_parquet(file: Path, columns: dict[str, str], required: tuple[str, ...])
 def row_group_starts(pf: pq.ParquetFile) -> list[int]:
     return np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]).tolist()
 
+
+
+def leave_stop_signals_to_the_parent(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM, SIGINT and SIGUSR1: the training process handles them (``ncp.preempt``:
+    finish the step, checkpoint) and then shuts its workers down. A signal sent to the whole process group
+    (Slurm at the time limit, ``scancel``, Ctrl-C) would otherwise kill the workers first, and the run would
+    end in PyTorch's "DataLoader worker is killed" error without its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 class RowGroupImages:
     """The image columns of one parquet row group at a time (parquet's unit of I/O), for reading rows in
@@ -433,8 +443,8 @@ class TorchPairSource(PositionedSource):
         batches = [order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
                    for k in range(self.position.batch, n)]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.dataset.collate,
-                                             num_workers=self.num_workers,
-                                             persistent_workers=False)
+                                             num_workers=self.num_workers, persistent_workers=False,
+                                             worker_init_fn=leave_stop_signals_to_the_parent)
         for batch, skipped in worker_errors(loader):
             self.position.took(n)
             self.skipped += skipped
