@@ -59,18 +59,19 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def pair_differences(unet, base, schedule, x0, cond, t: int, eps, z, taps, tap_weights,
-                     log_t_table) -> dict[str, np.ndarray]:
-    """d (policy minus reference, winner minus loser) of every form, per pair, at one t."""
-    from ncp.objectives import OBJECTIVES
+def pair_differences(unet, base, criterion, x0, cond, t: int, eps, z, log_t_table) -> dict[str, np.ndarray]:
+    """d (policy minus reference, winner minus loser) of every form, per pair, at one t; ``criterion``: the
+    ncp-dpo one (its taps), compared with latent DPO on the same schedule."""
+    from ncp.criterion import Criterion
     from ncp.step import StepNoise, branch_errors, scale_errors
 
     b = eps.shape[0]
+    schedule = criterion.schedule
     noise = StepNoise(torch.full((b,), t, dtype=torch.long), eps, z)
     out = {}
     with torch.no_grad():
-        for space, name in (("latent", "dpo"), ("ncp", "ncp-dpo")):
-            err, ref = branch_errors(unet, base, schedule, OBJECTIVES[name], x0, cond, noise, taps, tap_weights)
+        for space, crit in (("latent", Criterion.make("dpo", schedule)), ("ncp", criterion)):
+            err, ref = branch_errors(crit, unet, base, x0, cond, noise)
             for suffix, scale in (("", "paper"), ("_log", "log")):
                 e, r = scale_errors(err.double(), scale), scale_errors(ref.double(), scale)
                 out[space + suffix] = ((e[:b] - r[:b]) - (e[b:] - r[b:])).numpy()
@@ -79,20 +80,18 @@ def pair_differences(unet, base, schedule, x0, cond, t: int, eps, z, taps, tap_w
     return out
 
 
-def measure(unet, base, schedule, x0, cond, taps, tap_weights, t_grid, seed: int) -> dict[int, dict]:
-    from ncp.objectives import OBJECTIVES
+def measure(unet, base, criterion, x0, cond, t_grid, seed: int) -> dict[int, dict]:
     from ncp.timestep_scale import calibrate
 
     b = x0.shape[0] // 2
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((b, *x0.shape[1:]), generator=gen)
     z = torch.randn((b, *x0.shape[1:]), generator=gen)
-    table = calibrate(unet, base, schedule, OBJECTIVES["ncp-dpo"], x0, cond, taps, tap_weights,
-                      torch.Generator().manual_seed(seed))
+    table = calibrate(criterion, unet, base, x0, cond, torch.Generator().manual_seed(seed))
     res = {}
     for t in t_grid:
         t0 = time.time()
-        res[t] = pair_differences(unet, base, schedule, x0, cond, t, eps, z, taps, tap_weights, table)
+        res[t] = pair_differences(unet, base, criterion, x0, cond, t, eps, z, table)
         print(f"  t={t:4d}  ({time.time() - t0:.1f}s)", flush=True)
     return res
 
@@ -109,7 +108,8 @@ def randomize_lora(unet, scale: float, seed: int) -> None:
 
 def bundle_view(args):
     from ncp.config import load_config
-    from ncp.train import DEFAULT_CONFIG, batch_conditioning, batch_latents, setup
+    from ncp.train import DEFAULT_CONFIG
+    from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",
                  f"train.output_dir={args.tmp}", "logging.progress=false", "logging.tensorboard=false",
@@ -120,21 +120,18 @@ def bundle_view(args):
     tr = setup(load_config(DEFAULT_CONFIG, overrides))
     if not args.lora:
         randomize_lora(tr.base, args.random_lora_scale, args.seed)
-    batch = next(iter(tr.source))
-    gen = torch.Generator().manual_seed(args.seed)
-    x0 = batch_latents(batch, tr.models, gen)
-    cond = batch_conditioning(batch, tr.models, tr.cfg.data.resolution)
+    x0, cond = batch_inputs(tr, next(iter(tr.source)), torch.Generator().manual_seed(args.seed))
     tr.unet.eval()
-    return measure(tr.unet, tr.base, tr.schedule, x0, cond, tr.taps, tr.tap_weights, args.t, args.seed)
+    return measure(tr.unet, tr.base, tr.criterion, x0, cond, args.t, args.seed)
 
 
 def sd15_view(args):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from ncp.models import Conditioning, resolve_taps
+    from ncp.criterion import Criterion
+    from ncp.models import Conditioning
     from ncp.schedule import NoiseSchedule
-    from ncp.train import tap_weights
 
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False)
@@ -149,9 +146,8 @@ def sd15_view(args):
     gen = torch.Generator().manual_seed(args.seed + 1)
     x0 = torch.randn((2 * n, 4, s, s), generator=gen)  # SD latents (scaled) are roughly unit-variance
     cond = Conditioning(torch.randn((n, 77, 768), generator=gen))
-    taps = resolve_taps([args.taps], "sd15", len(unet.down_blocks))
-    weights = tap_weights(argparse.Namespace(taps=[args.taps], tap_weights=None, tap_normalize=None), taps)
-    return measure(unet, unet, schedule, x0, cond, taps, weights, args.t, args.seed)
+    criterion = Criterion.make("ncp-dpo", schedule, taps=[args.taps], num_down_blocks=len(unet.down_blocks))
+    return measure(unet, unet, criterion, x0, cond, args.t, args.seed)
 
 
 def summarise(res: dict[int, dict], betas: dict[str, float]) -> dict:

@@ -181,7 +181,8 @@ def step_noise(n: int, shape: tuple, seed: int):
 
 def bundle_view(args, taps_name: str):
     from ncp.config import load_config
-    from ncp.train import DEFAULT_CONFIG, batch_conditioning, batch_latents, setup
+    from ncp.train import DEFAULT_CONFIG
+    from ncp.trainer import batch_conditioning, batch_latents, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",
                  f"train.output_dir={args.tmp}", "logging.progress=false", "logging.tensorboard=false",

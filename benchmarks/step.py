@@ -16,7 +16,7 @@ as random tensors of the right shapes. Three variants per model:
 - ``mapo``, ``ncp-mapo`` (only when named in ``--variants``): ncp's MaPO, which has no reference pass;
   they join the same worker as ``dpo`` / ``ncp-dpo``, alternating steps with them.
 ncp's variants: LoRA rank 64 on to_q/to_k/to_v/to_out.0 (``ncp.models.add_lora``),
-``ncp.train.build_optimizer`` (8-bit AdamW on CUDA, torch AdamW on CPU), frozen
+``ncp.optim.build_optimizer`` (8-bit AdamW on CUDA, torch AdamW on CPU), frozen
 weights and autocast in bf16; the reference is the same U-Net with its adapters
 disabled.
 
@@ -256,8 +256,8 @@ class NcpStep:
         from diffusers import DDPMScheduler
 
         from ncp.config import ObjectiveConfig, OptimConfig
-        from ncp.models import add_lora, resolve_taps
-        from ncp.objectives import OBJECTIVES
+        from ncp.criterion import Criterion
+        from ncp.models import add_lora
         from ncp.schedule import NoiseSchedule
 
         self.torch, self.spec, self.device = torch, spec, device
@@ -272,10 +272,9 @@ class NcpStep:
         self.opt, self.lr_schedule = _build_optimizer(self.params, OptimConfig(lr=5.12e-6, warmup_steps=1), device)
         self.optimizer_source = _OPTIMIZER_SOURCE
         self.schedule = NoiseSchedule.from_scheduler(DDPMScheduler.from_config(SCHEDULER), device)
-        self.objectives = {name: OBJECTIVES[name] for name in NCP_VARIANTS}
-        self.loss_values = ObjectiveConfig(beta=BETA, beta_cpo=BETA)  # each objective reads its own fields
-        self.taps = resolve_taps(["auto"], spec["model"], len(self.unet.down_blocks))
-        self.tap_weights = [1.0 / len(self.taps)] * len(self.taps)
+        self.criteria = {name: Criterion.from_config(ObjectiveConfig(name=name, beta=BETA, beta_cpo=BETA), self.schedule,
+                                                     spec["model"], len(self.unet.down_blocks))
+                         for name in NCP_VARIANTS}  # taps auto: mid (SD1.5), the last down block (SDXL)
         self.trainable = sum(p.numel() for p in self.params)
         self.optimizer_name = type(self.opt).__module__.split(".")[0] + "." + type(self.opt).__name__
         self.gen = torch.Generator(device).manual_seed(0)
@@ -333,9 +332,10 @@ class NcpStep:
         if self.levers.get("compile_mode") == "reduce-overhead":  # CUDA graphs: a new step may overwrite outputs
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=self.dtype), attention_backend(self.levers.get("attention", "auto")):
-            out = preference_step(self.policy, self.unet, self.schedule, self.objectives[variant],
-                                  self.objectives[variant].loss_kwargs(self.loss_values), x0, self.cond, noise,
-                                  self.taps, self.tap_weights, encoder_dtype=self.encoder_dtype)
+            criterion = self.criteria[variant]
+            if criterion.perceptual:
+                criterion = dataclasses.replace(criterion, encoder_dtype=self.encoder_dtype)
+            out = preference_step(criterion, self.policy, self.unet, x0, self.cond, noise)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -347,35 +347,19 @@ class NcpStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-_OPTIMIZER_SOURCE = "ncp.train.build_optimizer"
+_OPTIMIZER_SOURCE = "ncp.optim.build_optimizer"
 
 
 def _build_optimizer(params, cfg, device):
-    """``ncp.train.build_optimizer``. Importing ncp.train also imports the data stack (pyarrow, PIL); where
-    that is missing (a bare GPU machine), the same optimizer is built here. Without bitsandbytes the step
-    falls back to torch AdamW. Either way the result says so."""
+    """``ncp.optim.build_optimizer`` (8-bit AdamW on CUDA); without bitsandbytes, torch AdamW, and the result
+    says so."""
     global _OPTIMIZER_SOURCE
-    import torch
+    from ncp.optim import build_optimizer
 
-    try:
-        from ncp.train import build_optimizer
-    except ImportError as err:
-        _OPTIMIZER_SOURCE = f"local copy of build_optimizer (ncp.train not importable: {err})"
-        kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-        opt = None
-        if device.type == "cuda":
-            try:
-                import bitsandbytes as bnb
-
-                opt = bnb.optim.AdamW8bit(params, **kwargs)
-            except ImportError as bnb_err:
-                _OPTIMIZER_SOURCE += f"; bitsandbytes missing ({bnb_err}): torch AdamW"
-        opt = opt or torch.optim.AdamW(params, **kwargs)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     try:
         return build_optimizer(params, cfg, device)
     except ImportError as err:  # bitsandbytes missing
-        _OPTIMIZER_SOURCE = f"ncp.train.build_optimizer with use_8bit=off ({err})"
+        _OPTIMIZER_SOURCE = f"ncp.optim.build_optimizer with use_8bit=off ({err})"
         return build_optimizer(params, dataclasses.replace(cfg, use_8bit="off"), device)
 
 

@@ -5,14 +5,15 @@ import sys
 import torch
 
 from ncp.config import load_config
-from ncp.train import batches, optimizer_step, setup
+from ncp.data.sources import endless
+from ncp.trainer import optimizer_step, setup
 
 
 def main(out_dir: str, *overrides: str) -> None:
     cfg = load_config(None, [o for o in overrides if not o.startswith("--")])
     tr = setup(cfg)
     seen = []
-    source_iter = batches(tr.source)
+    source_iter = endless(tr.source)
 
     def recording():
         for batch in source_iter:

@@ -12,6 +12,7 @@ import sys
 
 import ncp.checkpoint
 import ncp.train
+import ncp.trainer
 
 
 def main(signame: str, when: str, step: str, count: str, rank: str, *overrides: str) -> int:
@@ -23,7 +24,7 @@ def main(signame: str, when: str, step: str, count: str, rank: str, *overrides: 
             os.kill(os.getpid(), sig)
 
     if when == "step":
-        real_step, calls = ncp.train.preference_step, [0]
+        real_step, calls = ncp.trainer.preference_step, [0]
 
         def preference_step(*args, **kwargs):
             out = real_step(*args, **kwargs)
@@ -32,7 +33,7 @@ def main(signame: str, when: str, step: str, count: str, rank: str, *overrides: 
                 send()
             return out
 
-        ncp.train.preference_step = preference_step
+        ncp.trainer.preference_step = preference_step
     else:
         real_manifest = ncp.checkpoint.write_manifest
 

@@ -15,7 +15,7 @@ from ncp.data.cache import (FORMAT, CachedPairSource, CacheTargetError, CorruptC
                             StaleCacheError, build_cache, check_cache, main, read_index, verify_files)
 from ncp.data.rust import RustPairSource  # noqa: E402
 from ncp.models import encode_prompts, load_models  # noqa: E402
-from ncp.train import batch_latents  # noqa: E402
+from ncp.trainer import batch_latents  # noqa: E402
 
 RES = 32
 

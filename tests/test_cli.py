@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from ncp.config import load_config
-from ncp.train import main, optimizer_step, batches, setup
+from ncp.data.sources import endless
+from ncp.train import main
+from ncp.trainer import optimizer_step, setup
 
 from fixtures import cli_args, lora_moves_unet, overrides_of
 
@@ -68,7 +70,7 @@ def test_one_step_changes_only_lora(tiny_sd15, tiny_parquet, tmp_path):
     tr = setup(cfg)
     named = dict(tr.base.named_parameters())
     start = {n: p.detach().clone() for n, p in named.items()}
-    data = batches(tr.source)
+    data = endless(tr.source)
     for step in (1, 2):
         assert optimizer_step(tr, data) is not None
         tr.step += 1

@@ -40,7 +40,7 @@ def test_recipe_has_the_paper_values(model, objective):
     assert cfg.lora.rank == 64 and cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert cfg.optim.use_8bit == "on"
     # frozen weights in half precision on the GPU, except where the perceptual path runs fp32 (issue 26)
-    from ncp.train import frozen_weight_dtype
+    from ncp.trainer import frozen_weight_dtype
 
     half = not objective.startswith("ncp-") or cfg.model.perceptual_precision not in ("auto", "fp32")
     assert frozen_weight_dtype(cfg, on_gpu=True) == (torch.bfloat16 if half else torch.float32)

@@ -15,7 +15,7 @@ import pytest
 from fixtures import random_pairs, write_pickapic_parquet
 from ncp.data.batch import DataError
 from ncp.data.sources import STATE_KEYS, PairSource, rank_share
-from ncp.train import batches
+from ncp.data.sources import endless
 
 RES, BATCH = 16, 3
 BACKENDS = ["rust", "torch", "cache"]
@@ -70,7 +70,7 @@ def test_trainer_walks_epochs_0_1_2(make, backend):
     n = len(src)
     assert n == 4
     epochs_before, got = [], []
-    data = batches(src)
+    data = endless(src)
     for _ in range(3 * n):
         epochs_before.append(src.state()["epoch"])
         got.append(ids(next(data)))
@@ -87,15 +87,15 @@ def test_trainer_walks_epochs_0_1_2(make, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stop", [4, 6], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_continues_the_same_sequence(make, backend, stop):
-    full = [ids(b) for b in itertools.islice(batches(make(backend)), 10)]
+    full = [ids(b) for b in itertools.islice(endless(make(backend)), 10)]
     first = make(backend)
-    head = [ids(b) for b in itertools.islice(batches(first), stop)]
+    head = [ids(b) for b in itertools.islice(endless(first), stop)]
     state = first.state()
     assert set(state) == set(STATE_KEYS)
     assert (state["epoch"], state["sample_in_epoch"]) == ((1, 0) if stop == 4 else (1, 2 * BATCH))
     resumed = make(backend)
     resumed.resume(dict(state))
-    tail = [ids(b) for b in itertools.islice(batches(resumed), 10 - stop)]
+    tail = [ids(b) for b in itertools.islice(endless(resumed), 10 - stop)]
     assert head + tail == full
 
 

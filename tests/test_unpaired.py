@@ -24,7 +24,8 @@ from ncp.data.batch import DataError, UnpairedBatch
 from ncp.data.options import LoaderOptions
 from ncp.data.pairs import image_uid
 from ncp.data.sources import STATE_KEYS, PairSource, build_source, rank_share
-from ncp.train import batches, main
+from ncp.data.sources import endless
+from ncp.train import main
 
 ncp_dataloader = pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not installed")
 
@@ -223,7 +224,7 @@ def ids(batch) -> list[int]:
 def test_epochs_resume_and_ranks(make, backend):
     src = make(backend)
     assert isinstance(src, PairSource) and len(src) == 3
-    data, walk = batches(src), []
+    data, walk = endless(src), []
     for _ in range(9):  # the epoch a batch comes from: the state before it is taken
         walk.append((src.state()["epoch"], ids(next(data))))
     assert [e for e, _ in walk] == [0] * 3 + [1] * 3 + [2] * 3
@@ -235,12 +236,12 @@ def test_epochs_resume_and_ranks(make, backend):
     assert (stats["format"], stats["desirable"], stats["undesirable"], stats["skipped"]) == ("unpaired", 6, 5, 0)
 
     first = make(backend)
-    head = [ids(b) for b in itertools.islice(batches(first), 4)]  # mid-epoch 1
+    head = [ids(b) for b in itertools.islice(endless(first), 4)]  # mid-epoch 1
     state = first.state()
     assert set(state) == set(STATE_KEYS) and (state["epoch"], state["sample_in_epoch"]) == (1, 3)
     resumed = make(backend)
     resumed.resume(dict(state))
-    assert head + [ids(b) for b in itertools.islice(batches(resumed), 5)] == [b for _, b in walk]
+    assert head + [ids(b) for b in itertools.islice(endless(resumed), 5)] == [b for _, b in walk]
 
     perm = np.array(sum((ids(b) for b in make(backend, batch_size=1)), []))  # epoch 0, all 11 rows
     shares = []

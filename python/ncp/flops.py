@@ -28,6 +28,12 @@ from typing import Any
 
 import torch
 
+from ncp.criterion import Criterion
+from ncp.models import Conditioning, add_lora
+from ncp.objectives import OBJECTIVES
+from ncp.schedule import NoiseSchedule
+from ncp.step import StepNoise, branch_errors
+
 logger = logging.getLogger(__name__)
 
 # Peak dense (no sparsity) tensor-core FLOP/s of bf16 and fp16 inputs, per GPU, from the vendors'
@@ -88,8 +94,6 @@ def meta_unet(config: Mapping[str, Any]) -> torch.nn.Module:
 
 def meta_conditioning(config: Mapping[str, Any], batch: int, text_len: int):
     """Random-shaped text condition on meta: hidden states, and SDXL's pooled embedding and time ids."""
-    from ncp.models import Conditioning
-
     width = config["cross_attention_dim"]
     hidden = torch.empty(batch, text_len, width, device="meta")
     if config.get("addition_embed_type") != "text_time":
@@ -99,8 +103,6 @@ def meta_conditioning(config: Mapping[str, Any], batch: int, text_len: int):
 
 
 def _meta_schedule():
-    from ncp.schedule import NoiseSchedule
-
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # the SD schedule; values do not change FLOPs
     return NoiseSchedule(betas=betas.to("meta"), alphas_cumprod=torch.cumprod(1 - betas, 0).to("meta"),
                          prediction_type="epsilon")
@@ -109,17 +111,14 @@ def _meta_schedule():
 @functools.lru_cache(maxsize=32)
 def _flops_per_pair(config_json: str, kind: str, resolution: int, text_len: int, objective: str,
                     taps: tuple, lora_rank: int, lora_targets: tuple[str, ...]) -> int:
-    from ncp.models import add_lora, resolve_taps
-    from ncp.objectives import OBJECTIVES
-    from ncp.step import StepNoise, branch_errors
-
     config = json.loads(config_json)
     unet = meta_unet(config)
     if lora_rank > 0:
         add_lora(unet, lora_rank, float(lora_rank), list(lora_targets), 0.0)
-    obj = OBJECTIVES[objective]
-    tap_list = resolve_taps([str(t) for t in taps], kind, len(unet.down_blocks))
-    n = 2 if obj.needs_losers else 1
+    perceptual = OBJECTIVES[objective].space == "perceptual"
+    criterion = Criterion.make(objective, _meta_schedule(), kind=kind, num_down_blocks=len(unet.down_blocks),
+                               **({"taps": list(taps)} if perceptual else {}))
+    n = 2 if criterion.needs_losers else 1
     latent = (config.get("in_channels", 4), resolution // 8, resolution // 8)
     noise = StepNoise(torch.ones(1, dtype=torch.long, device="meta"), torch.empty(1, *latent, device="meta"),
                       torch.empty(1, *latent, device="meta"))
@@ -127,8 +126,7 @@ def _flops_per_pair(config_json: str, kind: str, resolution: int, text_len: int,
     cond = meta_conditioning(config, 1, text_len)
 
     def step() -> None:
-        err, err_ref = branch_errors(unet, unet, _meta_schedule(), obj, x0, cond, noise, tap_list,
-                                     [1.0 / len(tap_list)] * len(tap_list))
+        err, err_ref = branch_errors(criterion, unet, unet, x0, cond, noise)
         err.sum().backward()  # the loss is elementwise in the errors: its backward has the step's FLOPs
 
     return count_flops(step)
@@ -192,13 +190,15 @@ class Throughput:
         return out
 
 
-def training_throughput(unet: torch.nn.Module, kind: str, resolution: int, text_len: int, objective: str,
-                        taps: Sequence[Any], lora_rank: int, lora_targets: Sequence[str], device: torch.device,
-                        precision: str, world_size: int, peak_tflops: float | None = None) -> Throughput:
-    """The trainer's ``Throughput``: the step's FLOPs counted once (a failure to count is logged and leaves
-    perf/tflops out; it never stops training). ``precision``: the autocast or weight dtype (bf16, fp16, fp32)."""
+def training_throughput(unet: torch.nn.Module, criterion: Criterion, *, kind: str, resolution: int, text_len: int,
+                        lora_rank: int, lora_targets: Sequence[str], device: torch.device, precision: str,
+                        world_size: int, peak_tflops: float | None = None) -> Throughput:
+    """The trainer's ``Throughput``: the FLOPs of ``criterion``'s step counted once (a failure to count is logged
+    and leaves perf/tflops out; it never stops training). ``precision``: the autocast or weight dtype (bf16,
+    fp16, fp32)."""
     try:
-        flops = step_flops(unet.config, kind, resolution, objective, taps, text_len, lora_rank, lora_targets)
+        flops = step_flops(unet.config, kind, resolution, criterion.name, [str(t) for t in criterion.taps] or ["mid"],
+                           text_len, lora_rank, lora_targets)
     except Exception as err:  # noqa: BLE001 - a metric must not stop a run
         logger.warning("could not count the step's FLOPs (%s): no perf/tflops, perf/mfu", err)
         flops = None

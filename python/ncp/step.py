@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ncp import ops
-from ncp.models import Conditioning, Tap, TapWeights, adapters_disabled, encoder_features, frozen_checkpointing
-from ncp.objectives import Objective
-from ncp.schedule import NoiseSchedule
+from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, frozen_checkpointing
+
+if TYPE_CHECKING:  # ncp.criterion builds on this module (its log_t calibration runs branch_errors)
+    from ncp.criterion import Criterion
 
 
 @dataclass
@@ -92,23 +94,22 @@ def perceptual_dtype(setting: str, policy_dtype: torch.dtype, weight_dtype: torc
     return torch.float16 if setting == "fp16" else torch.float32
 
 
-def branch_errors(
-    unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, x0: Tensor,
-    cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
-    encoder_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def branch_errors(criterion: Criterion, unet: nn.Module, base: nn.Module, x0: Tensor, cond: Conditioning,
+                  noise: StepNoise) -> tuple[Tensor, Tensor | None]:
     """Per-image errors of the policy and (if the objective needs it) the reference.
 
     ``x0``: (nB, C, h, w) latents, winners then losers (n = 1 for SFT); ``cond`` and
     ``noise`` hold one entry per pair (B) and are shared by its images. ``unet`` is
     the (possibly DDP-wrapped) policy; ``base`` the unwrapped module whose
     adapters are switched off for the reference and the perceptual encoder.
-    ``tap_weights``: one weight per tap, or ``ConcatenatedTaps`` (the weights from the tapped maps' sizes).
-    ``encoder_dtype`` (perceptual objectives): the reverse step returns fp32 and the frozen encoder runs under
-    autocast to this dtype (fp32: no autocast), whatever the policy's precision; None: both in the
-    surrounding precision, the reverse step's output in ``x_t``'s dtype (``model.perceptual_precision``).
+    Perceptual objectives: the criterion's taps and tap weights (one per tap, or ``ConcatenatedTaps``: the
+    weights from the tapped maps' sizes); with a ``criterion.encoder_dtype`` the reverse step returns fp32 and
+    the frozen encoder runs under autocast to that dtype (fp32: no autocast), whatever the policy's precision;
+    None: both in the surrounding precision, the reverse step's output in ``x_t``'s dtype
+    (``model.perceptual_precision``).
     Returns fp32 (nB,) tensors.
     """
+    schedule, taps, encoder_dtype = criterion.schedule, list(criterion.taps), criterion.encoder_dtype
     n = x0.shape[0] // noise.t.shape[0]
     t, eps, z = _pair(noise.t, n), _pair(noise.eps, n), _pair(noise.z, n)
     cond = cond.repeat(n)
@@ -116,11 +117,11 @@ def branch_errors(
     kwargs = dict(encoder_hidden_states=cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
     pred = unet(x_t, t, **kwargs).sample  # policy, with grad
     ref = None
-    if objective.needs_reference:
+    if criterion.needs_reference:
         with torch.no_grad(), adapters_disabled(base):
             ref = base(x_t, t, **kwargs).sample
 
-    if objective.space == "latent":
+    if not criterion.perceptual:
         target = schedule.target(x0, eps.to(x0.dtype), t)
         err, err_ref = ops.multiscale_error([pred], [ref] if ref is not None else [], [target], [1.0])
         return err, (err_ref if ref is not None else None)
@@ -142,12 +143,10 @@ def branch_errors(
     split = [f.unflatten(0, (k, -1)) for f in feats_other]  # each (K, nB, ...)
     target = [f[-1] for f in split]
     reference = [f[0] for f in split] if ref is not None else []
-    weights = tap_weights(feats_policy) if callable(tap_weights) else tap_weights
+    weights = criterion.tap_weights
+    weights = weights(feats_policy) if callable(weights) else weights
     err, err_ref = ops.multiscale_error(feats_policy, reference, target, weights)
     return err, (err_ref if ref is not None else None)
-
-
-ERROR_SCALES = ("paper", "coef", "log", "log_t")
 
 
 def scale_errors(err: Tensor, error_scale: str, weight: Tensor | None = None) -> Tensor:
@@ -180,38 +179,28 @@ def scale_errors(err: Tensor, error_scale: str, weight: Tensor | None = None) ->
         if weight is None:
             raise ValueError("error_scale=log_t needs the per-image timestep weights (ncp.timestep_scale.calibrate)")
         return logs * weight.to(logs.dtype)
-    raise ValueError(f"objective.error_scale must be one of {', '.join(ERROR_SCALES)}; got {error_scale!r}")
+    raise ValueError(f"objective.error_scale must be one of paper, coef, log, log_t; got {error_scale!r}")
 
 
-def preference_step(
-    unet: nn.Module, base: nn.Module, schedule: NoiseSchedule, objective: Objective, loss_kwargs: dict,
-    x0: Tensor, cond: Conditioning, noise: StepNoise, taps: list[Tap], tap_weights: TapWeights,
-    error_scale: str = "paper", desirable: Tensor | None = None, timestep_table: Tensor | None = None,
-    encoder_dtype: torch.dtype | None = None,
-) -> StepOutput:
-    """Loss and metrics of one micro-batch. ``x0``: (2B, C, h, w), winners then losers
-    (objectives that do not need losers use the first B rows); ``cond``: B prompts.
-    Unpaired data (per-image objectives only): ``x0`` holds N single images, ``desirable`` their (N,)
-    bool labels, ``cond`` and ``noise`` one entry per image.
-    ``loss_kwargs``: the objective's hyperparameters (``Objective.loss_kwargs``); the step adds
-    ``num_timesteps`` where the loss takes it.
-    ``timestep_table``: the ``(T,)`` weights of ``error_scale=log_t`` (``ncp.timestep_scale.calibrate``) or
-    ``coef`` (``NoiseSchedule.noise_coefficient_table``).
+def preference_step(criterion: Criterion, unet: nn.Module, base: nn.Module, x0: Tensor, cond: Conditioning,
+                    noise: StepNoise, desirable: Tensor | None = None) -> StepOutput:
+    """Loss and metrics of one micro-batch under ``criterion`` (``ncp.criterion.Criterion``).
+
+    ``x0``: (2B, C, h, w), winners then losers (objectives that do not need losers use the first B rows);
+    ``cond``: B prompts. Unpaired data (per-image objectives only): ``x0`` holds N single images,
+    ``desirable`` their (N,) bool labels, ``cond`` and ``noise`` one entry per image.
     Metrics report the raw errors; the loss sees them through ``scale_errors``."""
     b = noise.t.shape[0]
-    if desirable is not None and not objective.per_image:
+    if desirable is not None and not criterion.per_image:
         raise ValueError("unpaired (labelled) images need a per-image objective: kto or ncp-kto")
-    if desirable is None and not objective.needs_losers:
+    if desirable is None and not criterion.needs_losers:
         x0 = x0[:b]  # SFT trains on the winners only
-    err, err_ref = branch_errors(unet, base, schedule, objective, x0, cond, noise, taps, tap_weights, encoder_dtype)
+    err, err_ref = branch_errors(criterion, unet, base, x0, cond, noise)
     # (winner rows, loser rows): slices for pairs (no device sync), the labels' masks for unpaired images
     groups = (slice(0, b), slice(b, None)) if desirable is None else (desirable, ~desirable)
-    if "num_timesteps" in objective.keyword_arguments:
-        loss_kwargs = {**loss_kwargs, "num_timesteps": schedule.num_timesteps}
-    weight = None
-    if timestep_table is not None:  # each image's w(t): pairs share their t, unpaired images have their own
-        weight = _pair(timestep_table[noise.t], err.shape[0] // b)
-    scaled = [None if e is None else scale_errors(e, error_scale, weight) for e in (err, err_ref)]
+    weight = criterion.image_weights(noise.t, err.shape[0])  # pairs share their t, unpaired images have their own
+    scaled = [None if e is None else scale_errors(e, criterion.error_scale, weight) for e in (err, err_ref)]
+    objective, loss_kwargs = criterion.objective, criterion.hyperparameters
     if objective.per_image:
         if desirable is None:  # pairs: the winners are desirable, the losers not
             desirable = torch.arange(err.shape[0], device=err.device) < b

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ncp.step import StepNoise, branch_errors
+
 logger = logging.getLogger("ncp.timestep_scale")
 
 
@@ -45,13 +47,12 @@ def table_from_medians(timesteps: list[int], medians: list[float], num_timesteps
 
 
 @torch.no_grad()
-def calibrate(unet, base, schedule, objective, x0: Tensor, cond, taps, tap_weights, generator: torch.Generator,
-              points: int = 21) -> Tensor:
+def calibrate(criterion, unet, base, x0: Tensor, cond, generator: torch.Generator, points: int = 21) -> Tensor:
     """The ``(T,)`` weight table of ``log_t``: at each calibration timestep, the median over the batch's
     images of the reference's error (the policy's where the objective has no reference pass), one fixed
-    noise draw for all timesteps. ``x0``: (nB, C, h, w) latents, ``cond`` B prompts."""
-    from ncp.step import StepNoise, branch_errors
-
+    noise draw for all timesteps. ``criterion``: ``ncp.criterion.Criterion`` (its table is what this
+    measures); ``x0``: (nB, C, h, w) latents, ``cond`` B prompts."""
+    schedule = criterion.schedule
     b = cond.hidden_states.shape[0]
     eps = torch.randn((b, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
     z = torch.randn((b, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
@@ -59,7 +60,7 @@ def calibrate(unet, base, schedule, objective, x0: Tensor, cond, taps, tap_weigh
     medians = []
     for t in timesteps:
         noise = StepNoise(torch.full((b,), t, dtype=torch.long, device=x0.device), eps, z)
-        err, ref = branch_errors(unet, base, schedule, objective, x0, cond, noise, taps, tap_weights)
+        err, ref = branch_errors(criterion, unet, base, x0, cond, noise)
         medians.append(float((ref if ref is not None else err).float().median()))
     table = table_from_medians(timesteps, medians, schedule.num_timesteps).to(x0.device)
     shown = [t for t in (1, 200, 400, 600, 800, schedule.num_timesteps - 1) if t < schedule.num_timesteps]
