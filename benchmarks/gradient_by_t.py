@@ -50,7 +50,7 @@ FORMS = {"latent": ("dpo", "paper"), "ncp": ("ncp-dpo", "paper"), "ncp_log": ("n
 def setup_bundle(args):
     from ncp.config import load_config
     from ncp.train import DEFAULT_CONFIG
-    from ncp.trainer import batch_conditioning, batch_latents, setup
+    from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",
                  f"train.output_dir={args.tmp}", "logging.progress=false", "logging.tensorboard=false",
@@ -58,19 +58,18 @@ def setup_bundle(args):
     if args.lora:
         overrides.append(f"lora.init_from={args.lora}")
     tr = setup(load_config(DEFAULT_CONFIG, overrides))
-    batch = next(iter(tr.source))
-    gen = torch.Generator().manual_seed(args.seed)
-    return tr, batch_latents(batch, tr.models, gen), batch_conditioning(batch, tr.models, tr.cfg.data.resolution)
+    return (tr, *batch_inputs(tr, next(iter(tr.source)), torch.Generator().manual_seed(args.seed)))
 
 
 def gradients(tr, x0, cond, t_grid, betas: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     """(len(t_grid), n_lora_params) float64 gradients per form."""
-    from ncp.objectives import OBJECTIVES
     from ncp.step import StepNoise, preference_step
-    from ncp.timestep_scale import calibrate
+    from ncp.trainer import criterion_for
 
-    table = calibrate(tr.unet, tr.base, tr.schedule, OBJECTIVES["ncp-dpo"], x0, cond, tr.taps, tr.tap_weights,
-                      torch.Generator().manual_seed(seed))
+    criteria = {form: criterion_for(tr, name, beta=betas[form], error_scale=scale)
+                for form, (name, scale) in FORMS.items()}
+    criteria["ncp_log_t"] = criteria["ncp_log_t"].calibrated(tr.unet, tr.base, x0, cond,
+                                                             torch.Generator().manual_seed(seed))
     params = [p for n, p in tr.unet.named_parameters() if p.requires_grad]
     b = x0.shape[0] // 2
     gen = torch.Generator().manual_seed(seed)
@@ -80,12 +79,10 @@ def gradients(tr, x0, cond, t_grid, betas: dict[str, float], seed: int) -> dict[
     for t in t_grid:
         t0 = time.time()
         noise = StepNoise(torch.full((b,), t, dtype=torch.long), eps, z)
-        for form, (name, scale) in FORMS.items():
+        for form, criterion in criteria.items():
             for p in params:
                 p.grad = None
-            step = preference_step(tr.unet, tr.base, tr.schedule, OBJECTIVES[name], {"beta": betas[form]}, x0, cond,
-                                   noise, tr.taps, tr.tap_weights, error_scale=scale,
-                                   timestep_table=table if scale == "log_t" else None)
+            step = preference_step(criterion, tr.unet, tr.base, x0, cond, noise)
             step.loss.backward()
             out[form].append(torch.cat([p.grad.flatten().double() for p in params]).numpy())
         print(f"  t={t:4d}  ({time.time() - t0:.1f}s)", flush=True)

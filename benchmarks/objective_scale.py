@@ -40,16 +40,15 @@ DEFAULTS = {"mapo_snr": 0.5, "beta_kto": 1000.0}  # the authors' values (docs/ob
 
 def differences(tr, x0, cond, t: int, eps, z) -> dict[str, dict[str, np.ndarray]]:
     """{space: {"mapo": |ERR_w - ERR_l| per pair, "kto": |r - z| per image, "dpo": |d_theta - d_ref| per pair}}."""
-    from ncp.objectives import OBJECTIVES
     from ncp.step import StepNoise, branch_errors
+    from ncp.trainer import criterion_for
 
     b = eps.shape[0]
     noise = StepNoise(torch.full((b,), t, dtype=torch.long), eps, z)
     out = {}
     with torch.no_grad():
         for space, name in (("latent", "dpo"), ("ncp", "ncp-dpo")):
-            err, ref = (e.double() for e in branch_errors(tr.unet, tr.base, tr.schedule, OBJECTIVES[name], x0, cond,
-                                                          noise, tr.taps, tr.tap_weights))
+            err, ref = (e.double() for e in branch_errors(criterion_for(tr, name), tr.unet, tr.base, x0, cond, noise))
             reward = ref - err
             out[space] = {"mapo": (err[:b] - err[b:]).abs().numpy(),
                           "kto": (reward - reward.mean().clamp(min=0)).abs().numpy(),
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ncp.config import load_config
     from ncp.train import DEFAULT_CONFIG
-    from ncp.trainer import batch_conditioning, batch_latents, setup
+    from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",
                  f"train.output_dir={args.tmp}", "logging.progress=false", "logging.tensorboard=false",
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     tr.unet.eval()
     batch = next(iter(tr.source))
     gen = torch.Generator().manual_seed(args.seed)
-    x0 = batch_latents(batch, tr.models, gen)
-    cond = batch_conditioning(batch, tr.models, tr.cfg.data.resolution)
+    x0, cond = batch_inputs(tr, batch, gen)
     eps = torch.randn((len(batch), *x0.shape[1:]), generator=gen)
     z = torch.randn((len(batch), *x0.shape[1:]), generator=gen)
     rows = []

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -110,11 +111,9 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return m
 
 
-def run_mode(model, schedule, objective_name: str, beta: float, x0, cond, noise, taps, tap_weights,
-             weight_dtype, autocast_dtype, encoder_dtype) -> dict[str, np.ndarray]:
+def run_mode(model, criterion, x0, cond, noise, weight_dtype, autocast_dtype, encoder_dtype) -> dict[str, np.ndarray]:
     """Per-image errors (policy, reference) and the LoRA gradient of one step in one precision mode."""
     from ncp.models import Conditioning
-    from ncp.objectives import OBJECTIVES
     from ncp.step import StepNoise, branch_errors
 
     m = cast_model(model, weight_dtype)
@@ -123,14 +122,12 @@ def run_mode(model, schedule, objective_name: str, beta: float, x0, cond, noise,
     c = Conditioning(cond.hidden_states.to(weight_dtype))
     sn = StepNoise(noise.t, noise.eps.to(nd), noise.z.to(nd))
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    objective = OBJECTIVES[objective_name]
     tf32 = emulated_tf32(m) if encoder_dtype == "tf32" else contextlib.nullcontext()
-    encoder_dtype = torch.float32 if encoder_dtype == "tf32" else encoder_dtype
+    criterion = dataclasses.replace(criterion, encoder_dtype=torch.float32 if encoder_dtype == "tf32" else encoder_dtype)
     with ctx, tf32:
-        err, ref = branch_errors(m, m, schedule, objective, x0.to(weight_dtype), c, sn, taps, tap_weights,
-                                 encoder_dtype)
+        err, ref = branch_errors(criterion, m, m, x0.to(weight_dtype), c, sn)
         b = noise.t.shape[0]
-        out = objective.loss(err[:b], err[b:], ref[:b], ref[b:], beta=beta)
+        out = criterion.objective.loss(err[:b], err[b:], ref[:b], ref[b:], **criterion.hyperparameters)
     out.loss.mean().backward()
     grad = torch.cat([p.grad.detach().double().flatten() for n, p in m.named_parameters()
                       if "lora_" in n and p.grad is not None])
@@ -148,13 +145,16 @@ def compare(run: dict, oracle: dict, b: int) -> dict[str, float]:
             "grad_norm_ratio": float(np.linalg.norm(g) / max(np.linalg.norm(go), 1e-300))}
 
 
-def measure(model, schedule, x0, cond, noise, taps, tap_weights, betas: dict[str, float], modes: list[str]) -> dict:
+def measure(model, schedule, x0, cond, noise, taps_name: str, betas: dict[str, float], modes: list[str]) -> dict:
+    from ncp.criterion import Criterion
+
     b = noise.t.shape[0]
     rows: dict[str, dict] = {}
     for objective, beta in betas.items():
         t0 = time.time()
-        oracle = run_mode(model, schedule, objective, beta, x0, cond, noise, taps, tap_weights,
-                          torch.float64, None, None)
+        taps = {"taps": [taps_name]} if objective.startswith("ncp-") else {}
+        criterion = Criterion.make(objective, schedule, num_down_blocks=len(model.down_blocks), beta=beta, **taps)
+        oracle = run_mode(model, criterion, x0, cond, noise, torch.float64, None, None)
         rows[objective] = {"fp64": {"mean_err": float(oracle["err"].mean()),
                                     "mean_abs_err_minus_ref": float(np.abs(oracle["err"] - oracle["ref"]).mean()),
                                     "s": round(time.time() - t0, 1)}}
@@ -163,8 +163,7 @@ def measure(model, schedule, x0, cond, noise, taps, tap_weights, betas: dict[str
             if objective == "dpo" and ed is not None:
                 continue  # the encoder's precision does not enter latent DPO
             t0 = time.time()
-            res = compare(run_mode(model, schedule, objective, beta, x0, cond, noise, taps, tap_weights, wd, ad, ed),
-                          oracle, b)
+            res = compare(run_mode(model, criterion, x0, cond, noise, wd, ad, ed), oracle, b)
             rows[objective][mode] = res | {"s": round(time.time() - t0, 1)}
             print(f"    {objective:<8} {mode:<14} grad cos {res['grad_cosine']:.5f}  rel(PL-PL_ref) "
                   f"{res['rel_err_minus_ref']:.2e}  ({rows[objective][mode]['s']} s)", flush=True)
@@ -182,27 +181,24 @@ def step_noise(n: int, shape: tuple, seed: int):
 def bundle_view(args, taps_name: str):
     from ncp.config import load_config
     from ncp.train import DEFAULT_CONFIG
-    from ncp.trainer import batch_conditioning, batch_latents, setup
+    from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",
                  f"train.output_dir={args.tmp}", "logging.progress=false", "logging.tensorboard=false",
                  "data.absolute_winners=true", "objective.name=ncp-dpo", f"objective.taps=[{taps_name}]"]
     tr = setup(load_config(DEFAULT_CONFIG, overrides))
     randomize_lora(tr.base, args.lora_scale, args.seed)
-    batch = next(iter(tr.source))
-    x0 = batch_latents(batch, tr.models, torch.Generator().manual_seed(args.seed))
-    cond = batch_conditioning(batch, tr.models, tr.cfg.data.resolution)
+    x0, cond = batch_inputs(tr, next(iter(tr.source)), torch.Generator().manual_seed(args.seed))
     noise = step_noise(x0.shape[0] // 2, tuple(x0.shape[1:]), args.seed)
-    return tr.base, tr.schedule, x0, cond, noise, tr.taps, tr.tap_weights
+    return tr.base, tr.criterion.schedule, x0, cond, noise
 
 
 def sd15_view(args, taps_name: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from ncp.models import Conditioning, resolve_taps
+    from ncp.models import Conditioning
     from ncp.schedule import NoiseSchedule
-    from ncp.train import tap_weights
 
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**SD15_UNET).requires_grad_(False)
@@ -215,9 +211,7 @@ def sd15_view(args, taps_name: str):
     gen = torch.Generator().manual_seed(args.seed + 1)
     x0 = torch.randn((2 * n, 4, s, s), generator=gen)  # SD latents (scaled) are roughly unit-variance
     cond = Conditioning(torch.randn((n, 77, 768), generator=gen))
-    taps = resolve_taps([taps_name], "sd15", len(unet.down_blocks))
-    weights = tap_weights(argparse.Namespace(taps=[taps_name], tap_weights=None, tap_normalize=None), taps)
-    return unet, schedule, x0, cond, step_noise(n, (4, s, s), args.seed), taps, weights
+    return unet, schedule, x0, cond, step_noise(n, (4, s, s), args.seed)
 
 
 def encoder_flop_share(taps_name: str) -> dict[str, float]:
@@ -264,9 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     for view in [v for v in args.views.split(",") if v]:
         for taps_name in [t for t in args.taps.split(",") if t]:
             print(f"view {view}, taps {taps_name}", flush=True)
-            model, schedule, x0, cond, noise, taps, weights = {"bundle": bundle_view, "sd15": sd15_view}[view](
-                args, taps_name)
-            rows = measure(model, schedule, x0, cond, noise, taps, weights, betas, args.modes.split(","))
+            model, schedule, x0, cond, noise = {"bundle": bundle_view, "sd15": sd15_view}[view](args, taps_name)
+            rows = measure(model, schedule, x0, cond, noise, taps_name, betas, args.modes.split(","))
             results[f"{view}/{taps_name}"] = rows
             print(format_table(f"{view}, taps {taps_name}", rows), flush=True)
     flops = {t: encoder_flop_share(t) for t in args.taps.split(",") if t}

@@ -194,3 +194,14 @@ def lora_moves_unet(model: Path, lora: Path) -> float:
         pipe.load_lora_weights(str(lora))
         after = pipe.unet(x, 10, encoder_hidden_states=ehs).sample
     return float((after - before).abs().max())
+
+
+def criterion_of(name: str, schedule, taps=("mid",), tap_weights=None, num_down_blocks: int = 4, **fields):
+    """``Criterion.make`` for tests that run one objective or another on the same taps: the taps and their
+    weights go to the perceptual objectives only (a latent objective refuses them, as the CLI does)."""
+    from ncp.criterion import Criterion
+    from ncp.objectives import OBJECTIVES
+
+    if OBJECTIVES[name].space == "perceptual":
+        fields = {"taps": list(taps), **({"tap_weights": list(tap_weights)} if tap_weights else {}), **fields}
+    return Criterion.make(name, schedule, num_down_blocks=num_down_blocks, **fields)

@@ -6,8 +6,9 @@ import torch
 
 from ncp import ops
 from ncp.config import ConfigError, load_config
+from ncp.criterion import Criterion
 from ncp.models import ConcatenatedTaps, concatenation_weights, encoder_features, resolve_taps
-from ncp.objectives import OBJECTIVES, cpo_loss
+from ncp.objectives import cpo_loss
 from ncp.schedule import NoiseSchedule
 from ncp.step import branch_errors, preference_step, sample_noise, scale_errors
 from ncp.train import DEFAULT_CONFIG
@@ -125,15 +126,15 @@ def test_step_with_coef_is_dpo_on_errors_over_c_e_squared(tiny_sd15):
 
     models, schedule, x0, cond = step_inputs_with_lora(tiny_sd15)
     table = schedule.noise_coefficient_table()
-    objective, beta = OBJECTIVES["ncp-dpo"], 300.0
+    beta = 300.0
     noise = lambda: sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(3), torch.device("cpu"))  # noqa: E731
-    taps = resolve_taps(["authors"], "sd15", len(models.unet.down_blocks))
-    weights = ConcatenatedTaps(True)
+    criterion = Criterion.make("ncp-dpo", schedule, num_down_blocks=len(models.unet.down_blocks), beta=beta,
+                               taps=["authors"], error_scale="coef")
+    assert torch.equal(criterion.timestep_table, table) and criterion.tap_weights == ConcatenatedTaps(True)
     with torch.no_grad():
-        out = preference_step(models.unet, models.unet, schedule, objective, {"beta": beta}, x0, cond, noise(),
-                              taps, weights, error_scale="coef", timestep_table=table)
+        out = preference_step(criterion, models.unet, models.unet, x0, cond, noise())
         n = noise()
-        err, ref = branch_errors(models.unet, models.unet, schedule, objective, x0, cond, n, taps, weights)
+        err, ref = branch_errors(criterion, models.unet, models.unet, x0, cond, n)  # raw errors
     w = table[n.t].double()
     d = (err[:2].double() - ref[:2].double()) * w - (err[2:].double() - ref[2:].double()) * w
     logits = -0.5 * beta * d

@@ -135,7 +135,7 @@ def test_cli_errors_name_the_problem(tiny_sd15, tmp_path):
 
 
 def test_nonfinite_losses_stop_the_run(tiny_sd15, tiny_parquet, tmp_path, monkeypatch, capsys):
-    import ncp.train as train_mod
+    import ncp.trainer as train_mod
 
     real = train_mod.preference_step
 

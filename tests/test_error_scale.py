@@ -1,4 +1,5 @@
 """objective.error_scale: the paper's errors or their logs (docs/error_scale.md)."""
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ import torch
 from ncp.objectives import OBJECTIVES, cpo_loss, dpo_loss
 from ncp.step import preference_step, sample_noise, scale_errors
 
-from fixtures import cli_args, overrides_of
+from fixtures import cli_args, criterion_of, overrides_of
 
 
 def t(*v):
@@ -66,8 +67,8 @@ def test_step_with_log_scale_is_the_loss_of_log_errors(objective, tiny_sd15):
     outs = {}
     for scale in ("paper", "log"):
         noise = sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1), torch.device("cpu"))
-        outs[scale] = preference_step(models.unet, models.unet, schedule, OBJECTIVES[objective], kwargs, x0, cond,
-                                      noise, ["mid"], [1.0], error_scale=scale)
+        criterion = criterion_of(objective, schedule, error_scale=scale, **kwargs)
+        outs[scale] = preference_step(criterion, models.unet, models.unet, x0, cond, noise)
     paper, log = outs["paper"].metrics, outs["log"].metrics
     assert paper["err/policy_winner"] == log["err/policy_winner"]  # raw errors in the metrics
     # the same noise again: the per-image errors, through the log, into the objective by hand
@@ -75,8 +76,7 @@ def test_step_with_log_scale_is_the_loss_of_log_errors(objective, tiny_sd15):
     from ncp.step import branch_errors
 
     with torch.no_grad():
-        err, ref = branch_errors(models.unet, models.unet, schedule, OBJECTIVES[objective], x0, cond, noise, ["mid"],
-                                 [1.0])
+        err, ref = branch_errors(criterion, models.unet, models.unet, x0, cond, noise)
     scaled = [e.log() if e is not None else None for e in (err[:2], err[2:], *(ref.split(2) if ref is not None
                                                                               else (None, None)))]
     expected = OBJECTIVES[objective].loss(*scaled, **kwargs).loss.mean()
@@ -143,28 +143,30 @@ def test_step_with_log_t_is_the_loss_of_weighted_log_errors(tiny_sd15):
     models, schedule, x0, cond = step_inputs_with_lora(tiny_sd15)
     table = torch.linspace(0.5, 1.5, 1000)
     noise = sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1), torch.device("cpu"))
-    out = preference_step(models.unet, models.unet, schedule, OBJECTIVES["ncp-dpo"], {"beta": 50.0}, x0, cond, noise,
-                          ["mid"], [1.0], error_scale="log_t", timestep_table=table)
+    criterion = dataclasses.replace(criterion_of("ncp-dpo", schedule, beta=50.0, error_scale="log_t"),
+                                    timestep_table=table)
+    out = preference_step(criterion, models.unet, models.unet, x0, cond, noise)
     with torch.no_grad():
-        err, ref = branch_errors(models.unet, models.unet, schedule, OBJECTIVES["ncp-dpo"], x0, cond, noise, ["mid"],
-                                 [1.0])
+        err, ref = branch_errors(criterion, models.unet, models.unet, x0, cond, noise)
     w = table[noise.t]
     expected = dpo_loss(w * err[:2].log(), w * err[2:].log(), w * ref[:2].log(), w * ref[2:].log(), beta=50.0)
     torch.testing.assert_close(out.loss.detach(), expected.loss.mean(), rtol=1e-5, atol=1e-7)
+    uncalibrated = dataclasses.replace(criterion, timestep_table=None)
+    assert uncalibrated.needs_calibration and not criterion.needs_calibration
     with pytest.raises(ValueError, match="log_t needs"):
-        preference_step(models.unet, models.unet, schedule, OBJECTIVES["ncp-dpo"], {"beta": 50.0}, x0, cond, noise,
-                        ["mid"], [1.0], error_scale="log_t")
+        preference_step(uncalibrated, models.unet, models.unet, x0, cond, noise)
 
 
 def test_cli_log_t_calibrates_the_same_table_on_every_start(tiny_sd15, tiny_parquet, tmp_path):
     """The table depends on the model, the first batch and the seed only: setup twice gives the same table
     (a resume computes it again), positive with mean 1; the CLI trains with it."""
     from ncp.config import load_config
-    from ncp.train import main, setup
+    from ncp.train import main
+    from ncp.trainer import setup
 
     args = cli_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=2", "optim.lr=1e-3",
                     "objective.name=ncp-dpo", "objective.beta=100", "objective.error_scale=log_t")
-    tables = [setup(load_config(None, overrides_of(args))).timestep_table for _ in range(2)]
+    tables = [setup(load_config(None, overrides_of(args))).criterion.timestep_table for _ in range(2)]
     assert tables[0].shape == (1000,) and torch.equal(tables[0], tables[1])
     assert (tables[0] > 0).all() and tables[0].mean().item() == pytest.approx(1.0, rel=1e-5)
     assert main(args) == 0

@@ -10,6 +10,8 @@ from ncp.objectives import OBJECTIVES
 from ncp.schedule import NoiseSchedule
 from ncp.step import preference_step, sample_noise
 
+from fixtures import criterion_of
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -31,12 +33,11 @@ def _step(models, unet, objective, seed=1, autocast=None, context=None):
     cond = encode_prompts(models, ["a red cube", "two blue balls"])
     noise = sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(seed), torch.device("cpu"))
     models.unet.zero_grad(set_to_none=True)
+    kwargs = {"beta": 50.0} if "beta" in inspect.signature(OBJECTIVES[objective].loss).parameters else {}
+    criterion = criterion_of(objective, schedule, [0, "mid"], [0.5, 0.5], **kwargs)
     with (torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)), \
             (context or attention_backend("auto")):
-        obj = OBJECTIVES[objective]
-    kwargs = {"beta": 50.0} if "beta" in inspect.signature(obj.loss).parameters else {}
-    out = preference_step(unet, models.unet, schedule, obj, kwargs, x0, cond, noise,
-                              [0, "mid"], [0.5, 0.5])
+        out = preference_step(criterion, unet, models.unet, x0, cond, noise)
     out.loss.backward()
     grads = {n: p.grad.float().clone() for n, p in models.unet.named_parameters() if p.requires_grad}
     return out.loss.detach().float(), grads

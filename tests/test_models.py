@@ -86,8 +86,7 @@ def test_sdxl_conditioning_shapes(tiny_sdxl):
 def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15, monkeypatch):
     """Checkpointing recomputes the policy in backward; the perceptual encoder (adapters off) must not be
     recomputed with the adapters back on. Same inputs, same LoRA: identical gradients with and without it."""
-    from ncp.objectives import OBJECTIVES
-    from fixtures import step_inputs_with_lora
+    from fixtures import criterion_of, step_inputs_with_lora
     from ncp.step import preference_step, sample_noise
 
     models, schedule, x0, cond = step_inputs_with_lora(tiny_sd15)
@@ -107,8 +106,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(objective, tiny_sd15, m
             models.unet.enable_gradient_checkpointing()
         noise = sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1), torch.device("cpu"))
         models.unet.zero_grad()
-        out = preference_step(models.unet, models.unet, schedule, OBJECTIVES[objective], {"beta": 50.0}, x0, cond,
-                              noise, [0, "mid"], [0.5, 0.5])
+        out = preference_step(criterion_of(objective, schedule, [0, "mid"], [0.5, 0.5], beta=50.0), models.unet,
+                              models.unet, x0, cond, noise)
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in models.unet.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()

@@ -54,8 +54,9 @@ def test_kto_on_pairs_is_kto_on_labelled_images(objective, tiny_sd15):
     """Pairs feed KTO as 2B labelled images (winners desirable, losers undesirable): the step's loss is
     kto_loss of the branch errors with those labels, and the unpaired form with the same images, noise and
     labels gives the same loss."""
+    from fixtures import criterion_of
     from ncp.models import add_lora, encode_prompts, load_models
-    from ncp.objectives import OBJECTIVES, kto_loss
+    from ncp.objectives import kto_loss
     from ncp.schedule import NoiseSchedule
     from ncp.step import StepNoise, branch_errors, preference_step, sample_noise
 
@@ -66,30 +67,31 @@ def test_kto_on_pairs_is_kto_on_labelled_images(objective, tiny_sd15):
         if "lora_B" in name:  # a policy that differs from the reference
             p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
     schedule = NoiseSchedule.from_scheduler(models.scheduler, torch.device("cpu"))
-    obj = OBJECTIVES[objective]
     x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))  # 2 winners, then 2 losers
     cond = encode_prompts(models, ["a red cube", "two blue balls"])
     noise = sample_noise(2, (4, 16, 16), 1000, torch.Generator().manual_seed(1), torch.device("cpu"))
     kwargs = dict(beta_kto=1e4, kto_lambda_d=1.0, kto_lambda_u=0.5)
+    criterion = criterion_of(objective, schedule, [0, "mid"], [0.5, 0.5], **kwargs)
     with torch.no_grad():
-        out = preference_step(models.unet, models.unet, schedule, obj, kwargs, x0, cond, noise, [0, "mid"], [0.5, 0.5])
-        err, ref = branch_errors(models.unet, models.unet, schedule, obj, x0, cond, noise, [0, "mid"], [0.5, 0.5])
+        out = preference_step(criterion, models.unet, models.unet, x0, cond, noise)
+        err, ref = branch_errors(criterion, models.unet, models.unet, x0, cond, noise)
         labels = torch.tensor([True, True, False, False])
         expect = kto_loss(err, ref, labels, **kwargs)
         assert (expect.logits != 0).all()  # the policy differs from the reference: a non-trivial check
         assert out.loss.item() == pytest.approx(expect.loss.mean().item(), rel=1e-5)
         # the unpaired form: 4 images, each with its own copy of its pair's noise and prompt
         per_image = StepNoise(noise.t.repeat(2), noise.eps.repeat(2, 1, 1, 1), noise.z.repeat(2, 1, 1, 1))
-        unpaired = preference_step(models.unet, models.unet, schedule, obj, kwargs, x0, cond.repeat(2), per_image,
-                                   [0, "mid"], [0.5, 0.5], desirable=labels)
+        unpaired = preference_step(criterion, models.unet, models.unet, x0, cond.repeat(2), per_image, labels)
     assert unpaired.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
     assert unpaired.metrics.keys() == out.metrics.keys()
 
 
 def test_unpaired_images_need_a_per_image_objective(tiny_sd15):
-    from ncp.objectives import OBJECTIVES
+    from ncp.criterion import Criterion
+    from ncp.schedule import NoiseSchedule
     from ncp.step import preference_step
 
+    schedule = NoiseSchedule(torch.full((10,), 0.01), torch.cumprod(torch.full((10,), 0.99), 0), "epsilon")
     with pytest.raises(ValueError, match="per-image objective"):
-        preference_step(None, None, None, OBJECTIVES["dpo"], {"beta": 1.0}, torch.zeros(1), None,
-                        type("N", (), {"t": torch.zeros(2)})(), [], [], desirable=torch.tensor([True, False]))
+        preference_step(Criterion.make("dpo", schedule, beta=1.0), None, None, torch.zeros(1), None,
+                        type("N", (), {"t": torch.zeros(2)})(), torch.tensor([True, False]))

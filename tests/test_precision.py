@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ncp.models import Conditioning, resolve_taps
-from ncp.objectives import OBJECTIVES
 from ncp.step import StepNoise, branch_errors, perceptual_dtype
+
+from fixtures import criterion_of
 
 CPU = torch.device("cpu")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -52,8 +53,8 @@ def _branch_difference(models, schedule, x0, cond, noise, taps, weight_dtype, au
     c = Conditioning(cond.hidden_states.to(weight_dtype))
     ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:
-        err, ref = branch_errors(m, m, schedule, OBJECTIVES["ncp-dpo"], x0.to(weight_dtype), c, n, taps,
-                                 [1.0], encoder_dtype)
+        criterion = criterion_of("ncp-dpo", schedule, taps, encoder_dtype=encoder_dtype)
+        err, ref = branch_errors(criterion, m, m, x0.to(weight_dtype), c, n)
     diff = err - ref
     diff.sum().backward()
     grad = torch.cat([p.grad.double().flatten() for k, p in m.named_parameters() if "lora_" in k])

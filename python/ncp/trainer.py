@@ -3,6 +3,7 @@ optimizer step, checkpoints and the final LoRA. ``ncp.train`` runs the loop over
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -127,6 +128,14 @@ def encoder_dtype(cfg: Config, policy_dtype: torch.dtype, weight_dtype: torch.dt
         tf32 = cfg.model.perceptual_precision == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     return dtype
+
+
+def criterion_for(tr: Trainer, name: str, **fields: Any) -> Criterion:
+    """The criterion of objective ``name`` on this trainer's model and schedule: the config's objective settings
+    with ``fields`` over them (the study benchmarks compare objectives on one setup)."""
+    objective = dataclasses.replace(tr.cfg.objective, name=name, **fields)
+    return Criterion.from_config(objective, tr.criterion.schedule, tr.models.kind, len(tr.base.down_blocks),
+                                 tr.criterion.encoder_dtype)
 
 
 def calibrated(tr: Trainer, source: PairSource) -> Criterion:
