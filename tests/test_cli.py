@@ -101,11 +101,11 @@ def test_keep_last_checkpoints(tiny_sd15, tiny_parquet, tmp_path):
 
 
 def test_compiled_unet_trains_like_the_eager_one(tiny_sd15, tiny_parquet, tmp_path):
-    """model.compile_unet=true: torch.compile (inductor, CPU) on the policy U-Net gives the eager losses."""
+    """model.compile_unet=full: torch.compile (inductor, CPU) on the policy U-Net gives the eager losses."""
     common = ["objective.name=ncp-dpo", "train.max_steps=2"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert main(_args(tiny_sd15, tiny_parquet, eager, *common)) == 0
-    assert main(_args(tiny_sd15, tiny_parquet, compiled, *common, "model.compile_unet=true")) == 0
+    assert main(_args(tiny_sd15, tiny_parquet, compiled, *common, "model.compile_unet=full")) == 0
     assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4, abs=1e-6)
 
 

@@ -27,6 +27,7 @@ def test_defaults_and_overrides(tmp_path):
     ("data.random_flip=maybe", "data.random_flip must be true or false"),
     ("data.resolution=30", "data.resolution must be a positive multiple of 8"),
     ("lr=1", "must be section.key"),
+    ("model.compile_unet=true", "model.compile_unet must be one of False, regional, full; got True"),
 ])
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -47,10 +47,10 @@ class ModelConfig:
                 "(docs/method.md, Precision)")
     vae_path: str | None = opt(None, "a separate VAE folder (e.g. an fp16-safe SDXL VAE)")
     gradient_checkpointing: bool = opt(False, "recompute U-Net activations in backward to save memory")
-    compile_unet: bool | Literal["regional", "full"] = opt(
+    compile_unet: Literal[False, "regional", "full"] = opt(
         False, "torch.compile the U-Net: 'regional' compiles each resnet and transformer block, so the policy, "
                "reference and encoder passes (adapters on and off) all run compiled code without recompiling "
-               "after the first step; 'full' (= true) compiles the policy's whole forward only; false: eager")
+               "after the first step; 'full' compiles the policy's whole forward only; false: eager")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
         "default", "torch.compile mode of compile_unet; 'reduce-overhead' adds CUDA graphs")
     channels_last: bool = opt(False, "channels-last memory format for the U-Net and VAE")

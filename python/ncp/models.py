@@ -440,7 +440,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 RECOMPILE_LIMIT = 128
 
 
-def compile_unet(unet: nn.Module, how: bool | str, mode: str = "default", backend: str = "inductor") -> nn.Module:
+def compile_unet(unet: nn.Module, how: str | bool, mode: str = "default", backend: str = "inductor") -> nn.Module:
     """torch.compile the U-Net as ``model.compile_unet`` says; returns the module the policy runs.
 
     - ``"regional"``: each ResnetBlock2D and BasicTransformerBlock is compiled in place with static
@@ -448,7 +448,7 @@ def compile_unet(unet: nn.Module, how: bool | str, mode: str = "default", backen
       compiled code: dynamo compiles one graph per variant it meets in the first step (adapters on/off,
       grad on/off, batch 2B or KxB, block shape) and reuses them afterwards, so toggling adapters never
       recompiles after the first step (``compile_counters`` tells).
-    - ``"full"`` (or True): ``torch.compile`` of the whole policy forward (the returned wrapper); the reference and
+    - ``"full"``: ``torch.compile`` of the whole policy forward (the returned wrapper); the reference and
       encoder passes run on the unwrapped module, eager.
     - False: eager.
     ``mode`` is torch.compile's (``"reduce-overhead"``: CUDA graphs; then call
@@ -457,10 +457,10 @@ def compile_unet(unet: nn.Module, how: bool | str, mode: str = "default", backen
     if how is False or how == "off":
         return unet
     kwargs = dict(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
-    if how is True or how == "full":
+    if how == "full":
         return torch.compile(unet, **kwargs)
     if how != "regional":
-        raise ValueError(f"model.compile_unet must be false, true, 'regional' or 'full'; got {how!r}")
+        raise ValueError(f"model.compile_unet must be false, 'regional' or 'full'; got {how!r}")
     from torch import _dynamo  # (``import torch._dynamo`` here would make ``torch`` local to the function)
 
     _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, RECOMPILE_LIMIT)
