@@ -31,6 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ncp.files import written_whole
+from ncp.models import ModelLoadError, detect_kind, resolve_model_path
+from ncp.pipelines import bind_pil_image_processors
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -155,8 +159,6 @@ def export_kohya(lora_dir: Path, model: str, out: Path, dtype: torch.dtype = tor
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from ncp.models import detect_kind, resolve_model_path
-
     model_path = resolve_model_path(model)
     kind = detect_kind(model_path)
     unet_config = dict(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
@@ -188,10 +190,6 @@ def fuse_into(unet: torch.nn.Module, modules: dict[str, tuple[Tensor, Tensor]], 
 def export_merged(lora_dir: Path, model: str, out_dir: Path) -> Path:
     """The base pipeline with the LoRA fused into its U-Net weights, saved whole (no adapter left) into a
     temporary folder beside ``out_dir`` and renamed to it at the end (``out_dir``: new or empty)."""
-    from ncp.files import written_whole
-    from ncp.models import resolve_model_path
-    from ncp.pipelines import bind_pil_image_processors
-
     model_path = resolve_model_path(model)
     check_merge_target(model_path, out_dir)
     bind_pil_image_processors()
@@ -216,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", metavar="DIR", help="also write a full diffusers pipeline with the LoRA fused into DIR "
                                                   "(a new or empty folder, not the base model's)")
     args = p.parse_args(argv)
-    from ncp.models import ModelLoadError, resolve_model_path
-
     try:
         lora_dir = find_lora_dir(args.lora)
         model = base_model(lora_dir, args.model)
