@@ -8,5 +8,5 @@ from ncp.data.options import LoaderOptions
 from ncp.data.paths import expand_sources
 from ncp.data.sources import build_source
 
-__all__ = ["Batch", "DataError", "DataState", "LoaderOptions", "PairBatch", "PairSource", "UnpairedBatch", "build_source",
-           "expand_sources"]
+__all__ = ["Batch", "DataError", "DataState", "LoaderOptions", "PairBatch", "PairSource", "UnpairedBatch",
+           "build_source", "expand_sources"]

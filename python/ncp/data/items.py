@@ -92,11 +92,14 @@ class Kind:
         if not self.binary:
             return [tables[ref.file].item(ref.file, ref.row, (ref.winner_is_0, not ref.winner_is_0))
                     for ref in select_pairs([t.columns for t in tables], drop_ties, absolute_winners)]
-        return [t.item(f, r, (t.columns["label"][r],)) for f, t in enumerate(tables) for r in range(len(t.rows))]
+        (label,) = self.labels
+        return [t.item(f, r, (t.columns[label][r],)) for f, t in enumerate(tables) for r in range(len(t.rows))]
 
     def nothing_left(self, files: Sequence[Path]) -> DataError:
         names = ", ".join(map(str, files))
-        return DataError(f"no rows in {names}" if self.binary else f"no training pairs left in {names} after the filters")
+        if self.binary:
+            return DataError(f"no rows in {names}")
+        return DataError(f"no training pairs left in {names} after the filters")
 
 
 PAIRS = Kind("pairs", "pair", images=("jpg_0", "jpg_1"), labels=("label_0", "label_1"),
