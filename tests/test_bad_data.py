@@ -67,6 +67,22 @@ def test_a_jsonl_caption_that_is_not_a_string_is_named(tmp_path, backend):
         ItemDataset([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "rust"])
+@pytest.mark.parametrize("line, message", [
+    (b'{"caption": "x", "winner": "w.png"}',
+     "column 'loser' \\(logical 'loser'\\) not found in {path} line 2; available columns: caption, winner$"),
+    (b'["caption", "winner", "loser"]', "column 'caption' \\(logical 'caption'\\) not found in {path} line 2; "
+                                        "available columns: $"),
+    (b'{"caption": "x", ', "cannot read {path}: line 2: invalid JSON: "),
+], ids=["missing-key", "not-an-object", "invalid-json"])
+def test_a_bad_jsonl_pair_line_is_named_alike(tmp_path, backend, line, message):
+    """A JSONL pair line without a key, not an object, or not JSON: the same message in both backends (the
+    JSON parser's own words after "invalid JSON" differ)."""
+    path = _jsonl(tmp_path, line)
+    with pytest.raises(DataError, match="^" + message.format(path=path)):
+        ItemDataset([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
+
+
 @pytest.fixture
 def corrupt(tmp_path):
     """Six pairs, the image 0 of row 1 cut in half."""

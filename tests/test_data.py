@@ -143,3 +143,25 @@ def test_jsonl_source(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "hi", "winner": "w.png"}\n')
     with pytest.raises(DataError, match=r"column 'loser' \(logical 'loser'\) not found in .*bad.jsonl line 1"):
         ItemDataset([str(tmp_path / "bad.jsonl")], 32)
+
+
+def test_an_item_is_r_images_with_r_labels():
+    """R = 2: a PairBatch (winner first); R = 1: an UnpairedBatch; a pair labelled loser first is refused."""
+    from ncp.data.batch import PairBatch, UnpairedBatch, item_batch, pair_labels
+    from ncp.data.items import Item
+
+    px = [torch.full((3, 3, 4, 4), k, dtype=torch.uint8) for k in range(2)]
+    fields = dict(captions=["a", "b", "c"])
+    pairs = item_batch(pair_labels(3), images=px, **fields)
+    assert isinstance(pairs, PairBatch) and pairs.roles == 2 and torch.equal(pairs.pixels(), torch.cat(px))
+    desirable = torch.tensor([True, False, True])
+    unpaired = item_batch(desirable[:, None], images=px[:1], **fields)
+    assert isinstance(unpaired, UnpairedBatch) and unpaired.roles == 1 and torch.equal(unpaired.desirable, desirable)
+    latents = item_batch(pair_labels(3), latents=torch.zeros(6, 2, 4, 2, 2), **fields)
+    assert latents.winners is None and latents.latents.shape[0] == 6
+    with pytest.raises(ValueError, match="winner first"):
+        item_batch(pair_labels(3).flip(1), images=px, **fields)
+    with pytest.raises(ValueError, match="2 labels per item but 1 images"):
+        item_batch(pair_labels(3), images=px[:1], **fields)
+    assert Item(0, 0, "c", ("jpg_0", "jpg_1"), (False, True)).role_order() == (1, 0)
+    assert Item(0, 0, "c", ("image",), (False,)).role_order() == (0,)
