@@ -105,9 +105,9 @@ def bench_rust_build(path: Path, args, build: str, seconds: float) -> float:
 
 
 def bench_torch(path: Path, args, workers: int, seconds: float) -> float:
-    from ncp.data.torch_source import PreferencePairs, TorchPairSource
+    from ncp.data.torch_source import ItemDataset, TorchPairSource
 
-    ds = PreferencePairs([str(path)], args.resolution, random_flip=True)
+    ds = ItemDataset([str(path)], args.resolution, random_flip=True)
     return timed_pairs(TorchPairSource(ds, args.batch_size, num_workers=workers), seconds)
 
 
@@ -180,7 +180,7 @@ def build_sd15_shaped_encoders(folder: Path) -> Path:
 
 
 def make_cache(path: Path, args, work: Path) -> tuple[Path, float, list[int]]:
-    from ncp.cache import build_cache, read_index
+    from ncp.data.cache import build_cache, read_index
 
     model = build_sd15_shaped_encoders(work / "model")
     start = time.perf_counter()
@@ -190,7 +190,7 @@ def make_cache(path: Path, args, work: Path) -> tuple[Path, float, list[int]]:
 
 
 def bench_cache(cache_dir: Path, args, seconds: float) -> float:
-    from ncp.cache import CachedPairSource
+    from ncp.data.cache import CachedPairSource
 
     src = CachedPairSource(cache_dir, args.batch_size, random_flip=True, empty_prompt_prob=0.2)
     return timed_pairs(src, seconds)

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from ncp.config import load_config
-from ncp.data.sources import endless
+from ncp.data.contract import endless
 from ncp.trainer import optimizer_step, setup
 
 

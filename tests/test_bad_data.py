@@ -13,7 +13,7 @@ pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not insta
 from fixtures import cli_args, random_pairs, write_pickapic_parquet  # noqa: E402
 from ncp.data import DataError  # noqa: E402
 from ncp.data.rust import RustPairSource  # noqa: E402
-from ncp.data.torch_source import PreferencePairs  # noqa: E402
+from ncp.data.torch_source import ItemDataset  # noqa: E402
 from ncp.train import main as train_main  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def test_a_jsonl_caption_that_is_not_utf8_is_named(tmp_path, backend):
     """A Latin-1 byte in a caption: the file, line, byte and column, the same in both backends."""
     path = _jsonl(tmp_path, b'{"caption": "caf\xe9", "winner": "w.png", "loser": "l.png"}')
     with pytest.raises(DataError, match=rf"^{path} line 2: not UTF-8 \(byte 0xe9 at column 17\)$"):
-        PreferencePairs([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
+        ItemDataset([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "rust"])
@@ -64,7 +64,23 @@ def test_a_jsonl_caption_that_is_not_a_string_is_named(tmp_path, backend):
     """The same message in both backends."""
     path = _jsonl(tmp_path, b'{"caption": 3, "winner": "w.png", "loser": "l.png"}')
     with pytest.raises(DataError, match=rf"^{path} line 2 key 'caption': expected a string, got 3$"):
-        PreferencePairs([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
+        ItemDataset([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "rust"])
+@pytest.mark.parametrize("line, message", [
+    (b'{"caption": "x", "winner": "w.png"}',
+     "column 'loser' \\(logical 'loser'\\) not found in {path} line 2; available columns: caption, winner$"),
+    (b'["caption", "winner", "loser"]', "column 'caption' \\(logical 'caption'\\) not found in {path} line 2; "
+                                        "available columns: $"),
+    (b'{"caption": "x", ', "cannot read {path}: line 2: invalid JSON: "),
+], ids=["missing-key", "not-an-object", "invalid-json"])
+def test_a_bad_jsonl_pair_line_is_named_alike(tmp_path, backend, line, message):
+    """A JSONL pair line without a key, not an object, or not JSON: the same message in both backends (the
+    JSON parser's own words after "invalid JSON" differ)."""
+    path = _jsonl(tmp_path, line)
+    with pytest.raises(DataError, match="^" + message.format(path=path)):
+        ItemDataset([str(path)], 32) if backend == "torch" else RustPairSource([str(path)], 32, 1)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ncp.config import load_config
-from ncp.data.sources import endless
+from ncp.data.contract import endless
 from ncp.train import main
 from ncp.trainer import optimizer_step, setup
 

@@ -14,7 +14,7 @@ import pytest
 import ncp_dataloader
 
 from ncp.data.batch import DataError
-from ncp.data.torch_source import PreferencePairs, TorchPairSource, decode_rgb
+from ncp.data.torch_source import ItemDataset, TorchPairSource, decode_rgb
 from test_rust_loader import encode, make_rows, picture, write_shard
 
 KINDS = ["jpeg", "progressive", "gray", "cmyk", "png", "png_alpha", "webp"]
@@ -83,7 +83,7 @@ def survivors(path, resolution: int = 32) -> tuple[set[int], set[int], int, int]
     """Pair ids each backend yields over one epoch, and how many each skipped."""
     rust = ncp_dataloader.PairLoader([str(path)], resolution, 4, drop_last=False, random_flip=False)
     got_rust = {i for b in rust for i in b["indices"].tolist()}
-    ds = PreferencePairs([str(path)], resolution, random_flip=False)
+    ds = ItemDataset([str(path)], resolution, random_flip=False)
     torch_src = TorchPairSource(ds, batch_size=1)
     got_torch = {i for b in torch_src for i in b.indices.tolist()}
     return got_rust, got_torch, rust.stats()["skipped"], torch_src.stats()["skipped"]
@@ -104,7 +104,7 @@ def test_both_backends_skip_the_pairs_pil_refuses(tmp_path):
     with pytest.raises(ncp_dataloader.CorruptImageError, match=r"odd\.parquet row 1"):
         list(ncp_dataloader.PairLoader([str(path)], 32, 10, drop_last=False, shuffle=False, strict=True))
     with pytest.raises(DataError, match=r"odd\.parquet row 1"):
-        ds = PreferencePairs([str(path)], 32, strict=True)
+        ds = ItemDataset([str(path)], 32, strict=True)
         ds[1]
 
 

@@ -1,4 +1,4 @@
-"""`ncp.data.paths.expand_sources` gives the Rust loader's answers on the same odd inputs."""
+"""`ncp.data.expand.expand_sources` gives the Rust loader's answers on the same odd inputs."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 import ncp_dataloader
 
 from ncp.data.batch import DataError
-from ncp.data.paths import expand_sources
+from ncp.data.expand import expand_sources
 from ncp.paths import bundle_path
 
 

@@ -22,7 +22,7 @@ import ncp_dataloader  # noqa: E402  (scripts/setup.sh installs the wheel; a mis
 
 from ncp.data.batch import PairBatch  # noqa: E402
 from ncp.data.rust import RustPairSource  # noqa: E402
-from ncp.data.torch_source import PreferencePairs, crop_box, decode_rgb, resize_crop  # noqa: E402
+from ncp.data.torch_source import ItemDataset, crop_box, decode_rgb, resize_crop  # noqa: E402
 
 # ---------------------------------------------------------------- fixtures
 
@@ -192,11 +192,10 @@ def test_selection_matches_the_torch_dataset(shards):
     caps = {}
     for b in loader:
         caps.update(zip(b["indices"].tolist(), b["captions"]))
-    ds = PreferencePairs(shards, 16)
+    ds = ItemDataset(shards, 16)
     assert len(caps) == len(ds) == loader.num_pairs == 48
     for i in range(len(ds)):
-        ref = ds.pairs[i]
-        assert caps[i] == ds.meta[ref.file]["caption"][ref.row]
+        assert caps[i] == ds.items[i].caption
     st = loader.stats()
     assert (st["rows"], st["ties"], st["dropped_ties"], st["pairs"]) == (60, 12, 12, 48)
 
@@ -232,8 +231,8 @@ def test_absolute_winners_filter(tmp_path, with_uids):
     path = write_shard(tmp_path / "s.parquet", rows, drop=drop)
     loader = ncp_dataloader.PairLoader([str(path)], 8, 1, absolute_winners=True, drop_last=False)
     got = sorted(i for b in loader for i in b["indices"].tolist())
-    ds = PreferencePairs([str(path)], 8, absolute_winners=True)
-    assert [(p.file, p.row) for p in ds.pairs] == [(0, 0), (0, 1)]
+    ds = ItemDataset([str(path)], 8, absolute_winners=True)
+    assert [(p.file, p.row) for p in ds.items] == [(0, 0), (0, 1)]
     assert got == [0, 1] and loader.num_pairs == 2
 
 
@@ -474,12 +473,12 @@ def test_adapter_yields_pair_batches_zero_copy(shards):
 def test_adapter_matches_torch_source_on_center_crop(shards):
     """With center crops and no flip, both backends give the same pixels for the same pair ids."""
     src = RustPairSource(shards, 20, batch_size=6, random_flip=False)
-    ds = PreferencePairs(shards, 20, random_flip=False)
+    ds = ItemDataset(shards, 20, random_flip=False)
     for b in list(src)[:3]:
         for j, i in enumerate(b.indices.tolist()):
             s = ds[i]
             assert b.captions[j] == s.caption
-            for got, want in ((b.winners[j], s.winner), (b.losers[j], s.loser)):
+            for got, want in ((b.winners[j], s.images[0]), (b.losers[j], s.images[1])):
                 d = np.abs(got.numpy().astype(int) - want.astype(int))
                 assert d.mean() <= 1.0 and d.max() <= 8
 

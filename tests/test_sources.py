@@ -14,8 +14,7 @@ import pytest
 
 from fixtures import random_pairs, write_pickapic_parquet
 from ncp.data.batch import DataError
-from ncp.data.sources import STATE_KEYS, PairSource, rank_share
-from ncp.data.sources import endless
+from ncp.data.contract import STATE_KEYS, PairSource, endless, rank_share
 
 RES, BATCH = 16, 3
 BACKENDS = ["rust", "torch", "cache"]
@@ -30,7 +29,7 @@ def shard(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, tiny_sd15, shard):
-    from ncp.cache import build_cache
+    from ncp.data.cache import build_cache
 
     return build_cache(str(tiny_sd15), [shard], tmp_path_factory.mktemp("cache") / "c", RES, batch_size=6)
 
@@ -45,10 +44,10 @@ def make(request, shard, tiny_sd15):
 
             return RustPairSource([shard], RES, random_flip=True, **kw)
         if backend == "torch":
-            from ncp.data.torch_source import PreferencePairs, TorchPairSource
+            from ncp.data.torch_source import ItemDataset, TorchPairSource
 
-            return TorchPairSource(PreferencePairs([shard], RES, seed=kw["seed"]), **kw)
-        from ncp.cache import CachedPairSource
+            return TorchPairSource(ItemDataset([shard], RES, seed=kw["seed"]), **kw)
+        from ncp.data.cache import CachedPairSource
 
         return CachedPairSource(request.getfixturevalue("cache_dir"), **kw)
     return build

@@ -22,9 +22,9 @@ from fixtures import cli_args, jpeg_bytes, overrides_of
 from ncp.config import ConfigError, load_config
 from ncp.data.batch import DataError, UnpairedBatch
 from ncp.data.options import LoaderOptions
-from ncp.data.pairs import image_uid
-from ncp.data.sources import STATE_KEYS, PairSource, build_source, rank_share
-from ncp.data.sources import endless
+from ncp.data.items import image_uid
+from ncp.data.contract import STATE_KEYS, PairSource, endless, rank_share
+from ncp.data.sources import build_source
 from ncp.train import main
 
 ncp_dataloader = pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not installed")

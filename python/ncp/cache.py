@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 
-from ncp.data.cache import *  # noqa: F401,F403  (the names older code imported from here)
 from ncp.data.cache import main
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from ncp import checkpoint as ckpt
 from ncp import run_dir
 from ncp.config import Config, ConfigError, check_overrides_apply, help_text, load_config, to_dict
 from ncp.data.batch import DataError
-from ncp.data.sources import endless
+from ncp.data.contract import endless
 from ncp.metrics import MetricsLogger
 from ncp.models import ModelLoadError, compile_counters, detect_kind, resolve_model_path
 from ncp.preempt import Preempted, SignalStop

@@ -20,7 +20,8 @@ from ncp.config import Config, ConfigError, check_resume, to_dict
 from ncp.criterion import Criterion
 from ncp.data.batch import Batch, DataError, UnpairedBatch, vae_posterior
 from ncp.data.options import LoaderOptions
-from ncp.data.sources import PairSource, build_source
+from ncp.data.contract import PairSource
+from ncp.data.sources import build_source
 from ncp.flops import Throughput, training_throughput
 from ncp.models import (DTYPES, Conditioning, Models, add_lora, attention_backend, compile_unet, encode_prompts,
                         load_lora_into, load_models, resolve_model_path, save_lora, sdxl_time_ids)

@@ -1,8 +1,11 @@
-"""The backend-neutral batches every loader yields (torch Dataset, Rust loader, latent cache): preference pairs
-(:class:`PairBatch`) or unpaired images with binary labels (:class:`UnpairedBatch`)."""
+"""The backend-neutral batches every loader yields (torch Dataset, Rust loader, latent cache): B items of R
+images with R labels (:mod:`ncp.data.items`), built by :func:`item_batch`: preference pairs (R = 2,
+:class:`PairBatch`) or unpaired images with binary labels (R = 1, :class:`UnpairedBatch`)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -22,6 +25,8 @@ class BatchFields:
     crop_top_left: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (B, 2) top, left
     indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (B,) item ids
 
+    roles: ClassVar[int]  # R: the images of one item
+
     def __len__(self) -> int:
         return len(self.captions)
 
@@ -38,6 +43,8 @@ class PairBatch(BatchFields):
     winners: Tensor | None = None  # uint8 (B, 3, H, W)
     losers: Tensor | None = None  # uint8 (B, 3, H, W)
     latents: Tensor | None = None  # float (2B, 2, C, h, w): posterior (mean, logvar), winners then losers
+
+    roles: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         has_pixels = self.winners is not None and self.losers is not None
@@ -64,6 +71,8 @@ class UnpairedBatch(BatchFields):
     images: Tensor | None = None  # uint8 (N, 3, H, W)
     latents: Tensor | None = None  # float (N, 2, C, h, w): posterior (mean, logvar)
 
+    roles: ClassVar[int] = 1
+
     def __post_init__(self) -> None:
         if (self.images is None) == (self.latents is None):
             raise ValueError("UnpairedBatch needs either images or cached latents, not both")
@@ -77,6 +86,32 @@ class UnpairedBatch(BatchFields):
 
 
 Batch = PairBatch | UnpairedBatch
+BATCHES: dict[int, type[PairBatch] | type[UnpairedBatch]] = {cls.roles: cls for cls in (PairBatch, UnpairedBatch)}
+
+
+def item_batch(labels: Tensor, images: Sequence[Tensor] | None = None, latents: Tensor | None = None,
+               **fields: Any) -> Batch:
+    """The batch of B items of R images: ``labels`` bool (B, R), desirable or not, in role order (a pair's
+    winner first); ``images`` one uint8 (B, 3, H, W) per role, or ``latents`` (R B, 2, C, h, w), role after
+    role; ``fields`` the :class:`BatchFields` and ``captions``. R = 2: a :class:`PairBatch`, R = 1: an
+    :class:`UnpairedBatch` (its ``desirable`` the labels)."""
+    roles = labels.shape[1]
+    if roles not in BATCHES:
+        raise ValueError(f"an item has 1 or 2 images; got labels of {roles}")
+    if images is not None and len(images) != roles:
+        raise ValueError(f"{roles} labels per item but {len(images)} images")
+    if roles == 1:
+        return UnpairedBatch(desirable=labels[:, 0], images=None if images is None else images[0], latents=latents,
+                             **fields)
+    if not (labels[:, 0].all() and not labels[:, 1].any()):
+        raise ValueError("a pair's images come winner first: labels must be (True, False)")
+    winners, losers = (None, None) if images is None else images
+    return PairBatch(winners=winners, losers=losers, latents=latents, **fields)
+
+
+def pair_labels(n: int) -> Tensor:
+    """bool (n, 2): the labels of n pairs in role order, the winner then the loser."""
+    return torch.tensor([[True, False]]).expand(n, 2)
 
 
 def vae_posterior(vae: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:

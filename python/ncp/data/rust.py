@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from ncp.data.batch import Batch, DataError, PairBatch, UnpairedBatch
+from ncp.data.batch import Batch, DataError, item_batch, pair_labels
 from ncp.data.options import LoaderOptions
-from ncp.data.paths import expand_sources
-from ncp.data.sources import STATE_KEYS, DataState, check_resume
+from ncp.data.expand import expand_sources
+from ncp.data.contract import STATE_KEYS, DataState, check_resume
 
 
 def _import_loader() -> Any:
@@ -58,15 +58,23 @@ def loader_error(err: Exception) -> DataError:
     return DataError(str(err).strip("'\""))
 
 
+ROLE_KEYS = {2: ("winners", "losers"), 1: ("images",)}  # a dict batch's images, by the images of an item
+
+
+def role_images(d: Mapping[str, Any]) -> list[Any]:
+    """The images of a dict batch of ``ncp_dataloader.PairLoader``, one (B, 3, H, W) array per role: winners
+    and losers, or the unpaired images."""
+    return [d[k] for k in ROLE_KEYS[1 if "desirable" in d else 2]]
+
+
 def batch_from_dict(d: Mapping[str, Any]) -> Batch:
     """A `PairBatch` (or, for unpaired data, an `UnpairedBatch`) from one dict batch of
     `ncp_dataloader.PairLoader` (zero-copy views of its arrays)."""
-    common = dict(captions=list(d["captions"]), original_sizes=torch.from_numpy(d["original_sizes"]),
-                  crop_top_left=torch.from_numpy(d["crop_top_left"]), indices=torch.from_numpy(d["indices"]))
-    if "desirable" in d:
-        return UnpairedBatch(images=torch.from_numpy(d["images"]), desirable=torch.from_numpy(d["desirable"]),
-                             **common)
-    return PairBatch(winners=torch.from_numpy(d["winners"]), losers=torch.from_numpy(d["losers"]), **common)
+    n = len(d["captions"])
+    labels = torch.from_numpy(d["desirable"])[:, None] if "desirable" in d else pair_labels(n)
+    return item_batch(labels, images=[torch.from_numpy(a) for a in role_images(d)], captions=list(d["captions"]),
+                      original_sizes=torch.from_numpy(d["original_sizes"]),
+                      crop_top_left=torch.from_numpy(d["crop_top_left"]), indices=torch.from_numpy(d["indices"]))
 
 
 class RustPairSource:

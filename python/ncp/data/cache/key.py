@@ -15,7 +15,8 @@ import numpy as np
 from safetensors import safe_open
 
 from ncp.data.batch import DataError
-from ncp.data.paths import expand_sources
+from ncp.data.expand import expand_sources
+from ncp.data.rust import loader_batches, pair_loader
 from ncp.files import file_digest
 from ncp.models import DTYPES, detect_kind, resolve_model_path
 
@@ -211,8 +212,6 @@ def check_cache(cache_dir: str | Path, model: str | None = None, sources: Sequen
 
 def _deep_check(cache_dir: str | Path, index: dict, sources: Sequence[str]) -> list[str]:
     """Re-hash every pair's images (in index order, as cached) and compare."""
-    from ncp.data.rust import loader_batches, pair_loader
-
     key = index["key"]
     loader = pair_loader(
         sources=expand_sources(sources), resolution=8, batch_size=64, random_flip=False, drop_ties=key["drop_ties"],

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ncp.data.batch import Batch, PairBatch, UnpairedBatch
+from ncp.data.batch import Batch, item_batch, pair_labels
 from ncp.data.cache.key import REBUILD, CorruptCacheError, check_cache, verify_files
 from ncp.data.options import LoaderOptions
-from ncp.data.sources import Position, PositionedSource, num_batches
+from ncp.data.contract import Position, PositionedSource, num_batches
 
 logger = logging.getLogger("ncp.cache")
 
@@ -177,9 +177,9 @@ class CachedPairSource(PositionedSource):
             original_sizes=torch.from_numpy(self._small["original_sizes"][ids]),
             crop_top_left=torch.from_numpy(self._small["crop_top_left"][ids]),
             indices=torch.from_numpy(ids.astype(np.int64)))
-        if self.unpaired:
-            return UnpairedBatch(desirable=torch.from_numpy(self._small["desirable"][ids].astype(bool)), **fields)
-        return PairBatch(**fields)
+        labels = (torch.from_numpy(self._small["desirable"][ids].astype(bool))[:, None] if self.unpaired
+                  else pair_labels(len(ids)))
+        return item_batch(labels, **fields)
 
     def __iter__(self) -> Iterator[Batch]:
         num = len(self)

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from ncp.data.batch import DataError, vae_posterior
 from ncp.data.cache.key import (CACHE_DTYPES, FORMAT, cache_files, cache_key, check_cache, file_entry, is_cache,
                                 model_folder, read_index, verify_files)
-from ncp.data.paths import expand_sources
-from ncp.data.rust import loader_batches, pair_loader
+from ncp.data.items import KINDS
+from ncp.data.expand import expand_sources
+from ncp.data.rust import loader_batches, pair_loader, role_images
 from ncp.files import written_whole
 from ncp.models import encode_prompts, load_models
 
@@ -122,8 +123,8 @@ def _write_cache(out: Path, model: str, sources: Sequence[str], resolution: int,
         random_flip=False, drop_ties=drop_ties, absolute_winners=absolute_winners,
         columns=dict(columns) if columns else None, num_threads=num_threads, drop_last=False, shuffle=False,
         format=data_format)
-    unpaired = data_format == "unpaired"
-    roles = 1 if unpaired else 2
+    kind = KINDS[data_format]
+    unpaired, roles = kind.binary, kind.roles
     pairs = _ShardWriter(out, "pairs", shard_size)
     embeds = _ShardWriter(out, "embeds", shard_size)
     caption_ids: dict[str, int] = {}
@@ -139,8 +140,7 @@ def _write_cache(out: Path, model: str, sources: Sequence[str], resolution: int,
 
     for b in loader_batches(loader):
         n = len(b["indices"])
-        # (roles n, 3, R, R): winners then losers, or the unpaired images
-        pix = torch.from_numpy(b["images"] if unpaired else np.concatenate([b["winners"], b["losers"]]))
+        pix = torch.from_numpy(np.concatenate(role_images(b)))  # (roles n, 3, R, R): winners then losers, or images
         views = [_posterior(models.vae, pix)]
         if flip:
             views.append(_posterior(models.vae, pix.flip(-1)))
