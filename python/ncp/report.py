@@ -1,11 +1,11 @@
-"""The report at the end of a training run on the bundled world.
+"""The report at the end of a training run on a world built by ``python -m ncp.world build``.
 
 ``after_training`` draws the held-out prompts with the base model and with the
-trained LoRA on the same seeds, scores both with the world's judge, and writes
-``grid.png`` (base vs aligned), ``curves.png`` (every numeric metric of the
-JSONL log against the step) and ``report.json``. It prints and returns the
-judge's mean reward of both and the paired difference with its bootstrap 95%
-interval.
+trained LoRA on the same seeds, scores both with the judge
+(``ncp.scoring.judge``), and writes ``grid.png`` (base vs aligned),
+``curves.png`` (the curves a user reads, see ``curve_panels``) and
+``report.json``. It prints and returns the judge's mean reward of both and the
+paired difference with its bootstrap 95% interval.
 """
 from __future__ import annotations
 
@@ -16,7 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ncp.evaluate import JudgeScorer, format_table, generate_both, read_prompts, score_and_report, write_grid
+from ncp.evaluate import format_table, generate_both, score_and_report, write_grid
+from ncp.sampling import read_prompts, sampling_defaults
+from ncp.scoring import JudgeScorer
+
+# The panels of curves.png, in order: (title, metric keys drawn on it). A panel is drawn when one of its keys
+# is logged and varies; the validation panel takes every logged key of a validation reward.
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss",)),
+    ("rewards/accuracy", ("rewards/accuracy",)),
+    ("rewards/margin", ("rewards/margin",)),
+    ("validation reward", ()),
+    ("train/grad_norm", ("train/grad_norm",)),
+    ("pairs per second", ("perf/pairs_per_s",)),
+    ("seconds per step", ("perf/step_s",)),
+)
 
 
 def read_metrics(metrics_path: str | Path) -> list[dict]:
@@ -35,35 +49,60 @@ def read_metrics(metrics_path: str | Path) -> list[dict]:
     return recs
 
 
-def plot_curves(records: list[dict], path: str | Path, max_panels: int = 16) -> Path | None:
-    """One panel per numeric key (against ``step``, else the record index); None when nothing to plot."""
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_validation_reward(key: str) -> bool:
+    return key.split("/", 1)[0] in ("val", "validation") and "reward" in key
+
+
+def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
+    """The panels of ``curves.png`` for these records: ``PANELS`` with the keys logged and not constant
+    (``train/lr`` under a constant schedule, ``train/world_size`` are never drawn); panels left empty are
+    dropped."""
+    series: dict[str, set] = {}
+    for r in records:
+        for k, v in r.items():
+            if k != "step" and _numeric(v):
+                series.setdefault(k, set()).add(float(v))
+    varying = [k for k, vals in series.items() if len(vals) > 1]
+    panels = []
+    for title, keys in PANELS:
+        keys = [k for k in varying if _is_validation_reward(k)] if not keys else [k for k in keys if k in varying]
+        if keys:
+            panels.append((title, keys))
+    return panels
+
+
+def plot_curves(records: list[dict], path: str | Path) -> Path | None:
+    """The ``curve_panels`` of the records against ``step`` (else the record index); None when nothing to plot."""
+    panels = curve_panels(records)
+    if not panels:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys: list[str] = []
-    for r in records:
-        for k, v in r.items():
-            if k != "step" and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
-                keys.append(k)
-    keys = keys[:max_panels]
-    if not keys:
-        return None
-    ncol = min(4, len(keys))
-    nrow = math.ceil(len(keys) / ncol)
+    ncol = min(4, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(r.get("step", i), r[k]) for i, r in enumerate(records) if isinstance(r.get(k), (int, float))]
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, lw=0.8, alpha=0.5)
-        if len(ys) >= 10:  # a running mean shows the trend under noisy per-step values
-            w = max(2, len(ys) // 20)
-            ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), lw=1.5)
-        ax.set_title(k, fontsize=9)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(r.get("step", i), r[k]) for i, r in enumerate(records) if _numeric(r.get(k))]
+            xs, ys = zip(*pts)
+            label = k if len(keys) > 1 else None
+            line, = ax.plot(xs, ys, lw=0.8, alpha=0.5, label=label)
+            if len(ys) >= 10:  # a running mean shows the trend under noisy per-step values
+                w = max(2, len(ys) // 20)
+                ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), lw=1.5, color=line.get_color())
+        if len(keys) > 1:
+            ax.legend(fontsize=6)
+        ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("step", fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -74,8 +113,6 @@ def plot_curves(records: list[dict], path: str | Path, max_panels: int = 16) -> 
 def after_training(model_dir: str, lora_dir: str, out_dir: str, metrics_path: str, prompts_path: str,
                    seed: int = 0, n_seeds: int | None = None) -> dict:
     """Grid, curves and the judge's base-vs-aligned reward on the held-out prompts (see module doc)."""
-    from ncp.world.sampling import sampling_defaults
-
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
