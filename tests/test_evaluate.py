@@ -165,6 +165,6 @@ def test_curves_show_the_read_metrics_and_skip_constant_ones():
     assert curve_panels(recs) == [("loss", ["loss"]), ("rewards/accuracy", ["rewards/accuracy"]),
                                   ("validation reward", ["validation/reward"]),
                                   ("train/grad_norm", ["train/grad_norm"]),
-                                  ("pairs per second", ["perf/pairs_per_s"]), ("seconds per step", ["perf/step_s"])]
+                                  ("perf/pairs_per_s", ["perf/pairs_per_s"]), ("perf/step_s", ["perf/step_s"])]
     assert curve_panels([{"step": 1, "train/lr": 1e-4}, {"step": 2, "train/lr": 1e-4}]) == []
     assert curve_panels([]) == []

@@ -21,15 +21,16 @@ from ncp.sampling import read_prompts, sampling_defaults
 from ncp.scoring import JudgeScorer
 
 # The panels of curves.png, in order: (title, metric keys drawn on it). A panel is drawn when one of its keys
-# is logged and varies; the validation panel takes every logged key of a validation reward.
+# is logged and varies; the validation panel (no fixed keys) takes every val/ or validation/ key
+# with "reward" in it.
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("loss",)),
     ("rewards/accuracy", ("rewards/accuracy",)),
     ("rewards/margin", ("rewards/margin",)),
     ("validation reward", ()),
     ("train/grad_norm", ("train/grad_norm",)),
-    ("pairs per second", ("perf/pairs_per_s",)),
-    ("seconds per step", ("perf/step_s",)),
+    ("perf/pairs_per_s", ("perf/pairs_per_s",)),
+    ("perf/step_s", ("perf/step_s",)),
 )
 
 
@@ -58,9 +59,9 @@ def _is_validation_reward(key: str) -> bool:
 
 
 def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
-    """The panels of ``curves.png`` for these records: ``PANELS`` with the keys logged and not constant
-    (``train/lr`` under a constant schedule, ``train/world_size`` are never drawn); panels left empty are
-    dropped."""
+    """The panels of ``curves.png`` for these records: ``PANELS``, each with its keys that are logged and
+    vary (a constant series is left out), panels left empty dropped. No other key is drawn (``train/lr``,
+    ``train/world_size``, ``err/*``, memory: they stay in metrics.jsonl and TensorBoard)."""
     series: dict[str, set] = {}
     for r in records:
         for k, v in r.items():
