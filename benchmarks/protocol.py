@@ -223,9 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from ncp.evaluate import read_prompts
-    from ncp.world import bundle_path
-    from ncp.world.sampling import sampling_defaults
+    from ncp.paths import bundle_path
+    from ncp.sampling import read_prompts, sampling_defaults
     from quality import Evaluator
 
     logging.basicConfig(level=logging.WARNING)

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-seeds", type=int, default=8)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from ncp.evaluate import paired_stats, read_prompts
-    from ncp.world import bundle_path
-    from ncp.world.sampling import sampling_defaults
+    from ncp.evaluate import paired_stats
+    from ncp.paths import bundle_path
+    from ncp.sampling import read_prompts, sampling_defaults
 
     torch.set_num_threads(1)
     model = bundle_path() / "model"

@@ -184,7 +184,7 @@ class Evaluator:
     """Held-out prompts x seeds, drawn by the base pipeline with one LoRA at a time, scored by the judge."""
 
     def __init__(self, model_dir: Path, prompts: list[str], n_seeds: int, steps: int, guidance: float):
-        from ncp.world.sampling import load_pipeline
+        from ncp.sampling import load_pipeline
 
         self.pipe = load_pipeline(model_dir)
         self.prompts = [p for p in prompts for _ in range(n_seeds)]
@@ -193,8 +193,8 @@ class Evaluator:
         self.base = self._score()
 
     def _score(self) -> list[float]:
-        from ncp.world.judge import judge
-        from ncp.world.sampling import generate
+        from ncp.sampling import generate
+        from ncp.scoring.judge import judge
 
         imgs = generate(self.pipe, self.prompts, self.seeds, self.steps, self.guidance)
         return [judge(im, p).score for im, p in zip(imgs, self.prompts)]
@@ -464,9 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from ncp.evaluate import read_prompts
-    from ncp.world import bundle_path
-    from ncp.world.sampling import sampling_defaults
+    from ncp.paths import bundle_path
+    from ncp.sampling import read_prompts, sampling_defaults
 
     logging.basicConfig(level=logging.WARNING)
     from diffusers.utils import logging as diffusers_logging

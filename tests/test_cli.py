@@ -186,7 +186,7 @@ def test_default_command_trains_on_the_bundle(tmp_path):
     loader) — a few steps, then the LoRA loads into the bundled pipeline."""
     from diffusers import StableDiffusionPipeline
 
-    from ncp.world import bundle_path
+    from ncp.paths import bundle_path
 
     out = tmp_path / "default"
     r = subprocess.run([sys.executable, "-m", "ncp.train", "train.max_steps=2", "data.batch_size=2",

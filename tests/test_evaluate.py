@@ -14,9 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from ncp.evaluate import CLIPScorer, bootstrap_ci, make_scorers, paired_stats, read_prompts  # noqa: E402
-from ncp.world import bundle_path  # noqa: E402
-from ncp.world.scenes import Obj, Scene, render  # noqa: E402
+from ncp.evaluate import bootstrap_ci, paired_stats  # noqa: E402
+from ncp.paths import bundle_path  # noqa: E402
+from ncp.report import after_training, curve_panels  # noqa: E402
+from ncp.sampling import read_prompts  # noqa: E402
+from ncp.scoring import CLIPScorer, make_scorers  # noqa: E402
+from ncp.scoring.scenes import Obj, Scene, render  # noqa: E402
 
 
 def test_read_prompts_txt_and_partiprompts_tsv(tmp_path):
@@ -136,8 +139,6 @@ def test_evaluate_cli_end_to_end_on_the_bundle_with_two_prompts(tmp_path):
 
 @needs_bundle
 def test_after_training_report_writes_grid_curves_and_rewards(tmp_path):
-    from ncp.world.report import after_training
-
     lora = random_lora(BUNDLE / "model", tmp_path / "lora")
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps({"step": i, "loss": 0.7 - 0.01 * i, "rewards/accuracy": 0.5 + 0.01 * i,
@@ -151,3 +152,19 @@ def test_after_training_report_writes_grid_curves_and_rewards(tmp_path):
     lo, hi = res["diff_ci95"]
     assert lo <= res["diff"] <= hi
     assert json.loads((tmp_path / "out" / "report.json").read_text())["n_prompts"] == 2
+
+
+def test_curves_show_the_read_metrics_and_skip_constant_ones():
+    """curves.png: loss, rewards, validation reward, grad norm and throughput, in that order; constant series
+    (train/lr, train/world_size, a flat margin), other keys (err/*, memory), text and flags are not drawn."""
+    recs = [{"step": i, "loss": 0.7 - 0.01 * i, "rewards/accuracy": 0.5 + 0.01 * i, "rewards/margin": 0.0,
+             "err/policy_winner": 0.1 * i, "train/grad_norm": 1.0 / i, "train/lr": 1e-4, "train/world_size": 1,
+             "perf/step_s": 1.0 + 0.1 * (i % 2), "perf/pairs_per_s": 8.0 / (1.0 + 0.1 * (i % 2)),
+             "perf/peak_mem_mb": 100.0 + i, "resumed": i > 2, "note": "text"} for i in range(1, 6)]
+    recs[1]["validation/reward"], recs[3]["validation/reward"] = 0.4, 0.5
+    assert curve_panels(recs) == [("loss", ["loss"]), ("rewards/accuracy", ["rewards/accuracy"]),
+                                  ("validation reward", ["validation/reward"]),
+                                  ("train/grad_norm", ["train/grad_norm"]),
+                                  ("perf/pairs_per_s", ["perf/pairs_per_s"]), ("perf/step_s", ["perf/step_s"])]
+    assert curve_panels([{"step": 1, "train/lr": 1e-4}, {"step": 2, "train/lr": 1e-4}]) == []
+    assert curve_panels([]) == []

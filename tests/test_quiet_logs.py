@@ -30,10 +30,10 @@ def test_training_with_validation_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
 
 
 def test_sampling_with_a_lora_is_quiet(tiny_sd15, tiny_parquet, tmp_path):
-    """The report's sampler (ncp.world.sampling.load_pipeline) with the run's LoRA, as after the default run."""
+    """The report's sampler (ncp.sampling.load_pipeline) with the run's LoRA, as after the default run."""
     _run("-m", "ncp.train", *cli_args(tiny_sd15, tiny_parquet, tmp_path / "run", "train.max_steps=1",
                                       "logging.tensorboard=true"))
-    out = _run("-c", "from ncp.world.sampling import generate, load_pipeline; "
+    out = _run("-c", "from ncp.sampling import generate, load_pipeline; "
                      f"pipe = load_pipeline({str(tiny_sd15)!r}, {str(tmp_path / 'run' / 'lora')!r}); "
                      "generate(pipe, ['a red cube'], [0], steps=2)")
     assert _notices(out) == []

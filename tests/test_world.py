@@ -16,10 +16,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from ncp.world import bundle_path  # noqa: E402
-from ncp.world.judge import judge  # noqa: E402
+from ncp.paths import bundle_path  # noqa: E402
+from ncp.scoring.judge import judge  # noqa: E402
+from ncp.scoring.scenes import Obj, Prompt, Scene, parse_caption, render, sample_prompt, scene_for, world_vocabulary  # noqa: E402
 from ncp.world.prefdata import make_rows, pair_stats, AnnotatorConfig  # noqa: E402
-from ncp.world.scenes import Obj, Prompt, Scene, parse_caption, render, sample_prompt, scene_for, world_vocabulary  # noqa: E402
 from ncp.world.tokenizer import build_tokenizer  # noqa: E402
 
 
@@ -202,7 +202,6 @@ def test_flawed_captioner_warns_once_when_it_must_write_the_truthful_caption():
     import warnings
 
     from ncp.world.pretrain import SceneStream
-    from ncp.world.scenes import Prompt
 
     p = Prompt(kind="single", color="red", shape="circle", size="big", position="on the left", background="white")
     flawed = Prompt(kind="single", color="purple", shape="circle", size="big", position="on the left", background="white")

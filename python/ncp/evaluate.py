@@ -9,8 +9,9 @@ the LoRA over the base (ties count 1/2), each with its interval. Writes
 ``results.json`` and ``grid.png`` under ``--out``.
 
 Scorers:
-- ``judge``: the bundled world's programmatic judge (prompt alignment and
-  visual quality from pixels; prompts outside its grammar get quality only);
+- ``judge``: the bundled programmatic judge, ``ncp.scoring.judge`` (prompt
+  alignment and visual quality from pixels; prompts outside its grammar get
+  quality only);
 - ``pickscore:DIR``: PickScore-style, ``logit_scale * cos(image, text)`` of a
   ``CLIPModel`` + ``CLIPProcessor`` saved in DIR;
 - ``hps:DIR``: HPSv2-style, ``cos(image, text)`` of a CLIP model in DIR.
@@ -18,107 +19,17 @@ Scorers:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-
-class Scorer(Protocol):
-    name: str
-
-    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray: ...
-
-
-class JudgeScorer:
-    """The world's judge (``ncp.world.judge``)."""
-
-    name = "judge"
-
-    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
-        from ncp.world.judge import judge
-
-        return np.array([judge(im, p).score for im, p in tqdm(list(zip(images, prompts)), desc="judge", leave=False)])
-
-
-class CLIPScorer:
-    """PickScore / HPSv2-style preference score of a local CLIP model folder."""
-
-    def __init__(self, path: str, kind: str = "pickscore", batch_size: int = 32):
-        from transformers import CLIPModel, CLIPProcessor
-
-        from ncp.models import quiet_loading
-
-        self.name = f"{kind}:{Path(path).name}"
-        self.kind = kind
-        with quiet_loading():
-            self.model = CLIPModel.from_pretrained(path).eval()
-            self.processor = CLIPProcessor.from_pretrained(path)
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
-        out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc=self.name, leave=False):
-            ims, ps = images[i: i + self.batch_size], prompts[i: i + self.batch_size]
-            inputs = self.processor(text=ps, images=[im for im in ims], return_tensors="pt", padding=True,
-                                    truncation=True)
-            img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            txt = self.model.get_text_features(input_ids=inputs["input_ids"],
-                                               attention_mask=inputs.get("attention_mask"))
-            img, txt = _features(img), _features(txt)
-            cos = (torch.nn.functional.normalize(img, dim=-1) * torch.nn.functional.normalize(txt, dim=-1)).sum(-1)
-            scale = self.model.logit_scale.exp() if self.kind == "pickscore" else 1.0
-            out.append((scale * cos).float().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
-
-
-def _features(x) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers 4) or an output object (5)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    for key in ("pooler_output", "image_embeds", "text_embeds"):
-        if getattr(x, key, None) is not None:
-            return getattr(x, key)
-    return x[0]
-
-
-def make_scorers(spec: str) -> list[Scorer]:
-    """Parse ``judge,pickscore:DIR,hps:DIR``."""
-    scorers: list[Scorer] = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        kind, _, path = item.partition(":")
-        if kind == "judge":
-            scorers.append(JudgeScorer())
-        elif kind in ("pickscore", "hps"):
-            if not path:
-                raise ValueError(f"scorer {kind!r} needs a model folder: {kind}:DIR")
-            scorers.append(CLIPScorer(path, kind))
-        else:
-            raise ValueError(f"unknown scorer {kind!r} (known: judge, pickscore:DIR, hps:DIR)")
-    if not scorers:
-        raise ValueError("no scorer given")
-    return scorers
-
-
-def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
-    """One prompt a line (.txt), or a .tsv/.csv with a prompt column (PartiPrompts: 'Prompt'). UTF-8; a
-    byte-order mark (as Windows editors write) is dropped, not kept in the first prompt or column name."""
-    path = Path(path)
-    if path.suffix.lower() in (".tsv", ".csv"):
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            names = {n.lower(): n for n in reader.fieldnames or []}
-            if column.lower() not in names:
-                raise ValueError(f"{path}: no {column!r} column (columns: {reader.fieldnames})")
-            return [row[names[column.lower()]].strip() for row in reader if row[names[column.lower()]].strip()]
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+from ncp.pipelines import load_unet_lora
+from ncp.sampling import generate, load_pipeline, read_prompts, sampling_defaults, save_grid
+from ncp.scoring import Scorer, make_scorers
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -144,40 +55,6 @@ def summarize(scores: np.ndarray) -> dict:
     return {"mean": float(np.mean(scores)), "ci95": bootstrap_ci(scores), "n": int(len(scores))}
 
 
-def save_grid(path: str | Path, rows: list[tuple[str, list[np.ndarray]]], col_titles: list[str], cell: int = 96) -> None:
-    """A labelled image grid: one row per prompt, one column per (variant, seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nr, nc = len(rows), len(col_titles)
-    fig, axes = plt.subplots(nr, nc, figsize=(1.3 * nc + 2.5, 1.35 * nr + 0.4), squeeze=False)
-    for r, (prompt, imgs) in enumerate(rows):
-        for c, im in enumerate(imgs):
-            ax = axes[r][c]
-            ax.imshow(im, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(col_titles[c], fontsize=8)
-        axes[r][0].set_ylabel(_wrap(prompt), fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _wrap(text: str, width: int = 28) -> str:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if len(cur) + len(w) + 1 > width and cur:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}".strip()
-    return "\n".join(lines + [cur])
-
-
 @dataclass
 class Generated:
     prompts: list[str]  # one per image
@@ -189,16 +66,12 @@ class Generated:
 def generate_both(model_dir: str, lora_dir: str | None, prompts: list[str], n_seeds: int, seed: int,
                   steps: int, guidance: float, batch_size: int = 64) -> Generated:
     """Images of every (prompt, seed) from the base model, then with the LoRA, on the same noise."""
-    from ncp.world.sampling import generate, load_pipeline
-
     ps = [p for p in prompts for _ in range(n_seeds)]
     ss = [seed * 1000 + k for _ in prompts for k in range(n_seeds)]
     pipe = load_pipeline(model_dir)
     base = generate(pipe, ps, ss, steps, guidance, batch_size, desc="base")
     lora = None
     if lora_dir:
-        from ncp.pipelines import load_unet_lora
-
         load_unet_lora(pipe, lora_dir)
         lora = generate(pipe, ps, ss, steps, guidance, batch_size, desc="lora")
     return Generated(ps, ss, base, lora)
@@ -265,8 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from diffusers.utils import logging as diffusers_logging
-
-    from ncp.world.sampling import sampling_defaults
 
     diffusers_logging.set_verbosity_error()
     if args.threads:

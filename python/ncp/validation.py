@@ -6,7 +6,7 @@ seeds, with the adapters off (the base model) and on (the LoRA so far), and
 writes ``validation/step-000050.png`` under the run folder (one row per prompt,
 base and LoRA side by side per seed), the same grid to TensorBoard, and a line
 under the progress bar. The pipeline is built around the training modules (no
-second U-Net in memory); the sampling is ``ncp.world.sampling.generate``. Each
+second U-Net in memory); the sampling is ``ncp.sampling.generate``. Each
 image has its own seeded generator and the global RNG state is restored
 afterwards, so validation neither depends on nor changes the training
 randomness: a resumed run draws the same images, and a run trains the same with
@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ncp.models import Models, adapters_disabled
+from ncp.pipelines import pipeline_class
+from ncp.sampling import generate, save_grid
 
 SEED = 1234  # validation seeds are SEED + k, apart from train.seed: the same images for every run
 
@@ -43,8 +45,6 @@ def validation_scheduler(model_path: str, models: Models):
 
 def training_pipeline(models: Models, unet: nn.Module, scheduler):
     """A text-to-image pipeline around the training modules (the LoRA U-Net itself, not a copy)."""
-    from ncp.pipelines import pipeline_class
-
     cls = pipeline_class(models.kind)
     if models.kind == "sdxl":
         pipe = cls(vae=models.vae, text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
@@ -89,13 +89,9 @@ class Validator:
         self.base: list[np.ndarray] | None = None
 
     def _draw(self) -> list[np.ndarray]:
-        from ncp.world.sampling import generate
-
         return generate(self.pipe, self.prompts, self.seeds, self.steps, self.guidance)
 
     def __call__(self, step: int) -> Path:
-        from ncp.evaluate import save_grid
-
         with sampling_mode(self.models, self.unet):
             if self.base is None:
                 with adapters_disabled(self.unet):

@@ -23,12 +23,12 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ncp.world import judge as judge_mod
+from ncp.sampling import generate, load_pipeline
+from ncp.scoring.judge import judge_many
+from ncp.scoring.scenes import sample_prompt
 from ncp.world.model import TINY_SPEC, ModelSpec, assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae, n_params
 from ncp.world.prefdata import AnnotatorConfig, make_rows, pair_stats, write_parquet
 from ncp.world.pretrain import PretrainConfig, SceneStream, to_unit, train_denoiser, train_vae
-from ncp.world.sampling import generate
-from ncp.world.scenes import sample_prompt
 from ncp.world.tokenizer import build_tokenizer, save_tokenizer
 
 
@@ -67,7 +67,7 @@ def unique_prompts(rng: random.Random, n: int, exclude: set[str]) -> list[str]:
 
 
 def judge_summary(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
-    js = judge_mod.judge_many(images, prompts)
+    js = judge_many(images, prompts)
     return {"score": float(np.mean([j.score for j in js])), "alignment": float(np.mean([j.alignment for j in js])),
             "quality": float(np.mean([j.quality for j in js])), "accuracy": float(np.mean([j.correct for j in js])),
             "n": len(js)}
@@ -116,7 +116,7 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
     prompts = [p for p in train_prompts for _ in range(k)]
     seeds = [cfg.seed * 1_000_000 + i for i in range(len(prompts))]
     imgs = generate(pipe, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, desc="sampling preference data")
-    scores = [j.score for j in judge_mod.judge_many(imgs, prompts)]
+    scores = [j.score for j in judge_many(imgs, prompts)]
     rows = make_rows(train_prompts, [imgs[i * k:(i + 1) * k] for i in range(len(train_prompts))],
                      [scores[i * k:(i + 1) * k] for i in range(len(train_prompts))], cfg.seed, cfg.annotator)
     write_parquet(rows, str(out / "data" / "train-00000.parquet"))
@@ -197,8 +197,6 @@ def _pretrain(out: Path, cfg: BuildConfig, log: Callable[[str], None], reuse_sta
 
 def _load_built(out: Path, timings: dict[str, float]):
     """The pipeline and VAE statistics of a world already built in ``out`` (``data_only``); keeps its timings."""
-    from ncp.world.sampling import load_pipeline
-
     model, meta = out / "model", out / "world.json"
     if not (model / "model_index.json").is_file() or not meta.is_file():
         raise FileNotFoundError(f"--data-only needs a built world in {out} (model/ and world.json); run a full build first")

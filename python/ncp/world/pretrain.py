@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ncp.world.scenes import COLORS, Prompt, render, sample_prompt, scene_for
+from ncp.scoring.scenes import COLORS, Prompt, render, sample_prompt, scene_for
 
 
 @dataclass

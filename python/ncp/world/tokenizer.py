@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from ncp.world.scenes import world_vocabulary
+from ncp.scoring.scenes import world_vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -1,4 +1,4 @@
-"""The world's programmatic "human" judge: prompt alignment and visual quality, from pixels.
+"""The bundled programmatic "human" judge: prompt alignment and visual quality, from pixels.
 
 The judge never sees how an image was made. It reads the prompt with
 ``parse_caption``, classifies every pixel to the nearest palette colour,
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ncp.world.scenes import BACKGROUNDS, COLORS, SIZES, Prompt, parse_caption
+from ncp.scoring.scenes import BACKGROUNDS, COLORS, SIZES, Prompt, parse_caption
 
 _NAMES = list(BACKGROUNDS) + list(COLORS)
 _PALETTE = np.array([BACKGROUNDS[n] for n in BACKGROUNDS] + [COLORS[n] for n in COLORS], dtype=np.float32)
@@ -186,3 +187,12 @@ def judge(image, prompt: str | Prompt) -> Judgement:
 
 def judge_many(images, prompts) -> list[Judgement]:
     return [judge(im, p) for im, p in zip(images, prompts)]
+
+
+class JudgeScorer:
+    """The judge as a :class:`ncp.scoring.Scorer`: ``judge(image, prompt).score`` of every image."""
+
+    name = "judge"
+
+    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        return np.array([judge(im, p).score for im, p in tqdm(list(zip(images, prompts)), desc="judge", leave=False)])

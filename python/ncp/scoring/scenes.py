@@ -6,6 +6,10 @@ kinds describe it: a single object ("a big red circle on the left"), a count
 triangle"); any of them may add "on a <colour> background". Captions are made
 from a small grammar, and ``parse_caption`` inverts it, so the judge can read
 any prompt of the grammar from its text alone.
+
+It lives beside the judge (``ncp.scoring.judge``), which reads its grammar;
+the world build (``ncp.world``) samples and renders its training scenes from
+it.
 """
 from __future__ import annotations
 
