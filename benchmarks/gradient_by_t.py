@@ -64,12 +64,13 @@ def setup_bundle(args):
 def gradients(tr, x0, cond, t_grid, betas: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     """(len(t_grid), n_lora_params) float64 gradients per form."""
     from ncp.step import StepNoise, preference_step
+    from ncp.timestep_scale import calibrated
     from ncp.trainer import criterion_for
 
     criteria = {form: criterion_for(tr, name, beta=betas[form], error_scale=scale)
                 for form, (name, scale) in FORMS.items()}
-    criteria["ncp_log_t"] = criteria["ncp_log_t"].calibrated(tr.unet, tr.base, x0, cond,
-                                                             torch.Generator().manual_seed(seed))
+    criteria["ncp_log_t"] = calibrated(criteria["ncp_log_t"], tr.unet, tr.base, x0, cond,
+                                       torch.Generator().manual_seed(seed))
     params = [p for n, p in tr.unet.named_parameters() if p.requires_grad]
     b = x0.shape[0] // 2
     gen = torch.Generator().manual_seed(seed)

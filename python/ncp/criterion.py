@@ -22,7 +22,6 @@ from ncp.config import ConfigError, ObjectiveConfig, unread_objective_keys
 from ncp.models import ConcatenatedTaps, Tap, TapWeights, resolve_taps
 from ncp.objectives import OBJECTIVES, Objective
 from ncp.schedule import NoiseSchedule
-from ncp.timestep_scale import calibrate
 
 ERROR_SCALES = ("paper", "coef", "log", "log_t")
 
@@ -63,7 +62,7 @@ class Criterion:
 
     @property
     def needs_calibration(self) -> bool:
-        """``error_scale=log_t`` before its table is measured (``calibrated``)."""
+        """``error_scale=log_t`` before its table is measured (``ncp.timestep_scale.calibrated``)."""
         return self.error_scale == "log_t" and self.timestep_table is None
 
     def image_weights(self, t: Tensor, images: int) -> Tensor | None:
@@ -80,7 +79,7 @@ class Criterion:
     def from_config(cls, objective: ObjectiveConfig, schedule: NoiseSchedule, kind: str, num_down_blocks: int,
                     encoder_dtype: torch.dtype | None = None) -> "Criterion":
         """The criterion of ``cfg.objective`` for a model of family ``kind`` whose U-Net has ``num_down_blocks``
-        down blocks. ``error_scale=log_t`` needs ``calibrated`` before the first step."""
+        down blocks. ``error_scale=log_t`` needs ``ncp.timestep_scale.calibrated`` before the first step."""
         if objective.name not in OBJECTIVES:
             raise ConfigError(f"objective.name={objective.name!r} is not one of {', '.join(OBJECTIVES)}")
         if objective.error_scale not in ERROR_SCALES:
@@ -119,13 +118,6 @@ class Criterion:
             fields["taps"] = [str(t) for t in fields["taps"]]
         return cls.from_config(ObjectiveConfig(name=name, **fields), schedule, kind, num_down_blocks,
                                encoder_dtype)
-
-    def calibrated(self, unet, base, x0: Tensor, cond, generator: torch.Generator) -> "Criterion":
-        """This criterion with ``log_t``'s table measured on one batch (``ncp.timestep_scale.calibrate``);
-        itself for every other error scale."""
-        if self.error_scale != "log_t":
-            return self
-        return dataclasses.replace(self, timestep_table=calibrate(self, unet, base, x0, cond, generator))
 
 
 def _tap_weights(objective: ObjectiveConfig, num_taps: int) -> TapWeights:

@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ncp.validation import read_grid
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,8 +80,6 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.tb is not None:
-            from ncp.validation import read_grid
-
             self.tb.add_image(tag, read_grid(path), step, dataformats="HWC")
         if self.bar.disable:
             logger.info("step %d: %s %s", step, tag, path)

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ncp import ops
+from ncp.criterion import Criterion
 from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, frozen_checkpointing
-
-if TYPE_CHECKING:  # ncp.criterion builds on this module (its log_t calibration runs branch_errors)
-    from ncp.criterion import Criterion
 
 
 @dataclass

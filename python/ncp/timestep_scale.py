@@ -15,12 +15,14 @@ seed: a resumed run computes the same table again and needs no state in its chec
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ncp.criterion import Criterion
 from ncp.step import StepNoise, branch_errors
 
 logger = logging.getLogger("ncp.timestep_scale")
@@ -44,6 +46,14 @@ def table_from_medians(timesteps: list[int], medians: list[float], num_timesteps
                          f"(t, median) from the calibration batch")
     w = np.exp(np.interp(np.arange(num_timesteps), np.asarray(timesteps, dtype=np.float64), np.log(m)))
     return torch.from_numpy(w / w.mean()).float()
+
+
+def calibrated(criterion: Criterion, unet, base, x0: Tensor, cond, generator: torch.Generator) -> Criterion:
+    """``criterion`` with ``log_t``'s table measured on one batch (``calibrate``); itself for every other
+    error scale."""
+    if criterion.error_scale != "log_t":
+        return criterion
+    return dataclasses.replace(criterion, timestep_table=calibrate(criterion, unet, base, x0, cond, generator))
 
 
 @torch.no_grad()

@@ -23,8 +23,11 @@ from ncp.data.contract import endless
 from ncp.metrics import MetricsLogger
 from ncp.models import ModelLoadError, compile_counters, detect_kind, resolve_model_path
 from ncp.preempt import Preempted, SignalStop
+from ncp.report import after_training
+from ncp.sampling import read_prompts, sampling_defaults
 from ncp.trainer import (DivergedError, Trainer, export_lora, optimizer_step, peak_memory_mb, resume, setup,
                          write_checkpoint)
+from ncp.validation import Validator
 
 logger = logging.getLogger("ncp.train")
 
@@ -36,10 +39,6 @@ def build_validator(tr: Trainer):
     lc = tr.cfg.logging
     if not lc.validation_every or not tr.accelerator.is_main_process:
         return None
-    from ncp.evaluate import read_prompts
-    from ncp.validation import Validator
-    from ncp.world.sampling import sampling_defaults
-
     model_path = resolve_model_path(tr.cfg.model.path)
     steps, guidance = sampling_defaults(model_path)
     return Validator(tr.models, tr.base, model_path, read_prompts(lc.validation_prompts), lc.validation_seeds,
@@ -126,8 +125,6 @@ def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 def world_report(cfg: Config, lora_dir: Path, output_dir: Path) -> dict:
     """Grid, curves and judge rewards of base vs aligned, for a world built by `python -m ncp.world build`
     (the world's held-out prompts sit in data/ beside its model folder)."""
-    from ncp.world.report import after_training
-
     model_dir = Path(resolve_model_path(cfg.model.path))
     prompts = model_dir.parent / "data" / "heldout_prompts.txt"
     if not prompts.is_file():

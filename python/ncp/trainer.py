@@ -29,6 +29,7 @@ from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
 from ncp.schedule import NoiseSchedule
 from ncp.step import perceptual_dtype, preference_step, sample_noise
+from ncp.timestep_scale import calibrated
 
 logger = logging.getLogger("ncp.train")
 
@@ -111,7 +112,7 @@ def setup(cfg: Config) -> Trainer:
     tr = Trainer(cfg, accelerator, models, unet, params, optimizer, lr_scheduler, source, criterion, output_dir,
                  throughput=throughput)
     if criterion.needs_calibration:
-        tr.criterion = calibrated(tr, build_source(options, resolve_model_path(cfg.model.path)))
+        tr.criterion = calibrated_criterion(tr, build_source(options, resolve_model_path(cfg.model.path)))
     return tr
 
 
@@ -139,14 +140,14 @@ def criterion_for(tr: Trainer, name: str, **fields: Any) -> Criterion:
                                  tr.criterion.encoder_dtype)
 
 
-def calibrated(tr: Trainer, source: PairSource) -> Criterion:
+def calibrated_criterion(tr: Trainer, source: PairSource) -> Criterion:
     """The criterion with ``error_scale=log_t``'s weight table, from the first batch of a fresh source (epoch 0,
     this rank) and the training seed: the same table on every start and resume, and the training source is
     not touched."""
     gen = torch.Generator(tr.models.device).manual_seed(tr.cfg.train.seed)
     x0, cond = batch_inputs(tr, next(iter(source)), gen)
     with tr.accelerator.autocast():
-        return tr.criterion.calibrated(tr.unet, tr.base, x0, cond, gen)
+        return calibrated(tr.criterion, tr.unet, tr.base, x0, cond, gen)
 
 
 def resume(tr: Trainer, spec: str) -> None:
