@@ -83,7 +83,8 @@ def run_overrides(variant: list[str], seed: int, args, run_dir: Path) -> list[st
 
 def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from ncp.config import load_config
-    from ncp.train import DEFAULT_CONFIG, train
+    from ncp.config import DEFAULT_CONFIG
+    from ncp.train import train
 
     cfg = load_config(DEFAULT_CONFIG, overrides)
     if run_dir.exists():  # a stale run (other settings, or cut off): its checkpoints must not mix in

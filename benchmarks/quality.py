@@ -125,7 +125,8 @@ def calibrate_ncp_scale(args, runs_dir: Path) -> float:
 def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     """Train one run in-process; return its checkpoint folders and per-step wall times."""
     from ncp.config import load_config
-    from ncp.train import DEFAULT_CONFIG, train
+    from ncp.config import DEFAULT_CONFIG
+    from ncp.train import train
 
     n_ckpt = args.steps // args.eval_every + 2
     objective, error_scale = split_objective(spec.objective)

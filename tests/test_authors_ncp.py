@@ -11,7 +11,7 @@ from ncp.models import ConcatenatedTaps, concatenation_weights, encoder_features
 from ncp.objectives import cpo_loss
 from ncp.schedule import NoiseSchedule
 from ncp.step import branch_errors, preference_step, sample_noise, scale_errors
-from ncp.train import DEFAULT_CONFIG
+from ncp.config import DEFAULT_CONFIG
 
 
 def authors_concat_intermediate_steps(intermediate_steps, normalize=False):

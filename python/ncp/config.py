@@ -431,8 +431,20 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def help_text() -> str:
-    """Every option with its type, default and help, grouped by section."""
+RECIPES = Path(__file__).resolve().parent / "configs"  # the shipped recipes (python -m ncp.train --config NAME)
+RECIPE_NAMES = ("default", "sd15", "sdxl")  # default: the bundled world's; sd15, sdxl: the paper's, per family
+DEFAULT_CONFIG = RECIPES / "default.yaml"
+
+
+def load_recipes() -> dict[str, Config]:
+    """Each shipped recipe's config, by name."""
+    return {name: load_config(RECIPES / f"{name}.yaml") for name in RECIPE_NAMES}
+
+
+def help_text(recipes: dict[str, Config] | None = None) -> str:
+    """Every option with its type and help, grouped by section, and the value a run gets: each recipe's
+    (``recipes``: name -> its config) where one differs from the code's, which a ``--config`` file that does
+    not set the key gets."""
     lines = []
     for section, cls in _sections().items():
         lines.append(f"{section}:")
@@ -441,13 +453,23 @@ def help_text() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             tp = hints[f.name]
             tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-            lines.append(f"  {section}.{f.name} = {default!r}  [{tp}]\n      {f.metadata.get('help', '')}")
+            values = {name: getattr(getattr(cfg, section), f.name) for name, cfg in (recipes or {}).items()}
+            if any(v != default for v in values.values()):
+                shown = " | ".join(f"{v!r} ({name})" for name, v in values.items())
+                head = f"  {section}.{f.name} = {shown}  [{tp}]; a --config file without it: {default!r}"
+            else:
+                head = f"  {section}.{f.name} = {default!r}  [{tp}]"
+            lines.append(f"{head}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # python -m ncp.config > docs/config.md
     print("# Configuration reference\n\nGenerated from `ncp/config.py` (`python -m ncp.config > docs/config.md`); "
           "every option can be set in the YAML file (`section: {key: value}`) or on the command line as "
-          "`section.key=value`. On the command line, an `objective.*` value the chosen objective does not read "
-          "(`objective.name=kto objective.beta=5`) is an error naming the objectives that read it.\n\n```\n"
-          + help_text() + "\n```")
+          "`section.key=value`. Every run starts from a recipe (`python/ncp/configs/`): `default` (the "
+          "bundled world's, for `model.path=bundle`), or the model family's `sd15` / `sdxl` for any other model "
+          "(`--config NAME` or a file picks one); where the recipes set an option, each one's value is shown "
+          "(`value (recipe)`), and a `--config` file that leaves it out gets the code's default. On the command "
+          "line, an `objective.*` value the chosen objective does not read (`objective.name=kto "
+          "objective.beta=5`) is an error naming the objectives that read it.\n\n```\n"
+          + help_text(load_recipes()) + "\n```")

@@ -17,7 +17,8 @@ import torch
 
 from ncp import checkpoint as ckpt
 from ncp import run_dir
-from ncp.config import Config, ConfigError, check_overrides_apply, help_text, load_config, to_dict
+from ncp.config import (DEFAULT_CONFIG, RECIPES, Config, ConfigError, check_overrides_apply, help_text,
+                        load_config, load_recipes, to_dict)
 from ncp.data.batch import DataError
 from ncp.data.contract import endless
 from ncp.metrics import MetricsLogger
@@ -31,7 +32,7 @@ from ncp.validation import Validator
 
 logger = logging.getLogger("ncp.train")
 
-__all__ = ["DEFAULT_CONFIG", "DivergedError", "main", "parse_args", "recipe", "run_loop", "train"]
+__all__ = ["DivergedError", "main", "parse_args", "recipe", "run_loop", "train"]
 
 
 def build_validator(tr: Trainer):
@@ -137,10 +138,6 @@ def world_report(cfg: Config, lora_dir: Path, output_dir: Path) -> dict:
 # ---------------------------------------------------------------- CLI
 
 
-RECIPES = Path(__file__).resolve().parent / "configs"  # default (the bundled world), sd15, sdxl
-DEFAULT_CONFIG = RECIPES / "default.yaml"
-
-
 def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
     """The YAML file a run starts from, and why. ``--config``: a file, or a shipped recipe by name (default,
     sd15, sdxl). Without it: the bundled world's default.yaml for the bundled model only; a run naming another
@@ -165,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
         prog="python -m ncp.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Align a text-to-image diffusion model with preference pairs (LoRA). With no arguments, "
                     "trains Diffusion-KTO on the small world bundled with ncp (python/ncp/configs/default.yaml says why).",
-        epilog="options (set in the YAML file or as section.key=value; the defaults shown are the code's, and "
-               "the recipe in force sets many of them: --print-config shows what a run gets):\n" + help_text())
+        epilog="options (set in the YAML file or as section.key=value; where the shipped recipes set one, each "
+               "recipe's value is shown; --print-config shows what a run gets):\n" + help_text(load_recipes()))
     parser.add_argument("--config", help="YAML config, or a shipped recipe: default (the bundled world), sd15, "
                                           "sdxl (without it: default for the bundled model, else the model "
                                           "family's recipe)")
