@@ -107,8 +107,7 @@ def randomize_lora(unet, scale: float, seed: int) -> None:
 
 
 def bundle_view(args):
-    from ncp.config import load_config
-    from ncp.config import DEFAULT_CONFIG
+    from ncp.config import DEFAULT_CONFIG, load_config
     from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",

@@ -48,8 +48,7 @@ FORMS = {"latent": ("dpo", "paper"), "ncp": ("ncp-dpo", "paper"), "ncp_log": ("n
 
 
 def setup_bundle(args):
-    from ncp.config import load_config
-    from ncp.config import DEFAULT_CONFIG
+    from ncp.config import DEFAULT_CONFIG, load_config
     from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",

@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ncp.config import load_config
-    from ncp.config import DEFAULT_CONFIG
+    from ncp.config import DEFAULT_CONFIG, load_config
     from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",

@@ -179,8 +179,7 @@ def step_noise(n: int, shape: tuple, seed: int):
 
 
 def bundle_view(args, taps_name: str):
-    from ncp.config import load_config
-    from ncp.config import DEFAULT_CONFIG
+    from ncp.config import DEFAULT_CONFIG, load_config
     from ncp.trainer import batch_inputs, setup
 
     overrides = [f"data.batch_size={args.pairs}", "train.report=false", "data.backend=torch", "data.num_workers=0",

@@ -82,8 +82,7 @@ def run_overrides(variant: list[str], seed: int, args, run_dir: Path) -> list[st
 
 
 def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    from ncp.config import load_config
-    from ncp.config import DEFAULT_CONFIG
+    from ncp.config import DEFAULT_CONFIG, load_config
     from ncp.train import train
 
     cfg = load_config(DEFAULT_CONFIG, overrides)

@@ -124,8 +124,7 @@ def calibrate_ncp_scale(args, runs_dir: Path) -> float:
 
 def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
     """Train one run in-process; return its checkpoint folders and per-step wall times."""
-    from ncp.config import load_config
-    from ncp.config import DEFAULT_CONFIG
+    from ncp.config import DEFAULT_CONFIG, load_config
     from ncp.train import train
 
     n_ckpt = args.steps // args.eval_every + 2
