@@ -117,7 +117,8 @@ def test_half_precision_tracks_fp32(dtype, tiny_sd15):
 def test_compile_unet_rejects_unknown_mode(tiny_sd15):
     models = _lora_models(tiny_sd15)
     assert compile_unet(models.unet, False) is models.unet
-    for how in (True, "full"):  # the policy's forward wrapped whole (nothing compiles until it runs)
-        assert compile_unet(models.unet, how, backend="aot_eager")._orig_mod is models.unet
-    with pytest.raises(ValueError, match="compile_unet"):
-        compile_unet(models.unet, "everything")
+    # full: the policy's forward wrapped whole (nothing compiles until it runs)
+    assert compile_unet(models.unet, "full", backend="aot_eager")._orig_mod is models.unet
+    for how in ("everything", True):  # true once meant full: now a named error, not a guess
+        with pytest.raises(ValueError, match="compile_unet"):
+            compile_unet(models.unet, how)
