@@ -25,9 +25,21 @@
 //! 5. `loader` (prefetch, position, resume, stats: the core, tested by `cargo test`)
 //! 6. `python` (the PyO3 binding only, behind the `python` feature)
 //!
+//! The graph (`a -> b`: `a` uses `b`; tests also use `testutil`, and `imaging`'s tests `rng`):
+//!
 //! ```text
-//! python -> loader -> batch -> row_cache -> index -> parquet, jsonl -> sources, columns, item -> error
-//!                       \-> imaging -> decode            \-> selection -> item
+//! python    -> loader, batch, imaging, columns, selection, sources, error
+//! loader    -> batch, row_cache, index, columns, selection, error
+//! batch     -> row_cache, index, parquet, sources, item, columns, imaging, rng, error
+//! row_cache -> index, parquet, columns, error
+//! index     -> parquet, jsonl, selection, sources, item, columns, error
+//! parquet   -> sources, item, columns, error
+//! jsonl     -> sources, item, columns, error
+//! selection -> item
+//! sources   -> error
+//! columns   -> error
+//! imaging   -> decode
+//! item, decode, rng, error, testutil -> (none)
 //! ```
 pub mod batch;
 pub mod columns;
