@@ -62,8 +62,9 @@ pub struct Item {
 impl Item {
     /// An item in column order (`order` 0, 1, ..).
     pub fn new(file: u32, row: u64, location: Location, caption: String, labels: &[f64], uids: Vec<String>) -> Self {
-        let order: Vec<u8> = (0..labels.len() as u8).collect();
-        Item { file, row, location, caption, labels: PerImage::new(labels), uids, order: PerImage::new(&order) }
+        let labels = PerImage::new(labels);
+        let order = PerImage { len: labels.len, values: std::array::from_fn(|k| k as u8) };
+        Item { file, row, location, caption, labels, uids, order }
     }
 
     /// R: 2 for a pair, 1 for an unpaired image.

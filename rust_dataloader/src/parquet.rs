@@ -3,7 +3,7 @@
 //! selected rows or of whole row groups, with the column chunks' metadata the row-group cache weighs.
 use crate::columns::{binaries, image_uid, label_values, strings, Columns};
 use crate::error::{io_err, LoadError, Result};
-use crate::item::{Item, Location};
+use crate::item::{Item, Location, MAX_IMAGES};
 use crate::sources::{FileKind, SourceFile};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
@@ -110,11 +110,15 @@ pub fn items(file_id: u32, file: &SourceFile, cols: &Columns, need_uids: bool) -
             let hashed = |name: &str| Ok(binaries(column(batch, name), path, name)?.into_iter().map(image_uid).collect());
             images.iter().map(|(_, name)| hashed(name)).collect::<Result<_>>()?
         };
+        let mut uids: Vec<std::vec::IntoIter<String>> = uids.into_iter().map(Vec::into_iter).collect();
         for (i, caption) in captions.into_iter().enumerate() {
             let row = rows.len() as u64;
-            let item_labels: Vec<f64> = labels.iter().map(|l| l[i]).collect();
-            let item_uids: Vec<String> = uids.iter().map(|u| u[i].clone()).collect();
-            rows.push(Item::new(file_id, row, locate(row_group_starts, row), caption, &item_labels, item_uids));
+            let mut item_labels = [0.0; MAX_IMAGES];
+            for (k, l) in labels.iter().enumerate() {
+                item_labels[k] = l[i];
+            }
+            let item_uids: Vec<String> = uids.iter_mut().map(|u| u.next().expect("a uid per row")).collect();
+            rows.push(Item::new(file_id, row, locate(row_group_starts, row), caption, &item_labels[..labels.len()], item_uids));
         }
     }
     Ok(rows)
