@@ -2,7 +2,11 @@
 //! `cargo run --release --example profile -- FILE [RES] [BATCH]`.
 use ncp_dataloader::batch::{epoch_samples, Config};
 use ncp_dataloader::imaging::{crop_flip_chw, decode, transform_into};
-use ncp_dataloader::source::{build_index, read_images, Columns, Location, Selection};
+use ncp_dataloader::columns::Columns;
+use ncp_dataloader::index::build_index;
+use ncp_dataloader::item::Location;
+use ncp_dataloader::parquet::read_images;
+use ncp_dataloader::selection::Selection;
 use std::time::Instant;
 
 fn main() {
@@ -13,12 +17,14 @@ fn main() {
     let index = build_index(&[path], Columns::with_overrides(&[]).unwrap(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
     let cfg = Config { resolution: res, batch_size: bs, seed: 0, rank: 0, world_size: 1, random_crop: false, random_flip: true,
         strict: false, drop_last: true, empty_prompt_prob: 0.0, shuffle: true };
-    let samples = epoch_samples(index.pairs.len(), &cfg, 0);
+    let samples = epoch_samples(index.items.len(), &cfg, 0);
+    let images = index.columns.images();
     let t = Instant::now();
     let mut all = Vec::new();
     for &s in &samples {
-        let Location::Parquet { row_group, row_in_group } = index.pairs[s as usize].location else { panic!() };
-        let b = read_images(&index, index.pairs[s as usize].file, row_group, &[row_in_group]).unwrap();
+        let item = &index.items[s as usize];
+        let Location::Parquet { row_group, row_in_group } = item.location else { panic!() };
+        let b = read_images(&index.files[item.file as usize], &images, row_group, &[row_in_group]).unwrap();
         all.push(b.into_iter().next().unwrap());
     }
     let n = samples.len() as f64;

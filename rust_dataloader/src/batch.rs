@@ -1,9 +1,14 @@
 //! Epoch plans and batch assembly. Batch k of an epoch is a pure function of
 //! (index, config, epoch, k): threads only decide how fast it is made.
+use crate::columns::content_hash;
 use crate::error::{LoadError, Result, SkipRecord};
 use crate::imaging::{transform_into, DecodeError};
+use crate::index::ItemIndex;
+use crate::item::Location;
+use crate::parquet::read_images;
 use crate::rng::{permutation, sample_rng};
-use crate::source::{content_hash, read_images, read_path, skip_record, Location, PairIndex};
+use crate::row_cache::RowGroupCache;
+use crate::sources::read_path;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -117,12 +122,13 @@ fn null_image() -> Bytes {
     Err("image is null".to_string())
 }
 
-/// The encoded bytes of each item's images (in column order: jpg_0, jpg_1 / the image), in `samples` order.
-fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<Vec<Bytes>>> {
+/// The encoded bytes of each item's images (in column order: jpg_0, jpg_1 / the image), in `samples` order:
+/// whole row groups through `row_groups` where that pays, else the selected rows of each row group.
+fn fetch(index: &ItemIndex, row_groups: &RowGroupCache, samples: &[u32]) -> Result<Vec<Vec<Bytes>>> {
     // Parquet items grouped by (file, row group), one projected read per group.
     let mut groups: BTreeMap<(u32, u32), Vec<(u32, usize)>> = BTreeMap::new();
     for (slot, &s) in samples.iter().enumerate() {
-        let p = &index.pairs[s as usize];
+        let p = &index.items[s as usize];
         if let Location::Parquet { row_group, row_in_group } = p.location {
             groups.entry((p.file, row_group)).or_default().push((row_in_group, slot));
         }
@@ -133,12 +139,12 @@ fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<Vec<Bytes>>> {
         .into_par_iter()
         .map(|((file, rg), mut rows)| {
             rows.sort_unstable();
-            let data: Vec<Vec<Option<Vec<u8>>>> = if index.row_groups.worth_it(index, file, rg) {
-                let imgs = index.row_groups.get(index, file, rg)?;
+            let data: Vec<Vec<Option<Vec<u8>>>> = if row_groups.worth_it(index, file, rg) {
+                let imgs = row_groups.get(index, file, rg)?;
                 rows.iter().map(|&(r, _)| imgs.images(r as usize).into_iter().map(|x| x.map(<[u8]>::to_vec)).collect()).collect()
             } else {
                 let row_ids: Vec<u32> = rows.iter().map(|r| r.0).collect();
-                read_images(index, file, rg, &row_ids)?
+                read_images(&index.files[file as usize], &index.columns.images(), rg, &row_ids)?
             };
             Ok(rows
                 .into_iter()
@@ -153,10 +159,8 @@ fn fetch(index: &PairIndex, samples: &[u32]) -> Result<Vec<Vec<Bytes>>> {
         }
     }
     for (slot, &s) in samples.iter().enumerate() {
-        match &index.pairs[s as usize].location {
-            Location::Paths { image_0, image_1 } => out[slot] = vec![read_path(image_0), read_path(image_1)],
-            Location::Path { image } => out[slot] = vec![read_path(image)],
-            Location::Parquet { .. } => {}
+        if let Location::Paths(paths) = &index.items[s as usize].location {
+            out[slot] = paths.iter().map(|p| read_path(p)).collect();
         }
     }
     for images in &mut out {
@@ -175,9 +179,9 @@ fn transform(bytes: &[u8], res: u32, d: &Draws, out: &mut [u8]) -> std::result::
 
 /// Decode and transform the images of item `s` in batch order (winner into `outs[0]`, loser into `outs[1]`;
 /// an unpaired image into `outs[0]`).
-fn transform_item(index: &PairIndex, res: u32, s: u32, b: &[Bytes], d: &Draws, outs: &mut [&mut [u8]]) -> ItemResult {
+fn transform_item(index: &ItemIndex, res: u32, s: u32, b: &[Bytes], d: &Draws, outs: &mut [&mut [u8]]) -> ItemResult {
     let mut meta = [0i64; 4];
-    for (k, (&image, out)) in index.pairs[s as usize].image_order().iter().zip(outs.iter_mut()).enumerate() {
+    for (k, (&image, out)) in index.items[s as usize].image_order().iter().zip(outs.iter_mut()).enumerate() {
         let bytes = b[image as usize].as_ref().map_err(|e| (image, DecodeError::Corrupt(e.clone())))?;
         let m = transform(bytes, res, d, out).map_err(|e| (image, e))?;
         if k == 0 {
@@ -187,13 +191,13 @@ fn transform_item(index: &PairIndex, res: u32, s: u32, b: &[Bytes], d: &Draws, o
     Ok(meta)
 }
 
-/// Build one batch from its item indices.
-pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32]) -> Result<Batch> {
+/// Build one batch from its item indices (`row_groups`: whole row groups kept between batches, or off).
+pub fn build_batch(index: &ItemIndex, row_groups: &RowGroupCache, cfg: &Config, epoch: u64, samples: &[u32]) -> Result<Batch> {
     let res = cfg.resolution;
     let per = 3 * (res as usize) * (res as usize);
     let n = samples.len();
     let t0 = std::time::Instant::now();
-    let bytes = fetch(index, samples)?;
+    let bytes = fetch(index, row_groups, samples)?;
     let read_ns = t0.elapsed().as_nanos() as u64;
     let decode_ns = std::sync::atomic::AtomicU64::new(0);
     let mut images: Vec<Vec<u8>> = (0..index.columns.format.images()).map(|_| vec![0u8; n * per]).collect();
@@ -203,7 +207,7 @@ pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32])
         .zip(samples.par_iter())
         .map(|(b, &s)| {
             let h = |x: &Bytes| x.as_ref().map(|v| content_hash(v)).unwrap_or(0);
-            index.pairs[s as usize].image_order().iter().map(|&k| h(&b[k as usize])).collect()
+            index.items[s as usize].image_order().iter().map(|&k| h(&b[k as usize])).collect()
         })
         .collect();
     // Each item's output slices: one per image buffer.
@@ -238,7 +242,7 @@ pub fn build_batch(index: &PairIndex, cfg: &Config, epoch: u64, samples: &[u32])
 
 /// Turn per-item results into a batch: errors raise or skip, survivors are compacted.
 fn assemble(
-    index: &PairIndex,
+    index: &ItemIndex,
     cfg: &Config,
     samples: &[u32],
     all_draws: &[Draws],
@@ -249,15 +253,15 @@ fn assemble(
     let mut batch = Batch::default();
     let mut kept = 0usize;
     for (slot, r) in results.into_iter().enumerate() {
-        let pair = &index.pairs[samples[slot] as usize];
+        let item = &index.items[samples[slot] as usize];
         let meta = match r {
             Ok(m) => m,
             Err((image, DecodeError::Unsupported(msg))) => {
-                let rec = skip_record(index, pair, image, msg);
+                let rec = index.skip_record(item, image, msg);
                 return Err(LoadError::Unsupported(format!("image format at {rec}")));
             }
             Err((image, DecodeError::Corrupt(msg))) => {
-                let rec = skip_record(index, pair, image, msg);
+                let rec = index.skip_record(item, image, msg);
                 if cfg.strict {
                     return Err(LoadError::Corrupt(rec));
                 }
@@ -272,9 +276,9 @@ fn assemble(
         }
         kept += 1;
         batch.indices.push(samples[slot] as i64);
-        let caption = if all_draws[slot].drop_caption { String::new() } else { pair.caption.clone() };
+        let caption = if all_draws[slot].drop_caption { String::new() } else { item.caption.clone() };
         batch.captions.push(caption);
-        if let Some(d) = pair.desirable {
+        if let Some(d) = item.desirable() {
             batch.desirable.push(d);
         }
         batch.original_sizes.extend_from_slice(&meta[..2]);
@@ -288,19 +292,35 @@ fn assemble(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::source::{build_index, read_images, Columns, Location, Selection};
-    use arrow_array::{ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray};
-    use parquet::arrow::ArrowWriter;
-    use parquet::file::properties::WriterProperties;
+    use crate::columns::{Columns, Format};
+    use crate::index::build_index;
+    use crate::selection::Selection;
+    use crate::testutil::{png, shard, unpaired_shard, write_lines};
+    use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
     use std::sync::Arc;
+
+    const SEL: Selection = Selection { drop_ties: true, absolute_winners: false };
 
     fn cfg(world_size: usize, rank: usize, batch_size: usize, drop_last: bool) -> Config {
         Config {
             resolution: 8, batch_size, seed: 5, rank, world_size, random_crop: true, random_flip: true,
             strict: false, drop_last, empty_prompt_prob: 0.0, shuffle: true,
         }
+    }
+
+    fn columns() -> Columns {
+        Columns::with_overrides(&[]).unwrap()
+    }
+
+    fn unpaired_columns() -> Columns {
+        Columns::for_format(Format::Unpaired, &[]).unwrap()
+    }
+
+    /// A batch without the row-group cache.
+    fn batch(index: &ItemIndex, c: &Config, epoch: u64, samples: &[u32]) -> Result<Batch> {
+        build_batch(index, &RowGroupCache::default(), c, epoch, samples)
     }
 
     #[test]
@@ -314,90 +334,38 @@ pub(crate) mod tests {
         }
         assert_eq!(num_batches(10, &cfg(3, 0, 2, false)), 2); // rank 0 has 4 pairs
         assert_eq!(num_batches(10, &cfg(3, 2, 2, false)), 2); // rank 2 has 3 pairs
-    }
-
-    /// Write `cols` as one parquet file at `path`; returns the path.
-    fn write_parquet(path: &std::path::Path, cols: Vec<(&str, ArrayRef)>, props: WriterProperties) -> String {
-        let batch = RecordBatch::try_from_iter(cols).unwrap();
-        let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props)).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        path.to_string_lossy().into_owned()
-    }
-
-    pub(crate) fn png(rgb: [u8; 3], w: u32, h: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
-            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .unwrap();
-        out
-    }
-
-    /// Rows (caption, label_0, label_1, uid_0, uid_1); image 0 red, image 1 blue.
-    fn shard(dir: &std::path::Path, rows: &[(&str, f64, f64, &str, &str)], corrupt_row: Option<usize>) -> String {
-        shard_with(dir, rows, &|i, k| match k {
-            0 if Some(i) == corrupt_row => b"\xff\xd8\xff broken".to_vec(),
-            0 => png([255, 0, 0], 12, 10),
-            _ => png([0, 0, 255], 12, 10),
-        })
-    }
-
-    /// A shard `t.parquet` (row groups of 2) of rows (caption, label_0, label_1, uid_0, uid_1);
-    /// `image(row, k)` gives the bytes of image k (0 or 1) of a row.
-    pub(crate) fn shard_with(
-        dir: &std::path::Path, rows: &[(&str, f64, f64, &str, &str)], image: &dyn Fn(usize, u8) -> Vec<u8>,
-    ) -> String {
-        let path = dir.join("t.parquet");
-        let imgs: Vec<Vec<Vec<u8>>> = (0..2u8).map(|k| (0..rows.len()).map(|i| image(i, k)).collect()).collect();
-        let cols: Vec<(&str, ArrayRef)> = vec![
-            ("caption", Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()))),
-            ("jpg_0", Arc::new(BinaryArray::from(imgs[0].iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
-            ("jpg_1", Arc::new(BinaryArray::from(imgs[1].iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
-            ("label_0", Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()))),
-            ("label_1", Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()))),
-            ("image_0_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()))),
-            ("image_1_uid", Arc::new(StringArray::from(rows.iter().map(|r| r.4).collect::<Vec<_>>()))),
-        ];
-        write_parquet(&path, cols, WriterProperties::builder().set_max_row_group_size(2).build())
-    }
-
-    fn columns() -> Columns {
-        Columns::with_overrides(&[]).unwrap()
+        let unshuffled = Config { shuffle: false, ..cfg(2, 1, 2, false) };
+        assert_eq!(epoch_samples(7, &unshuffled, 3), vec![1, 3, 5]);
     }
 
     #[test]
-    fn index_drops_ties_and_puts_the_winner_first() {
+    fn config_errors_name_the_bad_value() {
+        let bad = |c: Config| c.validate().unwrap_err().to_string();
+        assert_eq!(bad(Config { resolution: 0, ..cfg(1, 0, 2, true) }), "resolution must be > 0");
+        assert_eq!(bad(Config { batch_size: 0, ..cfg(1, 0, 2, true) }), "batch_size must be > 0");
+        assert_eq!(bad(cfg(2, 2, 2, true)), "rank 2 must be in [0, world_size=2)");
+        assert_eq!(bad(Config { empty_prompt_prob: 1.5, ..cfg(1, 0, 2, true) }), "empty_prompt_prob 1.5 must be in [0, 1]");
+    }
+
+    #[test]
+    fn the_winner_goes_first_and_its_size_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let rows = [("a", 1.0, 0.0, "A", "B"), ("b", 0.5, 0.5, "C", "D"), ("c", 0.0, 1.0, "E", "F")];
         let path = shard(dir.path(), &rows, None);
-        let sel = Selection { drop_ties: true, absolute_winners: false };
-        let index = build_index(&[path], columns(), sel).unwrap();
-        assert_eq!((index.stats.rows, index.stats.ties, index.pairs.len()), (3, 1, 2));
-        let c = cfg(1, 0, 2, true);
-        let b = build_batch(&index, &c, 0, &[0, 1]).unwrap();
+        let index = build_index(&[path], columns(), SEL).unwrap();
+        assert_eq!((index.stats.rows, index.stats.ties, index.items.len()), (3, 1, 2));
+        let b = batch(&index, &cfg(1, 0, 2, true), 0, &[0, 1]).unwrap();
         assert_eq!(b.captions, vec!["a", "c"]);
         let plane = 64;
+        assert_eq!(b.images.len(), 2);
         assert_eq!(b.images[0][0], 255); // pair 0: image 0 (red) won
         assert_eq!(b.images[0][3 * plane], 0); // pair 1: image 1 (blue) won: red plane 0
         assert_eq!(b.images[0][3 * plane + 2 * plane], 255); // ... blue plane 255
         assert_eq!(b.images[1][3 * plane], 255); // and the red image lost
         assert_eq!(&b.original_sizes, &[10, 12, 10, 12]);
-    }
-
-    #[test]
-    fn absolute_winners_never_lost_or_tied_and_won_twice() {
-        let dir = tempfile::tempdir().unwrap();
-        let rows = [
-            ("x", 1.0, 0.0, "A", "B"), ("x", 0.0, 1.0, "C", "A"), // A: 2 wins -> both kept
-            ("x", 1.0, 0.0, "B", "C"), ("x", 0.0, 1.0, "D", "B"), ("x", 0.5, 0.5, "B", "E"), // B tied
-            ("y", 1.0, 0.0, "D", "E"), // D won once under y
-        ];
-        let path = shard(dir.path(), &rows, None);
-        let sel = Selection { drop_ties: true, absolute_winners: true };
-        let index = build_index(&[path], columns(), sel).unwrap();
-        let kept: Vec<u64> = index.pairs.iter().map(|p| p.row).collect();
-        assert_eq!(kept, vec![0, 1]);
-        assert_eq!(index.stats.dropped_not_absolute, 3);
+        assert!(b.desirable.is_empty());
+        let (red, blue) = (content_hash(&png([255, 0, 0], 12, 10)), content_hash(&png([0, 0, 255], 12, 10)));
+        assert_eq!(b.image_hashes, vec![red, blue, blue, red]); // (B, 2): winner's and loser's bytes
     }
 
     #[test]
@@ -405,14 +373,15 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rows = [("a", 1.0, 0.0, "A", "B"), ("b", 1.0, 0.0, "C", "D"), ("c", 1.0, 0.0, "E", "F")];
         let path = shard(dir.path(), &rows, Some(1));
-        let index = build_index(std::slice::from_ref(&path), columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let index = build_index(std::slice::from_ref(&path), columns(), SEL).unwrap();
         let mut c = cfg(1, 0, 3, true);
-        let b = build_batch(&index, &c, 0, &[0, 1, 2]).unwrap();
+        let b = batch(&index, &c, 0, &[0, 1, 2]).unwrap();
         assert_eq!(b.indices, vec![0, 2]);
         assert_eq!(b.images[0].len(), 2 * 3 * 64);
+        assert_eq!(b.image_hashes.len(), 4); // the survivors' only
         assert_eq!((b.skipped[0].row, b.skipped[0].column.as_str()), (1, "jpg_0"));
         c.strict = true;
-        match build_batch(&index, &c, 0, &[0, 1, 2]) {
+        match batch(&index, &c, 0, &[0, 1, 2]) {
             Err(LoadError::Corrupt(rec)) => assert!(rec.to_string().starts_with(&format!("{path} row 1 column jpg_0"))),
             other => panic!("expected a corrupt-image error, got {other:?}"),
         }
@@ -423,111 +392,15 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rows: Vec<(&str, f64, f64, &str, &str)> = (0..9).map(|_| ("p", 1.0, 0.0, "A", "B")).collect();
         let path = shard(dir.path(), &rows, None);
-        let index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let index = build_index(&[path], columns(), SEL).unwrap();
         let c = cfg(1, 0, 9, true);
         let samples = epoch_samples(9, &c, 1);
         let run = |threads| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| build_batch(&index, &c, 1, &samples).unwrap())
+            pool.install(|| batch(&index, &c, 1, &samples).unwrap())
         };
         let (a, b) = (run(1), run(3));
         assert_eq!((a.indices, a.images, a.crop_top_left), (b.indices, b.images, b.crop_top_left));
-    }
-
-    #[test]
-    fn missing_columns_and_unreadable_files_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = shard(dir.path(), &[("a", 1.0, 0.0, "A", "B")], None);
-        let sel = Selection { drop_ties: true, absolute_winners: false };
-        let cols = Columns::with_overrides(&[("jpg_1".into(), "image_b".into())]).unwrap();
-        match build_index(&[path], cols, sel) {
-            Err(LoadError::MissingColumn { column, .. }) => assert_eq!(column, "image_b"),
-            other => panic!("{:?}", other.err()),
-        }
-        let bad = dir.path().join("bad.parquet");
-        std::fs::write(&bad, b"PAR1 not parquet").unwrap();
-        let bad = bad.to_string_lossy().into_owned();
-        assert!(matches!(build_index(std::slice::from_ref(&bad), columns(), sel), Err(LoadError::Io { path, .. }) if path == bad));
-    }
-
-    /// `n` rows whose image cells are distinct byte strings (not images), row groups of 3.
-    fn byte_shard(dir: &std::path::Path, n: usize, dictionary: bool) -> String {
-        let path = dir.join(format!("bytes-{dictionary}.parquet"));
-        let cell = |i: usize, k: u8| -> Vec<u8> { (0..(50 + 13 * i)).map(|j| (j * 31 + i * 7) as u8 ^ k).collect() };
-        let img0: Vec<Vec<u8>> = (0..n).map(|i| cell(i, 0)).collect();
-        let img1: Vec<Vec<u8>> = (0..n).map(|i| cell(i, 0x5a)).collect();
-        let cols: Vec<(&str, ArrayRef)> = vec![
-            ("caption", Arc::new(StringArray::from((0..n).map(|i| format!("c{i}")).collect::<Vec<_>>()))),
-            ("jpg_0", Arc::new(BinaryArray::from(img0.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
-            ("jpg_1", Arc::new(BinaryArray::from(img1.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
-            ("label_0", Arc::new(Float64Array::from(vec![1.0; n]))),
-            ("label_1", Arc::new(Float64Array::from(vec![0.0; n]))),
-        ];
-        write_parquet(&path, cols, WriterProperties::builder().set_max_row_group_size(3).set_dictionary_enabled(dictionary).build())
-    }
-
-    #[test]
-    fn row_group_cache_returns_the_bytes_of_a_direct_read() {
-        let dir = tempfile::tempdir().unwrap();
-        for dictionary in [true, false] {
-            let path = byte_shard(dir.path(), 11, dictionary);
-            let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
-            index.set_row_group_cache(1 << 20);
-            for p in &index.pairs {
-                let Location::Parquet { row_group, row_in_group } = p.location else { panic!() };
-                assert!(index.row_groups.worth_it(&index, p.file, row_group)); // all fits
-                let direct = read_images(&index, p.file, row_group, &[row_in_group]).unwrap().remove(0);
-                let imgs = index.row_groups.get(&index, p.file, row_group).unwrap();
-                let cached: Vec<Option<Vec<u8>>> = imgs.images(row_in_group as usize).into_iter().map(|x| x.map(<[u8]>::to_vec)).collect();
-                assert_eq!(cached, direct);
-            }
-            // 4 row groups of 3, 3, 3, 2 rows: each read once, the other rows were hits
-            use std::sync::atomic::Ordering::Relaxed;
-            assert_eq!((index.row_groups.reads.load(Relaxed), index.row_groups.hits.load(Relaxed)), (4, 7));
-        }
-    }
-
-    #[test]
-    fn row_group_cache_keeps_to_its_budget_and_shares_concurrent_reads() {
-        use std::sync::atomic::Ordering::Relaxed;
-        let dir = tempfile::tempdir().unwrap();
-        let path = byte_shard(dir.path(), 11, true);
-        let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
-        index.set_row_group_cache(1 << 20);
-        let one = index.row_groups.get(&index, 0, 0).unwrap().bytes;
-        index.set_row_group_cache(one + one / 2); // room for one group
-        let c = &index.row_groups;
-        for rg in [0, 1, 2, 0] {
-            c.get(&index, 0, rg).unwrap();
-            assert!(c.held_bytes() <= c.budget());
-        }
-        assert_eq!((c.reads.load(Relaxed), c.hits.load(Relaxed)), (4, 0)); // group 0 was evicted by 1
-        c.get(&index, 0, 0).unwrap();
-        assert_eq!(c.hits.load(Relaxed), 1);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
-        pool.install(|| (0..32).into_par_iter().for_each(|_| { c.get(&index, 0, 3).unwrap(); }));
-        assert_eq!(c.reads.load(Relaxed), 5);
-        // a budget below half a group: read per batch by row selection instead
-        index.set_row_group_cache(one);
-        assert!(!index.row_groups.worth_it(&index, 0, 0));
-    }
-
-    #[test]
-    fn whole_row_groups_are_read_when_the_data_fits_or_is_dictionary_encoded() {
-        let dir = tempfile::tempdir().unwrap();
-        for dictionary in [true, false] {
-            let path = byte_shard(dir.path(), 30, dictionary);
-            let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
-            index.set_row_group_cache(1 << 30);
-            let total = index.row_groups.total();
-            assert!(index.row_groups.worth_it(&index, 0, 0)); // all fits
-            index.set_row_group_cache(total / 2); // half fits: only a dictionary page is read whole anyway
-            assert_eq!(index.row_groups.worth_it(&index, 0, 0), dictionary);
-            index.set_row_group_cache(total / 8); // an eighth: too few hits in a shuffled order
-            assert!(!index.row_groups.worth_it(&index, 0, 0));
-            index.set_row_group_cache(0);
-            assert!(!index.row_groups.worth_it(&index, 0, 0));
-        }
     }
 
     #[test]
@@ -535,44 +408,24 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rows: Vec<(&str, f64, f64, &str, &str)> = (0..9).map(|i| ("p", (i % 2) as f64, ((i + 1) % 2) as f64, "A", "B")).collect();
         let path = shard(dir.path(), &rows, Some(4));
-        let mut index = build_index(&[path], columns(), Selection { drop_ties: true, absolute_winners: false }).unwrap();
+        let index = build_index(&[path], columns(), SEL).unwrap();
         let c = cfg(1, 0, 3, true);
         let samples = epoch_samples(9, &c, 0);
-        let run = |index: &PairIndex| -> Vec<_> {
+        let run = |cache: &RowGroupCache| -> Vec<_> {
             samples.chunks(3).map(|s| {
-                let b = build_batch(index, &c, 0, s).unwrap();
+                let b = build_batch(&index, cache, &c, 0, s).unwrap();
                 (b.indices, b.images, b.image_hashes, b.skipped, b.crop_top_left)
             }).collect()
         };
-        let without = run(&index);
-        index.set_row_group_cache(1 << 20);
-        assert_eq!(run(&index), without);
-        assert!(index.row_groups.reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    }
-
-    /// An unpaired shard `u.parquet` (row groups of 2): caption `c{i}`, an image of colour (40 i, 0, 0), and
-    /// the label column `label` given.
-    pub(crate) fn unpaired_shard(dir: &std::path::Path, labels: ArrayRef) -> String {
-        let path = dir.join("u.parquet");
-        let n = labels.len();
-        let imgs: Vec<Vec<u8>> = (0..n).map(|i| png([(40 * i) as u8, 0, 0], 12, 10)).collect();
-        let cols: Vec<(&str, ArrayRef)> = vec![
-            ("caption", Arc::new(StringArray::from((0..n).map(|i| format!("c{i}")).collect::<Vec<_>>()))),
-            ("image", Arc::new(BinaryArray::from(imgs.iter().map(|v| v.as_slice()).collect::<Vec<_>>()))),
-            ("label", labels),
-        ];
-        write_parquet(&path, cols, WriterProperties::builder().set_max_row_group_size(2).build())
-    }
-
-    fn unpaired_columns() -> Columns {
-        Columns::for_format(crate::source::Format::Unpaired, &[]).unwrap()
+        let without = run(&RowGroupCache::default());
+        let cache = RowGroupCache::new(1 << 20, &index);
+        assert_eq!(run(&cache), without);
+        assert!(cache.reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
     }
 
     #[test]
     fn unpaired_rows_are_single_images_with_their_labels_of_any_type() {
-        use arrow_array::{BooleanArray, Int64Array};
         let dir = tempfile::tempdir().unwrap();
-        let sel = Selection { drop_ties: true, absolute_winners: false };
         let kinds: Vec<ArrayRef> = vec![
             Arc::new(BooleanArray::from(vec![true, false, true])),
             Arc::new(Int64Array::from(vec![1, 0, 1])),
@@ -581,77 +434,41 @@ pub(crate) mod tests {
         ];
         for labels in kinds {
             let path = unpaired_shard(dir.path(), labels);
-            let index = build_index(&[path], unpaired_columns(), sel).unwrap();
-            assert_eq!((index.stats.pairs, index.stats.desirable, index.stats.undesirable), (3, 2, 1));
-            let b = build_batch(&index, &cfg(1, 0, 3, true), 0, &[2, 0, 1]).unwrap();
+            let index = build_index(&[path], unpaired_columns(), SEL).unwrap();
+            let b = batch(&index, &cfg(1, 0, 3, true), 0, &[2, 0, 1]).unwrap();
             assert_eq!(b.images.len(), 1);
             assert_eq!(b.desirable, vec![true, true, false]);
             assert_eq!(b.captions, vec!["c2", "c0", "c1"]);
             assert_eq!((b.images[0][0], b.images[0][3 * 64]), (80, 0)); // row 2 is (80, 0, 0), row 0 black
-            assert_eq!(b.image_hashes.len(), 3);
-        }
-        let cols = Columns::for_format(crate::source::Format::Unpaired, &[("jpg_0".into(), "x".into())]);
-        assert!(cols.unwrap_err().to_string().contains("known: caption, image, label"));
-        let aw = Selection { drop_ties: true, absolute_winners: true };
-        let path = unpaired_shard(dir.path(), Arc::new(BooleanArray::from(vec![true])));
-        assert!(build_index(&[path], unpaired_columns(), aw).err().unwrap().to_string().contains("absolute_winners"));
-    }
-
-    #[test]
-    fn a_bad_label_is_an_error_naming_file_row_column_and_value() {
-        use arrow_array::{BooleanArray, Int64Array};
-        let dir = tempfile::tempdir().unwrap();
-        let sel = Selection { drop_ties: true, absolute_winners: false };
-        let cases: Vec<(ArrayRef, &str)> = vec![
-            (Arc::new(Int64Array::from(vec![1, 0, 0, 2])), "row 3 column 'label': label 2 is not"),
-            (Arc::new(Float64Array::from(vec![0.5])), "row 0 column 'label': label 0.5 is not"),
-            (Arc::new(StringArray::from(vec!["desirable", "good"])), "row 1 column 'label': label \"good\" is not"),
-            (Arc::new(BooleanArray::from(vec![Some(true), None])), "row 1 column 'label': label null is not"),
-        ];
-        for (labels, want) in cases {
-            let path = unpaired_shard(dir.path(), labels);
-            let err = build_index(std::slice::from_ref(&path), unpaired_columns(), sel).err().unwrap();
-            assert!(matches!(err, LoadError::BadValue { .. }), "{err:?}");
-            assert!(err.to_string().starts_with(&format!("{path} {want}")), "{err}");
-        }
-        let path = unpaired_shard(dir.path(), Arc::new(Int64Array::from(vec![1])));
-        let renamed = Columns::for_format(crate::source::Format::Unpaired, &[("label".into(), "good".into())]).unwrap();
-        match build_index(&[path], renamed, sel) {
-            Err(LoadError::MissingColumn { column, logical, .. }) => assert_eq!((column.as_str(), logical.as_str()), ("good", "label")),
-            other => panic!("{:?}", other.err()),
+            assert_eq!(b.image_hashes, vec![content_hash(&png([80, 0, 0], 12, 10)), content_hash(&png([0, 0, 0], 12, 10)),
+                                            content_hash(&png([40, 0, 0], 12, 10))]);
         }
     }
 
     #[test]
-    fn unpaired_jsonl_rows_with_renamed_keys() {
+    fn jsonl_items_read_their_image_files_and_a_missing_one_is_a_skip() {
         let dir = tempfile::tempdir().unwrap();
         for (i, rgb) in [[255u8, 0, 0], [0, 0, 255]].iter().enumerate() {
             std::fs::write(dir.path().join(format!("{i}.png")), png(*rgb, 12, 10)).unwrap();
         }
-        let lines = [
-            r#"{"text": "red", "file": "0.png", "label": true}"#,
-            "",
-            r#"{"text": "blue", "file": "1.png", "label": "undesirable"}"#,
-            r#"{"text": "red again", "file": "0.png", "label": 1}"#,
+        let lines: [&[u8]; 4] = [
+            br#"{"text": "red", "file": "0.png", "label": true}"#,
+            b"",
+            br#"{"text": "blue", "file": "1.png", "label": "undesirable"}"#,
+            br#"{"text": "gone", "file": "2.png", "label": 1}"#,
         ];
-        let path = dir.path().join("u.jsonl");
-        std::fs::write(&path, lines.join("\n")).unwrap();
-        let path = path.to_string_lossy().into_owned();
+        let path = write_lines(dir.path(), "u.jsonl", &lines);
         let overrides = [("caption".to_string(), "text".to_string()), ("image".to_string(), "file".to_string())];
-        let cols = Columns::for_format(crate::source::Format::Unpaired, &overrides).unwrap();
-        let sel = Selection { drop_ties: true, absolute_winners: false };
-        let index = build_index(std::slice::from_ref(&path), cols.clone(), sel).unwrap();
-        let b = build_batch(&index, &cfg(1, 0, 3, true), 0, &[0, 1, 2]).unwrap();
-        assert_eq!((b.desirable, b.captions), (vec![true, false, true], vec!["red".to_string(), "blue".into(), "red again".into()]));
+        let cols = Columns::for_format(Format::Unpaired, &overrides).unwrap();
+        let index = build_index(std::slice::from_ref(&path), cols, SEL).unwrap();
+        let b = batch(&index, &cfg(1, 0, 3, true), 0, &[0, 1, 2]).unwrap();
+        assert_eq!((b.desirable, b.captions), (vec![true, false], vec!["red".to_string(), "blue".into()]));
         assert_eq!((b.images[0][0], b.images[0][64 * 3 + 2 * 64]), (255, 255)); // red, then blue
-        assert_eq!(index.pairs.iter().map(|p| p.row).collect::<Vec<_>>(), vec![0, 2, 3]); // rows are lines
-        std::fs::write(dir.path().join("u.jsonl"), [lines[0], r#"{"text": "x", "file": "0.png", "label": "yes"}"#].join("\n")).unwrap();
-        let err = build_index(std::slice::from_ref(&path), cols.clone(), sel).err().unwrap();
-        assert!(err.to_string().starts_with(&format!("{path} line 2 key 'label': label \"yes\" is not")), "{err}");
-        std::fs::write(dir.path().join("u.jsonl"), r#"{"text": "x", "label": 0}"#).unwrap();
-        match build_index(&[path], cols, sel) {
-            Err(LoadError::MissingColumn { column, path: at, .. }) => assert_eq!((column.as_str(), at.ends_with("line 1")), ("file", true)),
-            other => panic!("{:?}", other.err()),
-        }
+        assert_eq!((b.skipped.len(), b.skipped[0].row, b.skipped[0].column.as_str()), (1, 3, "file"));
+        assert!(b.skipped[0].msg.contains("2.png"), "{}", b.skipped[0].msg);
+        let pairs = write_lines(dir.path(), "p.jsonl", &[br#"{"caption": "p", "winner": "1.png", "loser": "0.png"}"#]);
+        let index = build_index(&[pairs], Columns::with_overrides(&[]).unwrap(), SEL).unwrap();
+        let b = batch(&index, &cfg(1, 0, 1, true), 0, &[0]).unwrap();
+        assert_eq!((b.images[0][2 * 64], b.images[1][0]), (255, 255)); // the winner (blue) first, the loser (red)
     }
 }

@@ -246,8 +246,9 @@ mod x86 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testutil::{jpeg, texture};
 
     #[test]
     fn shorter_side_rule() {
@@ -307,27 +308,6 @@ pub(crate) mod tests {
         assert_eq!((r.width, r.height), (21, 16));
         assert!(r.data.chunks(3).all(|p| p == [10, 200, 30]));
         assert!(matches!(decode(&png[..png.len() / 2]), Err(DecodeError::Corrupt(_))));
-    }
-
-    /// A textured test picture, `channels` 1 or 3.
-    pub(crate) fn texture(w: u32, h: u32, channels: u32, seed: u32) -> Vec<u8> {
-        let mut v = Vec::with_capacity((w * h * channels) as usize);
-        for y in 0..h {
-            for x in 0..w {
-                for c in 0..channels {
-                    let t = (x * (3 + c) + y * (5 + 2 * c) + seed * 17) as f64;
-                    v.push(((t * 0.37).sin() * 90.0 + 128.0 + ((x ^ y ^ seed) % 23) as f64) as u8);
-                }
-            }
-        }
-        v
-    }
-
-    pub(crate) fn jpeg(w: u32, h: u32, channels: u32, seed: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        let color = if channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode(&texture(w, h, channels, seed), w, h, color).unwrap();
-        out
     }
 
     /// The transform as it was before `transform_into`: decode through the `image` crate,
@@ -395,6 +375,39 @@ pub(crate) mod tests {
                 let (mut r2, mut g2, mut b2) = (vec![0u8; n], vec![0u8; n], vec![0u8; n]);
                 deinterleave_scalar(&src, &mut r2, &mut g2, &mut b2, flip, 0);
                 assert_eq!((r, g, b), (r2, g2, b2), "n {n} flip {flip}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_jpeg_cut_anywhere_before_its_end_is_refused_by_the_fused_path_too() {
+        let full = jpeg(64, 48, 3, 1);
+        let mut out = vec![0u8; 3 * 16 * 16];
+        for cut in [full.len() / 2, full.len() - 1, full.len() - 2, full.len() - 3, 200, 3] {
+            assert!(matches!(transform_into(&full[..cut], 16, None, false, &mut out), Err(DecodeError::Corrupt(_))), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn random_truncations_and_byte_flips_never_panic() {
+        let mut png = Vec::new();
+        image::RgbImage::from_raw(45, 37, texture(45, 37, 3, 4)).unwrap()
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let mut rng = crate::rng::Rng::keyed(&[7]);
+        let mut out = vec![0u8; 3 * 16 * 16];
+        for bytes in [jpeg(40, 33, 3, 2), jpeg(33, 40, 1, 3), png] {
+            for _ in 0..200 {
+                let mut b = bytes.clone();
+                if rng.unit() < 0.5 {
+                    b.truncate(rng.below(b.len() as u64) as usize);
+                } else {
+                    for _ in 0..1 + rng.below(4) {
+                        let k = rng.below(b.len() as u64) as usize;
+                        b[k] ^= 1 << rng.below(8);
+                    }
+                }
+                let (a, d) = (transform_into(&b, 16, None, false, &mut out), decode(&b));
+                assert_eq!(a.is_ok(), d.is_ok(), "the fused and the plain decoder disagree");
             }
         }
     }

@@ -5,8 +5,11 @@
 //! The loader owns the epoch counter: handing out an epoch's last batch moves it to
 //! the next epoch's start, so a consumer only iterates, pass after pass.
 use crate::batch::{build_batch, epoch_samples, num_batches, Batch, Config};
+use crate::columns::{Columns, Format};
 use crate::error::{LoadError, Result};
-use crate::source::{build_index, Columns, Format, IndexStats, PairIndex, Selection};
+use crate::index::{build_index, IndexStats, ItemIndex};
+use crate::row_cache::RowGroupCache;
+use crate::selection::Selection;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -91,7 +94,9 @@ pub struct RunStats {
 }
 
 struct Core {
-    index: PairIndex,
+    index: ItemIndex,
+    /// Whole row groups' image columns kept between batches (budget 0: off).
+    row_groups: RowGroupCache,
     cfg: Config,
     pool: rayon::ThreadPool,
     prefetch: usize,
@@ -129,9 +134,9 @@ impl Loader {
             .thread_name(|i| format!("ncp-loader-{i}"))
             .build()
             .map_err(|e| LoadError::Internal(format!("cannot start loader threads: {e}")))?;
-        let mut index = pool.install(|| guarded(|| build_index(sources, cols, opts.selection)))?;
-        index.set_row_group_cache(opts.row_group_cache_bytes);
-        let core = Core { index, cfg, pool, prefetch: opts.prefetch.max(1) };
+        let index = pool.install(|| guarded(|| build_index(sources, cols, opts.selection)))?;
+        let row_groups = RowGroupCache::new(opts.row_group_cache_bytes, &index);
+        let core = Core { index, row_groups, cfg, pool, prefetch: opts.prefetch.max(1) };
         Ok(Loader {
             core: Arc::new(core),
             pos: Arc::new(Mutex::new(Position { epoch: 0, batch: 0, generation: 0 })),
@@ -141,16 +146,16 @@ impl Loader {
 
     /// Batches per epoch on this rank.
     pub fn len(&self) -> usize {
-        num_batches(self.core.index.pairs.len(), &self.core.cfg)
+        num_batches(self.core.index.items.len(), &self.core.cfg)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Pairs in the index (all ranks, after selection).
+    /// Items in the index (all ranks, after selection): pairs, or unpaired images.
     pub fn num_pairs(&self) -> usize {
-        self.core.index.pairs.len()
+        self.core.index.items.len()
     }
 
     pub fn config(&self) -> &Config {
@@ -161,7 +166,7 @@ impl Loader {
         &self.core.index.stats
     }
 
-    pub fn index(&self) -> &PairIndex {
+    pub fn index(&self) -> &ItemIndex {
         &self.core.index
     }
 
@@ -185,7 +190,7 @@ impl Loader {
         use Stat::{Count, Records, Seconds, Text};
         let i = self.index_stats();
         let s = self.run_stats();
-        let rgc = &self.core.index.row_groups;
+        let rgc = &self.core.row_groups;
         let n = |v: usize| Count(v as u64);
         let mut out = vec![
             ("format", Text(self.format().name())),
@@ -277,7 +282,7 @@ impl Loader {
             p.generation += 1;
             (p.epoch, p.batch, p.generation)
         };
-        let samples = Arc::new(epoch_samples(self.core.index.pairs.len(), &self.core.cfg, epoch));
+        let samples = Arc::new(epoch_samples(self.core.index.items.len(), &self.core.cfg, epoch));
         let (tx, rx) = unbounded();
         let mut it = EpochIter {
             core: self.core.clone(),
@@ -330,7 +335,7 @@ impl EpochIter {
                 let bs = core.cfg.batch_size;
                 let lo = (k * bs).min(samples.len());
                 let hi = ((k + 1) * bs).min(samples.len());
-                let r = guarded(|| build_batch(&core.index, &core.cfg, epoch, &samples[lo..hi]));
+                let r = guarded(|| build_batch(&core.index, &core.row_groups, &core.cfg, epoch, &samples[lo..hi]));
                 let _ = tx.send((k, r));
             });
             self.submitted += 1;
@@ -419,7 +424,7 @@ impl Drop for EpochIter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::tests::{png, shard_with};
+    use crate::testutil::{png, shard_with, unpaired_shard};
 
     fn cfg(batch_size: usize) -> Config {
         Config {
@@ -531,7 +536,7 @@ mod tests {
         assert_eq!(keys, ["epoch", "sample_in_epoch", "seed", "world_size", "rank", "batch_size"]);
         let names = |l: &Loader| l.stats().into_iter().map(|e| e.0).collect::<Vec<_>>();
         assert!(!names(&l).contains(&"desirable"));
-        let path = crate::batch::tests::unpaired_shard(dir.path(), std::sync::Arc::new(BooleanArray::from(vec![true, false, true, true, false])));
+        let path = unpaired_shard(dir.path(), std::sync::Arc::new(BooleanArray::from(vec![true, false, true, true, false])));
         let u = Loader::new(&[path], cfg(2), LoaderOptions { format: Format::Unpaired, ..opts(1) }).unwrap();
         assert_eq!(u.len(), 2);
         let got: Vec<bool> = u.iter().flat_map(|b| b.unwrap().desirable).collect();

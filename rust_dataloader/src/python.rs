@@ -5,8 +5,9 @@
 use crate::batch::{draws, epoch_samples, num_batches, Batch, Config};
 use crate::error::LoadError;
 use crate::imaging::{decode, resize, shorter_side_size, DecodeError, Pixels};
+use crate::columns::Format;
 use crate::loader::{panic_message, EpochIter, Loader, LoaderOptions, Stat};
-use crate::source::{Format, Selection};
+use crate::selection::Selection;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyError, PyOSError, PyRuntimeError, PyValueError};
@@ -279,13 +280,13 @@ fn augment_draws<'py>(
 /// the answers `ncp.data.paths.expand_sources` must give.
 #[pyfunction]
 fn expand_sources(sources: Vec<String>) -> PyResult<Vec<String>> {
-    crate::source::expand_sources(&sources).map_err(to_py)
+    crate::sources::expand_sources(&sources).map_err(to_py)
 }
 
 /// xxh3-64 of bytes: the image content hash of the latent cache's keys.
 #[pyfunction]
 fn content_hash(data: &Bound<'_, PyBytes>) -> u64 {
-    crate::source::content_hash(data.as_bytes())
+    crate::columns::content_hash(data.as_bytes())
 }
 
 /// The uid of an image when the uid columns are missing ("xxh3:" and 16 hex digits; a null: of no bytes):
@@ -293,7 +294,7 @@ fn content_hash(data: &Bound<'_, PyBytes>) -> u64 {
 #[pyfunction]
 #[pyo3(signature = (data))]
 fn image_uid(data: Option<&Bound<'_, PyBytes>>) -> String {
-    crate::source::image_uid(data.map(|d| d.as_bytes()))
+    crate::columns::image_uid(data.map(|d| d.as_bytes()))
 }
 
 #[pymodule]
