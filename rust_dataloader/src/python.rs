@@ -277,7 +277,7 @@ fn augment_draws<'py>(
 }
 
 /// The files `PairLoader` reads for `sources` (paths, globs, folders), in order:
-/// the answers `ncp.data.paths.expand_sources` must give.
+/// the answers `ncp.data.expand.expand_sources` must give.
 #[pyfunction]
 fn expand_sources(sources: Vec<String>) -> PyResult<Vec<String>> {
     crate::sources::expand_sources(&sources).map_err(to_py)

@@ -1,5 +1,5 @@
 //! Sources as files: paths, globs and folders expanded into files (the rules of
-//! `ncp.data.paths.expand_sources`), each opened as a parquet shard (by its magic bytes, with its
+//! `ncp.data.expand.expand_sources`), each opened as a parquet shard (by its magic bytes, with its
 //! metadata) or a JSONL file (by its extension); and the reading of a JSONL item's image file.
 use crate::error::{io_err, LoadError, Result};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
@@ -28,7 +28,7 @@ fn expand_home(s: &str) -> String {
 }
 
 /// Expand paths, globs and folders (their `*.parquet`, sorted) into files, with the
-/// rules of `ncp.data.paths.expand_sources`: `~` is the home folder, an existing
+/// rules of `ncp.data.expand.expand_sources`: `~` is the home folder, an existing
 /// file is taken as it is (also with `*?[` in its name), a glob includes hidden files.
 pub fn expand_sources(sources: &[String]) -> Result<Vec<String>> {
     if sources.is_empty() {

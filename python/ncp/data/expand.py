@@ -1,6 +1,6 @@
 """``data.sources`` to files: the one Python expansion, with the Rust loader's answers.
 
-Rules (``rust_dataloader/src/source.rs::expand_sources`` keeps the same):
+Rules (``rust_dataloader/src/sources.rs::expand_sources`` keeps the same):
 'bundle' is the data shipped with ncp; a leading ``~`` is the home folder; an
 existing file is taken as it is (also when its name holds ``*?[``); a pattern
 with ``*``, ``?`` or ``[`` is a glob (hidden files included, sorted); a folder

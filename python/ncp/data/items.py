@@ -13,7 +13,7 @@ keeps only rows whose winner never lost. An unpaired label is desirable when it 
 ``true``, ``1`` or ``"desirable"`` and undesirable when it is ``false``, ``0`` or
 ``"undesirable"``; anything else is a :class:`DataError` naming the file, row (or
 line), column (or key) and value. These are the Python rules and the oracle of the
-Rust loader's (``rust_dataloader/src/source.rs``), with the same messages.
+Rust loader's (``rust_dataloader/src/columns.rs``, ``parquet.rs``, ``jsonl.rs``), with the same messages.
 """
 from __future__ import annotations
 
