@@ -132,3 +132,27 @@ def test_sigterm_to_the_process_group_with_loader_workers(reference, tiny_sd15, 
     step = len(_losses(out))
     assert f"stopped by SIGTERM after step {step}" in err and "Traceback" not in err
     ckpt.verify_checkpoint(out / f"step-{step:06d}")
+
+
+ABANDONED = """
+import sys
+from ncp.data.options import LoaderOptions
+from ncp.data.sources import build_source
+
+source = build_source(LoaderOptions(sources=(sys.argv[1],), resolution=16, batch_size=2, backend="torch",
+                                    num_workers=2, absolute_winners=False))
+kept = iter(source)  # a generator dropped mid-epoch and still referenced at exit (a stored traceback, a cycle)
+next(kept)
+print("one batch", flush=True)
+"""
+
+
+def test_a_process_with_an_unclosed_torch_loader_exits(tiny_parquet, tmp_path):
+    """The loader workers ignore SIGTERM (above); multiprocessing's exit hook stops daemonic children with
+    SIGTERM and joins them, so an iterator nobody closed held the process at exit forever (a pytest run hung
+    after its summary). ncp stops its live workers first."""
+    script = tmp_path / "abandon.py"
+    script.write_text(ABANDONED)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_parquet)], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 0 and "one batch" in proc.stdout, proc.stderr[-2000:]

@@ -9,9 +9,11 @@ against. Order and augmentation follow docs/internals.md: a permutation per
 """
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,19 +260,40 @@ class TorchPairSource(PositionedSource):
                 yield batch
 
 
+# Loader workers ignore SIGTERM (``leave_stop_signals_to_the_parent``). multiprocessing's exit hook stops daemonic
+# children with SIGTERM and then joins them, so the workers of an iterator nobody closed (a generator dropped
+# mid-epoch and kept alive by a reference cycle or a stored exception) would hold the process at exit forever.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's hook (torch imports it first), so it runs before it
+def _stop_live_workers() -> None:
+    """Tell every live iterator's workers to stop, as torch's own shutdown does (its done event, then join)."""
+    for it in list(_LIVE_ITERATORS):
+        it._shutdown_workers()
+
+
 def worker_errors(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
     """The items of ``loader``; a :class:`DataError` raised in one of its worker processes keeps its own
-    one-line message (torch re-raises it with the worker's traceback in the message)."""
+    one-line message (torch re-raises it with the worker's traceback in the message). The workers stop when
+    this generator ends, is closed, or raises, and at the latest when the process exits."""
     it = iter(loader)
-    while True:
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        except DataError as err:
-            head = f"{type(err).__module__}.{type(err).__qualname__}: "
-            own = [line.removeprefix(head) for line in str(err).splitlines() if line.startswith(head)]
-            if not own:  # raised in this process: already its own message
-                raise
-            raise type(err)(own[-1]) from None
-        yield item
+    stop = getattr(it, "_shutdown_workers", None)  # None without workers (num_workers=0)
+    if stop is not None:
+        _LIVE_ITERATORS.add(it)
+    try:
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except DataError as err:
+                head = f"{type(err).__module__}.{type(err).__qualname__}: "
+                own = [line.removeprefix(head) for line in str(err).splitlines() if line.startswith(head)]
+                if not own:  # raised in this process: already its own message
+                    raise
+                raise type(err)(own[-1]) from None
+            yield item
+    finally:
+        if stop is not None:
+            stop()
