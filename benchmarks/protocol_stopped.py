@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "checkpoints": {}}
     for ck in sorted(run.glob("step-*")):
         step = int(ck.name.split("-")[1])
+        if str(step) not in base["scores"]:  # e.g. the checkpoint a stop signal wrote mid-interval
+            print(f"{ck.name}: the baseline has no step {step}; skipped", flush=True)
+            continue
         scores = evaluator.lora(str(ck))
         stats = paired_stats(np.array(base["scores"][str(step)]), np.array(scores))
         out["checkpoints"][str(step)] = {
