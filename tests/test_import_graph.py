@@ -179,7 +179,8 @@ LAYERS = [
     ("data", ["ncp.data"]),
     ("scoring and sampling", ["ncp.scoring", "ncp.sampling", "ncp.validation", "ncp.metrics"]),
     ("trainer", ["ncp.trainer"]),
-    ("entry points", ["ncp.train", "ncp.evaluate", "ncp.report", "ncp.export", "ncp.cache"]),
+    ("entry points", ["ncp.train", "ncp.evaluate", "ncp.report", "ncp.export", "ncp.cache", "ncp.generate",
+                      "ncp.onpolicy"]),
     ("world", ["ncp.world"]),
 ]
 

@@ -143,6 +143,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, "keep the last K checkpoints")
     resume: str | None = opt(None, "'latest', 'auto' (latest if one exists, else start afresh: for restarted "
                                    "jobs) or a checkpoint folder to resume from")
+    init_from: str | None = opt(None, "start a new run from another run's checkpoint folder: its LoRA and "
+                                      "optimizer moments, not its step, data position or schedule (the rounds "
+                                      "of ncp.onpolicy); an exported lora/ folder gives the weights alone")
     max_nonfinite: int = opt(10, "stop after this many non-finite losses in a row (each is skipped)")
     report: bool = opt(False, "after training on the bundled world: image grid, curves and judge rewards")
     device: Literal["auto", "cpu", "cuda"] = opt(

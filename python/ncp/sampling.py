@@ -33,9 +33,19 @@ def sampling_defaults(model_dir: str | Path) -> tuple[int, float]:
 
 
 def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
-    """One prompt a line (.txt), or a .tsv/.csv with a prompt column (PartiPrompts: 'Prompt'). UTF-8; a
+    """One prompt a line (.txt), a .tsv/.csv with a prompt column (PartiPrompts: 'Prompt'), or a parquet
+    file's column (``column``, else ``caption`` as Pick-a-Pic names it; each prompt once, in order). UTF-8; a
     byte-order mark (as Windows editors write) is dropped, not kept in the first prompt or column name."""
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(path).schema_arrow.names
+        col = column if column in names else "caption" if column == "prompt" and "caption" in names else None
+        if col is None:
+            raise ValueError(f"{path}: no {column!r} column (columns: {names})")
+        values = pq.read_table(path, columns=[col]).column(col).to_pylist()
+        return list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
     if path.suffix.lower() in (".tsv", ".csv"):
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
@@ -46,15 +56,35 @@ def read_prompts(path: str | Path, column: str = "prompt") -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
-def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None):
-    """A StableDiffusionPipeline on the CPU, quiet, with the LoRA loaded when given."""
+def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, *, kind: str | None = None,
+                  scheduler: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers text-to-image pipeline (SD1.5-style, or SDXL: ``kind``, else detected from the folder),
+    quiet, on ``device``, with the LoRA loaded when given and ``scheduler`` (a diffusers scheduler class
+    name, e.g. ``DPMSolverMultistepScheduler``) built from the model's scheduler config when given."""
+    from ncp.models import detect_kind
+
+    kind = kind or detect_kind(str(model_dir))
     with quiet_loading():
-        pipe = pipeline_class("sd15").from_pretrained(str(model_dir), safety_checker=None,
-                                                      requires_safety_checker=False)
+        extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = pipeline_class(kind).from_pretrained(str(model_dir), dtype=dtype, **extra)
+    if scheduler:
+        pipe.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         load_unet_lora(pipe, lora_dir)
-    return pipe
+    return pipe.to(device)
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called ``name``, or a ValueError listing the known ones."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and isinstance(getattr(diffusers, n, None), type))
+        raise ValueError(f"unknown diffusers scheduler {name!r}; known: {', '.join(known)}")
+    return cls
 
 
 @torch.no_grad()
@@ -65,7 +95,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_ST
     bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False)
     for i in range(0, len(prompts), batch_size):
         ps, ss = prompts[i: i + batch_size], seeds[i: i + batch_size]
-        gens = [torch.Generator().manual_seed(int(s)) for s in ss]
+        gens = [torch.Generator().manual_seed(int(s)) for s in ss]  # CPU noise: the same images on any device
         imgs = pipe(prompt=ps, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
                     output_type="np").images
         out.extend((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))

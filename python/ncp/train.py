@@ -26,8 +26,8 @@ from ncp.models import ModelLoadError, compile_counters, detect_kind, resolve_mo
 from ncp.preempt import Preempted, SignalStop
 from ncp.report import after_training
 from ncp.sampling import read_prompts, sampling_defaults
-from ncp.trainer import (DivergedError, Trainer, export_lora, optimizer_step, peak_memory_mb, resume, setup,
-                         write_checkpoint)
+from ncp.trainer import (DivergedError, Trainer, export_lora, init_from, optimizer_step, peak_memory_mb, resume,
+                         setup, write_checkpoint)
 from ncp.validation import Validator
 
 logger = logging.getLogger("ncp.train")
@@ -112,6 +112,8 @@ def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     with run_dir.claim(tr.output_dir, cfg.train.resume, overwrite, tr.accelerator), SignalStop() as stop:
         if cfg.train.resume:
             resume(tr, cfg.train.resume)
+        if cfg.train.init_from and tr.step == 0:
+            init_from(tr, cfg.train.init_from)
         last = run_loop(tr, stop)
         lora_dir = export_lora(tr)
         result = {"step": tr.step, "lora": str(lora_dir), "metrics": last, "output_dir": str(tr.output_dir)}

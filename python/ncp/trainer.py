@@ -163,6 +163,22 @@ def resume(tr: Trainer, spec: str) -> None:
     logger.info("resumed from %s at step %d", folder, tr.step)
 
 
+def init_from(tr: Trainer, folder: str) -> None:
+    """Start from another run's checkpoint: its LoRA weights and optimizer moments (an exported ``lora/``
+    folder: the weights alone); this run keeps its own step (0), data order and learning-rate schedule."""
+    path = Path(folder)
+    load_lora_into(tr.base, path)
+    state_file = path / "trainer_state.pt"
+    if state_file.is_file():
+        ckpt.verify_checkpoint(path)
+        mine = tr.optimizer.state_dict()  # this run's param groups (lr, schedule), the other run's moments
+        mine["state"] = ckpt.read_trainer_state(state_file)["optimizer"]["state"]
+        tr.optimizer.load_state_dict(mine)
+        logger.info("train.init_from: LoRA and optimizer moments of %s", path)
+    else:
+        logger.info("train.init_from: LoRA of %s (no trainer_state.pt: fresh optimizer moments)", path)
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     """The randomness of a micro-step depends only on (seed, step, micro, rank): resumes reproduce it."""
     return torch.Generator(device).manual_seed(hash((seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF_FFFF)

@@ -190,9 +190,18 @@ def judge_many(images, prompts) -> list[Judgement]:
 
 
 class JudgeScorer:
-    """The judge as a :class:`ncp.scoring.Scorer`: ``judge(image, prompt).score`` of every image."""
+    """The judge as a :class:`ncp.scoring.Scorer`: ``judge(image, prompt).score`` of every image, or one of its
+    parts (``part="alignment"`` or ``"quality"``: a reward-hacking check reports them apart)."""
 
-    name = "judge"
+    PARTS = ("score", "alignment", "quality")
+
+    def __init__(self, part: str = "score"):
+        if part not in self.PARTS:
+            raise ValueError(f"judge part {part!r}: known parts are {', '.join(self.PARTS)}")
+        self.part = part
+        self.name = "judge" if part == "score" else f"judge.{part}"
 
     def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
-        return np.array([judge(im, p).score for im, p in tqdm(list(zip(images, prompts)), desc="judge", leave=False)])
+        pairs = list(zip(images, prompts))
+        return np.array([getattr(judge(im, p), self.part) for im, p in tqdm(pairs, desc=self.name, leave=False)],
+                        dtype=np.float64)

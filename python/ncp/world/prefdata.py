@@ -11,7 +11,6 @@ uids, best_image_uid that matches neither image on a tie).
 """
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import random
@@ -21,7 +20,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from ncp.data.pairing import PICKAPIC_SCHEMA, jpeg_bytes
 
 
 @dataclass
@@ -36,12 +35,6 @@ class AnnotatorConfig:
     # 96 base samples: raw 0.669, q95 4:2:0 0.647, q95 4:4:4 0.668), and every
     # objective then learns the smear from its training images.
     jpeg_subsampling: str = "4:4:4"
-
-
-def jpeg_bytes(image: np.ndarray, quality: int, subsampling: str = "4:4:4") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
-    return buf.getvalue()
 
 
 def _label(rng: random.Random, s0: float, s1: float, cfg: AnnotatorConfig) -> tuple[float, float]:
@@ -75,14 +68,7 @@ def make_rows(captions: list[str], images: list[list[np.ndarray]], scores: list[
     return rows
 
 
-SCHEMA = pa.schema([
-    ("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()), ("label_1", pa.float64()),
-    ("image_0_uid", pa.string()), ("image_1_uid", pa.string()), ("best_image_uid", pa.string()),
-    ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("model_0", pa.string()), ("model_1", pa.string()),
-    ("ranking_id", pa.int64()), ("user_id", pa.int64()), ("num_example_per_prompt", pa.int64()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-])
+SCHEMA = PICKAPIC_SCHEMA
 
 
 def write_parquet(rows: list[dict], path: str, row_group_size: int = 256) -> None:
