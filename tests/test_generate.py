@@ -341,3 +341,16 @@ def test_rounds_train_on_policy_and_resume_after_a_kill(tmp_path):
     r = subprocess.run(onpolicy_cmd(killed, 2, "--images-per-prompt", "3"), env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "images_per_prompt: 2 -> 3" in r.stderr
+
+
+def test_fewer_pairs_than_a_batch_is_named(tiny_sd15, tmp_path):
+    from fixtures import cli_args
+    from ncp.data.batch import DataError
+    from ncp.train import parse_args, train
+
+    prompts = prompts_file(tmp_path, 2)
+    run(tmp_path / "gen", gen_settings(tiny_sd15, prompts), Runtime(threads=1))  # 2 pairs
+    args = cli_args(tiny_sd15, f"{tmp_path / 'gen' / 'pairs'}/*.parquet", tmp_path / "run", "train.max_steps=1",
+                    "data.batch_size=4", "data.backend=rust")
+    with pytest.raises(DataError, match="no full batch: fewer items than data.batch_size=4"):
+        train(parse_args(args)[0])

@@ -158,6 +158,12 @@ def endless(source: PairSource) -> Iterator[Batch]:
         for batch in source:
             yielded = True
             yield batch
+        if not yielded and started_at_zero and len(source) == 0:
+            opts = getattr(source, "options", None)
+            size = f"data.batch_size={opts.batch_size}" if opts is not None else "one batch"
+            raise DataError(f"an epoch holds no full batch: fewer items than {size} (the loader's counts: "
+                            f"{source.stats()}; a partial last batch is dropped): give more data or a smaller "
+                            f"data.batch_size")
         if not yielded and started_at_zero:
             raise DataError(f"a whole epoch of {len(source)} batches gave no pair: every image was skipped as "
                             f"corrupt ({source.stats().get('skipped', 0)} skipped); check data.sources")
