@@ -354,3 +354,27 @@ def test_fewer_pairs_than_a_batch_is_named(tiny_sd15, tmp_path):
                     "data.batch_size=4", "data.backend=rust")
     with pytest.raises(DataError, match="no full batch: fewer items than data.batch_size=4"):
         train(parse_args(args)[0])
+
+
+def test_generate_scores_with_a_weighted_clip_model_and_the_judge(tiny_sd15, tmp_path):
+    """A random-weight CLIP folder (PickScore-style) and the judge, weighed, in the scoring process: the written
+    reward is the weighted sum of the parts written beside it, and the CLIP part is what CLIPScorer gives."""
+    from test_evaluate import tiny_clip
+
+    from ncp.scoring import CLIPScorer
+
+    clip = tiny_clip(tmp_path / "clip")
+    prompts = prompts_file(tmp_path, 2)
+    spec = f"pickscore:{clip}@0.25,judge@2"
+    run(tmp_path / "gen", gen_settings(tiny_sd15, prompts, scorers=spec), Runtime(threads=1), pairs="margin:0")
+    rows = pq.read_table(tmp_path / "gen" / "samples").to_pylist()
+    from ncp.sampling import generate, load_pipeline
+
+    # the same images again, before any JPEG: the seeds written beside each row redraw it
+    images = generate(load_pipeline(tiny_sd15), [r["prompt"] for r in rows], [r["seed"] for r in rows], 2, 2.0)
+    direct = CLIPScorer(str(clip), "pickscore")(images, [r["prompt"] for r in rows])
+    for r, d in zip(rows, direct):
+        parts = json.loads(r["scores"])
+        assert set(parts) == {f"pickscore:{clip.name}", "judge"}
+        assert r["score"] == pytest.approx(0.25 * parts[f"pickscore:{clip.name}"] + 2 * parts["judge"])
+        assert parts[f"pickscore:{clip.name}"] == pytest.approx(d, abs=1e-3)
