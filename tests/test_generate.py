@@ -378,3 +378,17 @@ def test_generate_scores_with_a_weighted_clip_model_and_the_judge(tiny_sd15, tmp
         assert set(parts) == {f"pickscore:{clip.name}", "judge"}
         assert r["score"] == pytest.approx(0.25 * parts[f"pickscore:{clip.name}"] + 2 * parts["judge"])
         assert parts[f"pickscore:{clip.name}"] == pytest.approx(d, abs=1e-3)
+
+
+def test_rounds_of_unpaired_kto_labels(tmp_path):
+    """--unpaired gives each round KTO's desirable / undesirable images instead of pairs (data.format=unpaired)."""
+    out = tmp_path / "kto"
+    cmd = [a for a in onpolicy_cmd(out, 2, "--unpaired", "quantile:0.34") if a != "objective.name=dpo"]
+    r = subprocess.run(cmd + ["objective.name=kto"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(2):
+        done = json.loads((out / f"round-{i:03d}" / "done.json").read_text())
+        assert done["unpaired"] == {"rule": "quantile:0.34", "desirable": 2, "undesirable": 2, "dropped": 2}
+        cfg = json.loads((out / f"round-{i:03d}" / "train" / "step-000002" / "config.json").read_text())
+        assert cfg["data"]["format"] == "unpaired" and cfg["objective"]["name"] == "kto"
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
