@@ -308,7 +308,8 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ncp.flops import full_finetune_dpo_flops, peak_flops
-    from ncp.models import Conditioning, Models, encode_prompts, load_models, sdxl_time_ids
+    from ncp.families import family
+    from ncp.models import Conditioning, Models, encode_prompts, load_models
 
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
@@ -344,7 +345,7 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["model"] == "sdxl":
             r = spec["resolution"]
             inp["pooled"] = cond.pooled.to(runner.half)
-            inp["time_ids"] = sdxl_time_ids(torch.tensor([[r, r]] * b), torch.zeros(b, 2, dtype=torch.long), r).to(
+            inp["time_ids"] = family("sdxl").time_ids(torch.tensor([[r, r]] * b), torch.zeros(b, 2, dtype=torch.long), r).to(
                 device, runner.half)
         losses.append(runner.step("baseline", inp))
         if cuda:

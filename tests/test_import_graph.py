@@ -172,7 +172,7 @@ def test_only_the_world_imports_the_world():
 # The layers of docs/internals.md, lowest first. A module may import its own layer and the layers below it,
 # never one above: the core never reaches up into the trainer, an entry point or the world.
 LAYERS = [
-    ("leaves", ["ncp.paths", "ncp.files", "ncp._torch_abi", "ncp._build_checks", "ncp.ops", "ncp.objectives",
+    ("leaves", ["ncp.paths", "ncp.families", "ncp.files", "ncp._torch_abi", "ncp._build_checks", "ncp.ops", "ncp.objectives",
                 "ncp.schedule", "ncp.config", "ncp.pipelines", "ncp.preempt", "ncp.run_dir"]),
     ("models", ["ncp.models"]),
     ("core", ["ncp.criterion", "ncp.step", "ncp.timestep_scale", "ncp.flops", "ncp.optim", "ncp.checkpoint"]),

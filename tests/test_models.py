@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ncp.models import (Conditioning, adapters_disabled, add_lora, encode_prompts, encoder_features, load_models,
-                        resolve_taps, sdxl_time_ids)
+                        resolve_taps)
+from ncp.families import family
 
 
 def _models(folder):
@@ -16,7 +17,7 @@ def _inputs(models, n=2, size=16):
     t = torch.tensor([10, 700][:n])
     cond = encode_prompts(models, ["a red cube", "two blue balls"][:n])
     if models.kind == "sdxl":
-        cond.time_ids = sdxl_time_ids(torch.tensor([[40, 48]] * n), torch.tensor([[0, 4]] * n), 32)
+        cond.time_ids = family("sdxl").time_ids(torch.tensor([[40, 48]] * n), torch.tensor([[0, 4]] * n), 32)
     return x, t, cond
 
 
@@ -77,7 +78,7 @@ def test_sdxl_conditioning_shapes(tiny_sdxl):
     assert models.kind == "sdxl"
     assert cond.hidden_states.shape == (1, 16, 32)  # both encoders' penultimate states, concatenated
     assert cond.pooled.shape == (1, 16)
-    ids = sdxl_time_ids(torch.tensor([[40, 48]]), torch.tensor([[0, 4]]), 32)
+    ids = family("sdxl").time_ids(torch.tensor([[40, 48]]), torch.tensor([[0, 4]]), 32)
     assert ids.tolist() == [[40.0, 48.0, 0.0, 4.0, 32.0, 32.0]]
     assert Conditioning(cond.hidden_states, cond.pooled, ids).repeat(2).time_ids.shape == (2, 6)
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ncp.files import written_whole
-from ncp.models import ModelLoadError, detect_kind, resolve_model_path
+from ncp.models import ModelLoadError, detect_kind, family, resolve_model_path
 from ncp.pipelines import bind_pil_image_processors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -147,7 +147,7 @@ def to_kohya(modules: dict[str, tuple[Tensor, Tensor]], alpha: float, kind: str,
     kohya scales ``up @ down`` by ``alpha / rank``, as peft does by ``lora_alpha / r``: the same update."""
     out = {}
     for module, (down, up) in sorted(modules.items()):
-        name = sgm_module_name(module, unet_config) if kind == "sdxl" else module
+        name = sgm_module_name(module, unet_config) if family(kind).kohya_names == "sgm" else module
         key = "lora_unet_" + name.replace(".", "_")
         out[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
         out[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
@@ -166,7 +166,7 @@ def export_kohya(lora_dir: Path, model: str, out: Path, dtype: torch.dtype = tor
     state = to_kohya(modules, alpha, kind, unet_config, dtype)
     # sd-scripts' own metadata keys (A1111 and ComfyUI show them; loading does not need them)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-            "ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1",
+            "ss_base_model_version": family(kind).kohya_base_model,
             "ncp_source": str(lora_dir.resolve())}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import socket
 from urllib.parse import urlparse
@@ -18,6 +17,7 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
+from ncp.families import Conditioning, detect_kind, family  # noqa: F401 (re-exported: ncp.models is where callers look)
 from ncp.paths import bundle_path
 
 logger = logging.getLogger(__name__)
@@ -76,36 +76,9 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def detect_kind(path: str) -> str:
-    index = Path(path) / "model_index.json"
-    if index.is_file():
-        spec = json.loads(index.read_text())
-        return "sdxl" if "text_encoder_2" in spec or "XL" in spec.get("_class_name", "") else "sd15"
-    return "sdxl" if "xl" in path.lower() else "sd15"
-
-
-@dataclass
-class Conditioning:
-    """What the U-Net is conditioned on, for B prompts (SDXL adds pooled embeddings and time ids)."""
-
-    hidden_states: Tensor  # (B, L, D)
-    pooled: Tensor | None = None  # (B, D2), SDXL
-    time_ids: Tensor | None = None  # (B, 6), SDXL
-
-    def added_cond_kwargs(self) -> dict[str, Tensor] | None:
-        if self.pooled is None:
-            return None
-        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
-
-    def repeat(self, n: int) -> "Conditioning":
-        """The condition for ``n`` stacked copies of the batch (winners then losers, ...)."""
-        rep = lambda x: None if x is None else x.repeat(n, *([1] * (x.dim() - 1)))  # noqa: E731
-        return Conditioning(rep(self.hidden_states), rep(self.pooled), rep(self.time_ids))
-
-
 @dataclass
 class Models:
-    kind: str  # "sd15" or "sdxl"
+    kind: str  # the model family (ncp.families): "sd15", "sdxl"
     unet: nn.Module  # with LoRA adapters (the policy)
     vae: nn.Module
     text_encoders: list[nn.Module]
@@ -153,8 +126,9 @@ def load_models(
     With ``with_unet=False`` (writing the latent cache) there is no U-Net and no
     scheduler, and ``path`` is taken as it is (a folder of the VAE and text encoder(s) will do).
     """
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(path) if with_unet else path
     kind = detect_kind(path) if kind == "auto" else kind
@@ -163,19 +137,17 @@ def load_models(
     unet = _from_pretrained(UNet2DConditionModel, path, "unet", torch_dtype=weight_dtype) if with_unet else None
     vae = _from_pretrained(AutoencoderKL, vae_path or path, None if vae_path else "vae",
                            torch_dtype=weight_dtype if encoders_on_device else torch.float32)
-    tokenizers = [_from_pretrained(AutoTokenizer, path, "tokenizer")]
-    text_encoders = [_from_pretrained(CLIPTextModel, path, "text_encoder")]
-    if kind == "sdxl":
-        tokenizers.append(_from_pretrained(AutoTokenizer, path, "tokenizer_2"))
-        text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2"))
+    fam = family(kind)
+    tokenizers = [_from_pretrained(AutoTokenizer, path, tok) for tok, _, _ in fam.text_encoders]
+    text_encoders = [_from_pretrained(getattr(transformers, cls), path, enc) for _, enc, cls in fam.text_encoders]
     for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
         module.requires_grad_(False)
         module.eval()
         on_device = module is unet or encoders_on_device
         dtype = {} if module is unet or module is vae else {"dtype": weight_dtype if on_device else torch.float32}
         module.to(device=device if on_device else torch.device("cpu"), **dtype)
-    if vae_path is None and kind == "sdxl" and weight_dtype == torch.float16:
-        logger.warning("SDXL's VAE overflows in fp16; set model.vae_path to an fp16-safe VAE")
+    if vae_path is None and fam.vae_overflows_in_fp16 and weight_dtype == torch.float16:
+        logger.warning("%s's VAE overflows in fp16; set model.vae_path to an fp16-safe VAE", kind)
     return Models(kind, unet, vae, text_encoders, tokenizers, scheduler, weight_dtype, device)
 
 
@@ -218,9 +190,7 @@ def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
 def save_lora(unet: nn.Module, out_dir: str | Path, kind: str) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``."""
     # the pipelines' own LoRA writers, without importing a pipeline module (and the image processors it imports)
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
-    pipeline_cls = StableDiffusionXLLoraLoaderMixin if kind == "sdxl" else StableDiffusionLoraLoaderMixin
+    pipeline_cls = family(kind).lora_loader_class()
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     metadata = unet.peft_config["default"].to_dict()
     pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
@@ -304,32 +274,12 @@ def frozen_checkpointing(unet: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------- text conditioning
 
 
-def _token_ids(tokenizer, captions: list[str], device: torch.device) -> Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids.to(device)
-
-
 @torch.no_grad()
 def encode_prompts(models: Models, captions: list[str]) -> Conditioning:
-    """Text hidden states (SD1.5: last layer; SDXL: penultimate layers of both encoders, concatenated,
-    plus the pooled embedding of the second)."""
-    to_unet = dict(device=models.device, dtype=models.weight_dtype)
-    if models.kind == "sd15":
-        encoder = models.text_encoders[0]
-        ids = _token_ids(models.tokenizers[0], captions, encoder.device)
-        return Conditioning(encoder(ids)[0].to(**to_unet))
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-        out = encoder(_token_ids(tokenizer, captions, encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2].to(**to_unet))
-        pooled = out[0].to(**to_unet)  # the projected text embedding of the last encoder
-    return Conditioning(torch.cat(hidden, dim=-1), pooled)
-
-
-def sdxl_time_ids(original_sizes: Tensor, crop_top_left: Tensor, resolution: int) -> Tensor:
-    """(B, 6): original (h, w), crop (top, left), target (h, w), as SDXL was trained."""
-    target = torch.tensor([resolution, resolution], dtype=original_sizes.dtype).expand_as(original_sizes)
-    return torch.cat([original_sizes, crop_top_left, target], dim=1).float()
+    """The condition of each caption, as the model's family encodes it (``ncp.families``: SD1.5 the last
+    hidden layer; SDXL both encoders' penultimate layers, concatenated, and the pooled embedding)."""
+    return family(models.kind).encode(models.tokenizers, models.text_encoders, captions, models.device,
+                                      models.weight_dtype)
 
 
 # ---------------------------------------------------------------- perceptual encoder
@@ -339,10 +289,8 @@ def resolve_taps(spec: list[str], kind: str, num_down_blocks: int) -> list[Tap]:
     """Expand a preset or explicit list into "conv_in", down block indices and/or "mid", in forward order."""
     if len(spec) == 1 and spec[0] in TAP_PRESETS:
         preset = spec[0]
-        if preset == "auto":
-            preset = "paper" if kind == "sdxl" else "mid"
-        if preset == "authors":  # their SD1.5 encoder scripts; their SDXL script taps the last down block
-            preset = "paper" if kind == "sdxl" else "authors"
+        # "auto" and "authors" mean what the family says (the authors: SD1.5 all scales, SDXL the last block)
+        preset = family(kind).tap_presets.get(preset, preset)
         return {"paper": [num_down_blocks - 1], "mid": ["mid"], "multiscale": [*range(num_down_blocks), "mid"],
                 "authors": ["conv_in", *range(num_down_blocks), "mid"]}[preset]
     taps: list[Tap] = []

@@ -6,7 +6,8 @@ Two notices came with every default run, and both are fixed where they arise:
   (and ``SiglipImageProcessor``); without torchvision (which has no build for every
   torch ncp supports) the first import of such a name by diffusers' pipeline modules
   falls back to the PIL class with a warning. ncp's pipelines run no image processor
-  (no safety checker, no IP-Adapter): :func:`pipeline_class` binds the PIL classes
+  (no safety checker, no IP-Adapter): ``ncp.families.Family.pipeline_class`` binds the PIL classes
+  (:func:`bind_pil_image_processors`)
   first, which is exactly the fallback transformers takes, so the name resolves
   without it.
 - ``pipe.load_lora_weights`` also looks for text-encoder LoRA keys and notes their
@@ -37,14 +38,6 @@ def bind_pil_image_processors() -> None:
         pil = getattr(transformers, f"{name}Pil", None)
         if pil is not None and name not in vars(transformers):
             setattr(transformers, name, pil)
-
-
-def pipeline_class(kind: str):
-    """``StableDiffusionXLPipeline`` for ``kind == "sdxl"``, else ``StableDiffusionPipeline``."""
-    bind_pil_image_processors()
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
 
 
 def load_unet_lora(pipe, lora_dir: str | Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ncp.models import quiet_loading
-from ncp.pipelines import load_unet_lora, pipeline_class
+from ncp.pipelines import load_unet_lora
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
@@ -61,12 +61,11 @@ def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, *, 
     """A diffusers text-to-image pipeline (SD1.5-style, or SDXL: ``kind``, else detected from the folder),
     quiet, on ``device``, with the LoRA loaded when given and ``scheduler`` (a diffusers scheduler class
     name, e.g. ``DPMSolverMultistepScheduler``) built from the model's scheduler config when given."""
-    from ncp.models import detect_kind
+    from ncp.families import detect_kind, family
 
-    kind = kind or detect_kind(str(model_dir))
+    fam = family(kind or detect_kind(str(model_dir)))
     with quiet_loading():
-        extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-        pipe = pipeline_class(kind).from_pretrained(str(model_dir), dtype=dtype, **extra)
+        pipe = fam.pipeline_class().from_pretrained(str(model_dir), dtype=dtype, **fam.pipeline_kwargs)
     if scheduler:
         pipe.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

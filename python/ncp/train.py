@@ -153,7 +153,7 @@ def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
         return DEFAULT_CONFIG, "the bundled model's recipe"
     kind = given.get("model.kind", "auto").strip()
     kind = detect_kind(path) if kind == "auto" else kind
-    if kind not in ("sd15", "sdxl"):
+    if not (RECIPES / f"{kind}.yaml").is_file():
         raise ConfigError(f"model.kind={kind}: no shipped recipe; give one with --config FILE")
     return RECIPES / f"{kind}.yaml", f"the {kind} recipe (model.path={path} is not the bundled model)"
 

@@ -24,7 +24,7 @@ from ncp.data.contract import PairSource
 from ncp.data.sources import build_source
 from ncp.flops import Throughput, training_throughput
 from ncp.models import (DTYPES, Conditioning, Models, add_lora, attention_backend, compile_unet, encode_prompts,
-                        load_lora_into, load_models, resolve_model_path, save_lora, sdxl_time_ids)
+                        family, load_lora_into, load_models, resolve_model_path, save_lora)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
 from ncp.schedule import NoiseSchedule
@@ -206,9 +206,9 @@ def batch_conditioning(batch: Batch, models: Models, resolution: int) -> Conditi
                             else batch.pooled_prompt_embeds.to(models.device, models.weight_dtype))
     else:
         cond = encode_prompts(models, batch.captions)
-    if models.kind == "sdxl":
-        cond.time_ids = sdxl_time_ids(batch.original_sizes, batch.crop_top_left, resolution).to(
-            models.device, models.weight_dtype)
+    time_ids = family(models.kind).time_ids(batch.original_sizes, batch.crop_top_left, resolution)
+    if time_ids is not None:
+        cond.time_ids = time_ids.to(models.device, models.weight_dtype)
     return cond
 
 

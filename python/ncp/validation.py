@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ncp.models import Models, adapters_disabled
-from ncp.pipelines import pipeline_class
+from ncp.families import family
 from ncp.sampling import generate, save_grid
 
 SEED = 1234  # validation seeds are SEED + k, apart from train.seed: the same images for every run
@@ -45,13 +45,7 @@ def validation_scheduler(model_path: str, models: Models):
 
 def training_pipeline(models: Models, unet: nn.Module, scheduler):
     """A text-to-image pipeline around the training modules (the LoRA U-Net itself, not a copy)."""
-    cls = pipeline_class(models.kind)
-    if models.kind == "sdxl":
-        pipe = cls(vae=models.vae, text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
-                   tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1], unet=unet, scheduler=scheduler)
-    else:
-        pipe = cls(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0], unet=unet,
-                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = family(models.kind).training_pipeline(models.vae, models.text_encoders, models.tokenizers, unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -18,7 +18,7 @@ from ncp.data.batch import DataError
 from ncp.data.expand import expand_sources
 from ncp.data.rust import loader_batches, pair_loader
 from ncp.files import file_digest
-from ncp.models import DTYPES, detect_kind, resolve_model_path
+from ncp.models import DTYPES, detect_kind, family, resolve_model_path
 
 logger = logging.getLogger("ncp.cache")
 
@@ -80,7 +80,7 @@ def model_identity(model: str) -> dict[str, Any]:
     """The model part of a cache key: its kind and the identity of its VAE and text encoder(s)."""
     path = model_folder(model)
     kind = detect_kind(path)
-    encoders = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
+    encoders = [encoder for _, encoder, _ in family(kind).text_encoders]
     return {"model_kind": kind, "vae": component_identity(path, "vae"),
             "text_encoders": {name: component_identity(path, name) for name in encoders}}
 

@@ -1,0 +1,43 @@
+"""Model families: what differs between SD1.5, SDXL and the families to come, behind one small interface.
+
+A family says how a diffusers pipeline folder of its kind is recognised, which text encoders it has and how
+a prompt becomes the denoiser's condition (:class:`Conditioning`: hidden states, SDXL's pooled embedding and
+size/crop ids), which pipeline class samples it and which LoRA loader writes its adapters, which encoder taps
+its tap presets mean, and how kohya-style tools name its modules. The training core asks ``family(kind)`` and
+never tests a family's name; adding a family is one module here (registered in :data:`FAMILIES`) and its
+test. The noise target and the reverse step come from the model's scheduler config (eps or v prediction) and
+stay in ``ncp.schedule`` until a family changes them (flow matching).
+
+A new family: a module here with a Family subclass, listed in FAMILIES, and its test. This package is a
+leaf: it imports no other ncp module but ``ncp.pipelines``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ncp.families.base import Conditioning, Family
+from ncp.families.sd15 import SD15
+from ncp.families.sdxl import SDXL
+
+__all__ = ["Conditioning", "FAMILIES", "Family", "detect_kind", "family"]
+
+# every family, by name; a folder is the first whose ``matches`` accepts its model_index.json
+FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL(), SD15())}
+
+
+def family(kind: str) -> Family:
+    """The family called ``kind`` (``sd15``, ``sdxl``), or a ValueError listing the known ones."""
+    try:
+        return FAMILIES[kind]
+    except KeyError:
+        raise ValueError(f"unknown model family {kind!r} (known: {', '.join(sorted(FAMILIES))})") from None
+
+
+def detect_kind(path: str) -> str:
+    """The family of a pipeline folder, from its ``model_index.json`` (else from the name: 'xl' -> sdxl)."""
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text())
+        return next((f.name for f in FAMILIES.values() if f.matches(spec)), "sd15")
+    return "sdxl" if "xl" in path.lower() else "sd15"
