@@ -87,3 +87,74 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.double()
         c_e = beta / ((1 - abar).sqrt() * (1 - beta).sqrt())
         return c_e.pow(-2).float()
+
+
+@dataclass
+class FlowSchedule:
+    """The rectified-flow (flow matching) schedule of SD3 / SD3.5 and Flux.1, on the training grid of the
+    model's ``FlowMatchEulerDiscreteScheduler`` (its sigmas as built, shifted where the config shifts them):
+    ``x_sigma = (1 - sigma) x0 + sigma eps``, the model predicts the velocity ``v = eps - x0`` at timestep
+    ``1000 sigma``, and the reverse (Euler) step to the next lower sigma is ``x + (sigma_next - sigma) v``.
+    Indices count from the noisiest sigma (0) down, as the scheduler's ``timesteps`` do."""
+
+    sigmas: Tensor  # (T,) descending
+    num_train_timesteps: int = 1000
+    prediction_type: str = "flow"
+
+    @classmethod
+    def from_scheduler(cls, scheduler, device: torch.device) -> "FlowSchedule":
+        n = scheduler.config.num_train_timesteps
+        sigmas = scheduler.sigmas[:n].to(device=device, dtype=torch.float32)
+        if sigmas.shape[0] != n:
+            raise ValueError(f"the scheduler holds {sigmas.shape[0]} sigmas, not its {n} training ones: build the "
+                             f"schedule before set_timesteps")
+        return cls(sigmas, n)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    def _sigma(self, index: Tensor, like: Tensor) -> Tensor:
+        return self.sigmas[index].view(-1, *([1] * (like.dim() - 1)))
+
+    def timesteps(self, index: Tensor) -> Tensor:
+        """The transformer's timestep input at each index (``1000 sigma``, as the pipelines pass it)."""
+        return self.sigmas[index] * self.num_train_timesteps
+
+    def add_noise(self, x0: Tensor, eps: Tensor, index: Tensor) -> Tensor:
+        s = self._sigma(index, x0)
+        return (1 - s) * x0 + s * eps
+
+    def target(self, x0: Tensor, eps: Tensor, index: Tensor) -> Tensor:
+        """The velocity the model predicts (Flow-DPO compares predictions with it)."""
+        return eps - x0
+
+    def next_sigma(self, index: Tensor) -> Tensor:
+        nxt = torch.cat([self.sigmas[1:], self.sigmas.new_zeros(1)])
+        return nxt[index]
+
+    def euler_step(self, x: Tensor, v: Tensor, index: Tensor) -> Tensor:
+        """One Euler step of the velocity ``v`` from sigma[index] to the next lower sigma (0 after the last)."""
+        return x + (self.next_sigma(index) - self.sigmas[index]).view(-1, *([1] * (x.dim() - 1))) * v
+
+    def step_coefficient(self, index: Tensor) -> Tensor:
+        """``sigma - sigma_next``: two velocities' Euler steps differ by it times their difference (the
+        counterpart of the DDPM step's ``c_e(t)``, for ``error_scale=coef``)."""
+        return self.sigmas[index] - self.next_sigma(index)
+
+    def sample_indices(self, batch: int, generator: torch.Generator, weighting: str = "logit_normal",
+                       mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
+        """Training indices by SD3's density on ``u`` in (0, 1) (``logit_normal``: ``sigmoid(N(mean, std))``;
+        ``mode``: the paper's mode sampling; ``uniform``), then ``index = floor(u T)`` on the training grid, as
+        diffusers' SD3 / Flux training scripts pick them."""
+        device = self.sigmas.device
+        if weighting == "logit_normal":
+            u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+        elif weighting == "mode":
+            u = torch.rand(batch, generator=generator, device=device)
+            u = 1 - u - mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+        elif weighting == "uniform":
+            u = torch.rand(batch, generator=generator, device=device)
+        else:
+            raise ValueError(f"sigma sampling {weighting!r}: expected logit_normal, mode or uniform")
+        return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
