@@ -392,3 +392,16 @@ def test_rounds_of_unpaired_kto_labels(tmp_path):
         cfg = json.loads((out / f"round-{i:03d}" / "train" / "step-000002" / "config.json").read_text())
         assert cfg["data"]["format"] == "unpaired" and cfg["objective"]["name"] == "kto"
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.cuda
+def test_generate_on_the_gpu_scores_like_the_cpu(tiny_sd15, tmp_path):
+    """fp32 on the GPU: the same seeds (CPU noise) give the same images up to the GPU's rounding."""
+    prompts = prompts_file(tmp_path, 2)
+    run(tmp_path / "cpu", gen_settings(tiny_sd15, prompts), Runtime(threads=1), pairs="none")
+    run(tmp_path / "gpu", gen_settings(tiny_sd15, prompts), Runtime(device="cuda"), pairs="none")
+    a = pq.read_table(tmp_path / "cpu" / "samples").to_pylist()
+    b = pq.read_table(tmp_path / "gpu" / "samples").to_pylist()
+    assert [r["seed"] for r in a] == [r["seed"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["score"] == pytest.approx(rb["score"], abs=5e-3)
