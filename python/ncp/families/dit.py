@@ -1,0 +1,62 @@
+"""NCP for flow-matching transformers (ncp's answer to the paper's open question; docs/method.md, "NCP for
+flow-matching transformers"): the frozen transformer's first blocks are the encoder.
+
+For a noised latent ``x`` at training index ``i`` (sigma_i) and a velocity estimate ``v``, the Euler step
+``x'(v) = x + (sigma_{i+1} - sigma_i) v`` lands at the next lower sigma; the features of ``v`` are the
+image-token hidden states of the frozen transformer (adapters off) after the tapped joint blocks, run on
+``x'(v)`` at timestep ``1000 sigma_{i+1}`` with the same text condition. The perceptual error of ``v`` is the
+weighted MSE of its features against those of the true velocity ``eps - x0`` (whose Euler step is exactly
+the latent at ``sigma_{i+1}``: the paths are straight), per image. ``error_scale=coef`` divides it by
+``(sigma_i - sigma_{i+1})^2``, the Euler step's coefficient squared (as the U-Net's ``c_e(t)^2``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Features = Callable[[Tensor, Tensor], list[Tensor]]  # (latents, timesteps) -> one (B, N, D) map per tap
+
+
+def sd3_block_features(transformer, x: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                       pooled: Tensor, taps: Sequence[int]) -> list[Tensor]:
+    """Image-token hidden states (B, N, D) of an ``SD3Transformer2DModel`` after each joint block in ``taps``
+    (0-based: after block k), in the order of ``taps``; the blocks after the last tap do not run."""
+    if not taps:
+        raise ValueError("no tapped block")
+    n_blocks = len(transformer.transformer_blocks)
+    bad = [k for k in taps if not 0 <= k < n_blocks]
+    if bad:
+        raise ValueError(f"taps {bad}: the transformer has blocks 0..{n_blocks - 1}")
+    hidden = transformer.pos_embed(x).contiguous()
+    temb = transformer.time_text_embed(timestep, pooled)
+    context = transformer.context_embedder(encoder_hidden_states)
+    out: dict[int, Tensor] = {}
+    for k, block in enumerate(transformer.transformer_blocks[: max(taps) + 1]):
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+        if k in taps:
+            out[k] = hidden
+    return [out[k] for k in taps]
+
+
+def perceptual_errors(features: Features, sigmas: Tensor, next_sigmas: Tensor, num_train_timesteps: int,
+                      x: Tensor, velocities: Sequence[Tensor], v_true: Tensor, weights: Sequence[float],
+                      coef: bool = False) -> list[Tensor]:
+    """Per-image (B,) perceptual errors of each velocity in ``velocities`` (policy, reference, ...) against
+    ``v_true``, all from the same noised latents ``x`` at ``sigmas`` (B,), stepping to ``next_sigmas``.
+    ``features`` runs the frozen encoder; gradients reach each velocity through its Euler step. The target's
+    features are computed without gradient."""
+    step = (next_sigmas - sigmas).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    t_next = next_sigmas * num_train_timesteps
+    with torch.no_grad():
+        target = features(x + step * v_true, t_next)
+    if len(target) != len(weights):
+        raise ValueError(f"{len(target)} tapped maps but {len(weights)} weights")
+    scale = (sigmas - next_sigmas).float() ** -2 if coef else None
+    errors = []
+    for v in velocities:
+        feats = features(x + step * v, t_next)
+        err = sum(w * (f.float() - g.float()).pow(2).flatten(1).mean(1) for w, f, g in zip(weights, feats, target))
+        errors.append(err * scale if coef else err)
+    return errors
