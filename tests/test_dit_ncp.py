@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from ncp.families.dit import perceptual_errors, sd3_block_features  # noqa: E402
+from ncp.families.dit import flux_block_features, perceptual_errors, sd3_block_features  # noqa: E402
 from ncp.schedule import FlowSchedule  # noqa: E402
 
 
@@ -67,10 +67,10 @@ def test_errors_match_a_float64_reference_and_train_only_the_policy(tiny_sd3):
     v_pol = (v_true + 0.3 * torch.randn(v_true.shape, generator=g)).requires_grad_(True)
     v_ref = v_true + 0.2 * torch.randn(v_true.shape, generator=g)
     taps, weights = [0, 1], [0.25, 1.0]
-    feats = lambda z, t: sd3_block_features(tiny_sd3, z, t, text, pooled, taps)  # noqa: E731
+    feats = lambda z, sig: sd3_block_features(tiny_sd3, z, sig * 1000, text, pooled, taps)  # noqa: E731
     s, s_next = sched.sigmas[idx], sched.next_sigma(idx)
-    err_pol, err_ref = perceptual_errors(feats, s, s_next, 1000, x, [v_pol, v_ref], v_true, weights)
-    err_coef, = perceptual_errors(feats, s, s_next, 1000, x, [v_pol], v_true, weights, coef=True)
+    err_pol, err_ref = perceptual_errors(feats, s, s_next, x, [v_pol, v_ref], v_true, weights)
+    err_coef, = perceptual_errors(feats, s, s_next, x, [v_pol], v_true, weights, coef=True)
 
     model64 = tiny_sd3.to(torch.float64)
     try:
@@ -97,5 +97,39 @@ def test_errors_match_a_float64_reference_and_train_only_the_policy(tiny_sd3):
     err_pol.sum().backward()
     assert v_pol.grad is not None and v_pol.grad.abs().sum() > 0
     # the true velocity's own error is exactly zero (its Euler step is the target point)
-    zero, = perceptual_errors(feats, s, s_next, 1000, x, [v_true], v_true, weights)
+    zero, = perceptual_errors(feats, s, s_next, x, [v_true], v_true, weights)
     assert torch.equal(zero, torch.zeros(2))
+
+
+def test_flux_block_features_are_the_full_forwards_hidden_states():
+    """Double-stream then single-stream taps on a tiny random Flux transformer (guidance embedding on, as
+    Flux.1-dev), against hooks on its own full forward."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                   pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 16, generator=g)  # 4x4 packed tokens of 16 channels
+    text, pooled = torch.randn(2, 5, 16, generator=g), torch.randn(2, 12, generator=g)
+    txt_ids = torch.zeros(5, 3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(-1, 3)
+    sigma, guidance = torch.tensor([0.7, 0.2]), torch.tensor([3.5, 3.5])
+    taps = [0, 3]  # the first double-stream block and the last single-stream one
+    got, hooks = {}, []
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    for k in taps:
+        hooks.append(blocks[k].register_forward_hook(lambda mod, args, out, k=k: got.__setitem__(k, out[1])))
+    with torch.no_grad():
+        model(hidden_states=x, timestep=sigma, guidance=guidance, encoder_hidden_states=text,
+              pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids)
+        mine = flux_block_features(model, x, sigma, text, pooled, txt_ids, img_ids, guidance, taps)
+    for h in hooks:
+        h.remove()
+    for k, a in zip(taps, mine):
+        assert a.shape == (2, 16, 16)
+        torch.testing.assert_close(a, got[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"2 double-stream, then 2 single-stream"):
+        flux_block_features(model, x, sigma, text, pooled, txt_ids, img_ids, guidance, [4])

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-Features = Callable[[Tensor, Tensor], list[Tensor]]  # (latents, timesteps) -> one (B, N, D) map per tap
+Features = Callable[[Tensor, Tensor], list[Tensor]]  # (latents, sigmas) -> one (B, N, D) map per tap
 
 
 def sd3_block_features(transformer, x: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
@@ -40,23 +40,51 @@ def sd3_block_features(transformer, x: Tensor, timestep: Tensor, encoder_hidden_
     return [out[k] for k in taps]
 
 
-def perceptual_errors(features: Features, sigmas: Tensor, next_sigmas: Tensor, num_train_timesteps: int,
-                      x: Tensor, velocities: Sequence[Tensor], v_true: Tensor, weights: Sequence[float],
+def flux_block_features(transformer, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor, pooled: Tensor,
+                        txt_ids: Tensor, img_ids: Tensor, guidance: Tensor | None, taps: Sequence[int]) -> list[Tensor]:
+    """Image-token hidden states (B, N, D) of a ``FluxTransformer2DModel`` on packed latents ``x`` (B, N, C)
+    after each tapped block: indices ``0 .. n_double - 1`` are the double-stream blocks, then the
+    single-stream ones; the blocks after the last tap do not run. ``sigma`` is the timestep input as the
+    pipeline passes it (Flux scales it by 1000 inside); ``guidance`` the dev model's guidance (None: schnell)."""
+    doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
+    blocks = doubles + singles
+    if not taps:
+        raise ValueError("no tapped block")
+    bad = [k for k in taps if not 0 <= k < len(blocks)]
+    if bad:
+        raise ValueError(f"taps {bad}: the transformer has blocks 0..{len(blocks) - 1} "
+                         f"({len(doubles)} double-stream, then {len(singles)} single-stream)")
+    hidden = transformer.x_embedder(x)
+    t = sigma.to(hidden.dtype) * 1000
+    temb = (transformer.time_text_embed(t, pooled) if guidance is None
+            else transformer.time_text_embed(t, guidance.to(hidden.dtype) * 1000, pooled))
+    context = transformer.context_embedder(encoder_hidden_states)
+    rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    out: dict[int, Tensor] = {}
+    for k, block in enumerate(blocks[: max(taps) + 1]):
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                image_rotary_emb=rotary)
+        if k in taps:
+            out[k] = hidden
+    return [out[k] for k in taps]
+
+
+def perceptual_errors(features: Features, sigmas: Tensor, next_sigmas: Tensor, x: Tensor, velocities: Sequence[Tensor], v_true: Tensor, weights: Sequence[float],
                       coef: bool = False) -> list[Tensor]:
     """Per-image (B,) perceptual errors of each velocity in ``velocities`` (policy, reference, ...) against
     ``v_true``, all from the same noised latents ``x`` at ``sigmas`` (B,), stepping to ``next_sigmas``.
-    ``features`` runs the frozen encoder; gradients reach each velocity through its Euler step. The target's
-    features are computed without gradient."""
+    ``features(latents, sigmas)`` runs the frozen encoder at those sigmas (each family turns them into its
+    timestep input: SD3 ``1000 sigma``, Flux ``sigma``); gradients reach each velocity through its Euler step.
+    The target's features are computed without gradient."""
     step = (next_sigmas - sigmas).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-    t_next = next_sigmas * num_train_timesteps
     with torch.no_grad():
-        target = features(x + step * v_true, t_next)
+        target = features(x + step * v_true, next_sigmas)
     if len(target) != len(weights):
         raise ValueError(f"{len(target)} tapped maps but {len(weights)} weights")
     scale = (sigmas - next_sigmas).float() ** -2 if coef else None
     errors = []
     for v in velocities:
-        feats = features(x + step * v, t_next)
+        feats = features(x + step * v, next_sigmas)
         err = sum(w * (f.float() - g.float()).pow(2).flatten(1).mean(1) for w, f, g in zip(weights, feats, target))
         errors.append(err * scale if coef else err)
     return errors
