@@ -216,7 +216,15 @@ def test_generate_is_deterministic_and_resumes_after_a_kill(tiny_sd15, tmp_path)
     for f in written:  # a file under its final name is whole (a half-written one stays under a .tmp- name)
         assert pq.read_table(f).num_rows == 3
     mtime = first.stat().st_mtime_ns
-    # a changed setting is refused, naming it
+    # a prompt file edited in between is refused (every shard's prompts would shift), and so is a changed setting
+    original = prompts.read_text()
+    prompts.write_text(original.replace("number 2", "number two"))
+    try:
+        with pytest.raises(GenerateError, match="prompts_sha256"):
+            run(killed, gen_settings(tiny_sd15, prompts, shard_prompts=1, scorers="fn:gen_scorers:slow_brightness"),
+                Runtime(batch_size=3, threads=1))
+    finally:
+        prompts.write_text(original)
     with pytest.raises(GenerateError, match="images_per_prompt: 3 -> 4"):
         run(killed, gen_settings(tiny_sd15, prompts, shard_prompts=1, images_per_prompt=4,
                                  scorers="fn:gen_scorers:slow_brightness"), Runtime(batch_size=3, threads=1))

@@ -138,10 +138,12 @@ def plan(s: Settings) -> Plan:
     return Plan(prompts, [range(i, min(i + n, len(prompts))) for i in range(0, len(prompts), n)])
 
 
-def check_settings(out: Path, s: Settings, overwrite: bool) -> None:
-    """Write ``generate.json``, or check that the run already in ``out`` was made with the same settings."""
+def check_settings(out: Path, s: Settings, overwrite: bool, prompts: list[str]) -> None:
+    """Write ``generate.json``, or check that the run already in ``out`` was made with the same settings and
+    the same prompts (a prompt file edited between runs would shift every shard's prompts)."""
     path = out / "generate.json"
-    mine = asdict(s)
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    mine = asdict(s) | {"n_prompts": len(prompts), "prompts_sha256": digest}
     if path.is_file() and not overwrite:
         saved = json.loads(path.read_text())
         diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
@@ -462,7 +464,7 @@ def run(out: str | Path, s: Settings, rt: Runtime | None = None, pairs: str | No
     p = plan(s)
     if not rt.score:
         return sample_all(out, s, rt, p)
-    check_settings(out, s, overwrite and not pairs_only)
+    check_settings(out, s, overwrite and not pairs_only, p.prompts)
     stats = {} if pairs_only else sample_all(out, s, rt, p)
     missing = [i for i in range(len(p.shards)) if not shard_path(out, i).is_file()]
     if missing:
