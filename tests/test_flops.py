@@ -124,3 +124,51 @@ def test_training_logs_tflops_and_mfu(tiny_sd15, tiny_parquet, tmp_path):
     for m in lines:
         assert m["perf/tflops"] == pytest.approx(per_pair * m["perf/pairs_per_s"] / 1e12, rel=1e-6)
         assert m["perf/mfu"] == pytest.approx(m["perf/tflops"] / 0.001, rel=1e-6)
+
+
+# ---------------------------------------------------------------- flow transformers
+
+
+def test_published_dit_configs_have_the_stated_sizes():
+    """SD3.5-large is an 8.1 B transformer and Flux.1-dev a 12 B one: the configs in DIT_CONFIGS are theirs."""
+    from ncp.flops import meta_dit
+
+    sizes = {name: sum(p.numel() for p in meta_dit(name).parameters()) for name in ("sd3.5-large", "flux.1-dev")}
+    assert sizes["sd3.5-large"] == pytest.approx(8.06e9, rel=0.01)
+    assert sizes["flux.1-dev"] == pytest.approx(11.9e9, rel=0.01)
+
+
+@pytest.fixture
+def tiny_dits(monkeypatch):
+    from ncp import flops
+
+    monkeypatch.setitem(flops.DIT_CONFIGS, "tiny-sd3", {
+        "_class": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 4,
+        "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 16,
+        "pooled_projection_dim": 12, "out_channels": 4, "pos_embed_max_size": 16})
+    monkeypatch.setitem(flops.DIT_CONFIGS, "tiny-flux", {
+        "_class": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
+        "num_single_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
+        "pooled_projection_dim": 12, "guidance_embeds": True, "axes_dims_rope": [2, 2, 4]})
+    return flops
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_dit_budget_counts_each_pass(tiny_dits, name):
+    """DPO runs the policy forward and backward on both images and the reference forward: 3 to 4 forwards of
+    two images (a frozen weight's backward computes the input gradient only: 1x; attention's and the LoRA's
+    both operands': 2x; on these tiny widths those weigh more than on a real model);
+    NCP-DPO adds the encoder passes; checkpointing keeps far less than the whole graph."""
+    from ncp.models import add_lora
+
+    flops = tiny_dits
+    model = flops.meta_dit(name)
+    add_lora(model, 4, 4.0, ["to_q", "to_k", "to_v"], 0.0)  # the forward counted with the step's adapters
+    x, velocity, _ = flops._dit_call(model, 64, 2)
+    forward = flops.count_flops(lambda: velocity(x, torch.empty(2, device="meta")))
+    dpo = flops.dit_step_budget(name, 64, "dpo", lora_rank=4, lora_targets=("to_q", "to_k", "to_v"))
+    ncp = flops.dit_step_budget(name, 64, "ncp-dpo", lora_rank=4, lora_targets=("to_q", "to_k", "to_v"))
+    assert 2.8 * forward < dpo["flops_per_pair"] < 4.0 * forward
+    assert ncp["flops_per_pair"] > dpo["flops_per_pair"] and ncp["taps"] == [0, 1]
+    assert 0 < dpo["saved_bytes_checkpointed"] < dpo["saved_bytes"]
+    assert dpo["params_lora"] > 0 and dpo["peak_bytes_checkpointed"] > dpo["weight_bytes"] > 2 * dpo["params_frozen"]

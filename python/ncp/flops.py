@@ -207,3 +207,143 @@ def training_throughput(unet: torch.nn.Module, criterion: Criterion, *, kind: st
         logger.info("model FLOPs per pair and micro-step: %.3g TFLOP; peak %s", flops / 1e12,
                     f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no perf/mfu)")
     return Throughput(flops, peak, world_size)
+
+
+# ---------------------------------------------------------------- flow transformers (SD3.5, Flux.1)
+
+# The transformers' published configs (their transformer/config.json); the parameter counts they give on meta
+# (8.06e9 SD3.5-large, 11.90e9 Flux.1-dev) are the models' stated 8B and 12B (tests/test_flops.py).
+DIT_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd3.5-large": {"_class": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+                    "num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+                    "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
+                    "pos_embed_max_size": 192, "qk_norm": "rms_norm"},
+    "flux.1-dev": {"_class": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
+                   "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+                   "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+                   "axes_dims_rope": [16, 56, 56]},
+}
+# text tokens at training: SD3 77 CLIP + 256 T5 (the pipelines' default max_sequence_length); Flux 512 T5
+DIT_TEXT_TOKENS = {"SD3Transformer2DModel": 333, "FluxTransformer2DModel": 512}
+DIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def meta_dit(name: str) -> torch.nn.Module:
+    import diffusers
+
+    config = dict(DIT_CONFIGS[name])
+    cls = getattr(diffusers, config.pop("_class"))
+    with torch.device("meta"):
+        model = cls(**config)
+    return model.requires_grad_(False)
+
+
+def _dit_call(model, resolution: int, n: int):
+    """(latents, a function (latents, sigma) -> velocity, a function (latents, sigma, taps) -> features) of a
+    meta transformer at ``resolution`` px for ``n`` images."""
+    from ncp.families.dit import flux_block_features, sd3_block_features
+
+    cfg = model.config
+    text_len = DIT_TEXT_TOKENS[type(model).__name__]
+    text = torch.empty(n, text_len, cfg.joint_attention_dim, device="meta")
+    pooled = torch.empty(n, cfg.pooled_projection_dim, device="meta")
+    side = resolution // 8
+    if type(model).__name__ == "FluxTransformer2DModel":  # packed 2x2: (n, (side / 2)^2, 4 x 16)
+        x = torch.empty(n, (side // 2) ** 2, cfg.in_channels, device="meta")
+        txt_ids, img_ids = torch.zeros(text_len, 3, device="meta"), torch.zeros((side // 2) ** 2, 3, device="meta")
+        guidance = torch.empty(n, device="meta") if cfg.guidance_embeds else None
+
+        def velocity(z, s):
+            return model(hidden_states=z, timestep=s, guidance=guidance, encoder_hidden_states=text,
+                         pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids).sample
+
+        def features(z, s, taps):
+            return flux_block_features(model, z, s, text, pooled, txt_ids, img_ids, guidance, taps)
+    else:
+        x = torch.empty(n, cfg.in_channels, side, side, device="meta")
+
+        def velocity(z, s):
+            return model(hidden_states=z, timestep=s * 1000, encoder_hidden_states=text,
+                         pooled_projections=pooled).sample
+
+        def features(z, s, taps):
+            return sd3_block_features(model, z, s * 1000, text, pooled, taps)
+    return x, velocity, features
+
+
+def dit_step_budget(name: str, resolution: int = 1024, objective: str = "ncp-dpo", taps: Sequence[int] = (),
+                    lora_rank: int = 64, lora_targets: Sequence[str] = DIT_LORA_TARGETS) -> dict[str, Any]:
+    """One pair's training micro-step of a flow transformer (``DIT_CONFIGS``), counted on meta tensors with
+    the definition of docs/method.md ("NCP for flow-matching transformers"): the policy's velocities of both
+    images (with grad), the reference's (adapters off, no grad) and, for a perceptual objective, the frozen
+    encoder on each velocity's Euler step (default taps: the blocks at a quarter and at half the depth).
+
+    Returns the parameters (frozen, LoRA), the model FLOPs (forward and backward as autograd runs them), and
+    the bytes of the tensors autograd saves for backward at 2 bytes an element (bf16): all of them (no
+    gradient checkpointing), and with every block checkpointed (the grad-enabled blocks' inputs, plus the
+    largest block's own saved tensors while it is recomputed), and the peak memory estimate of the latter
+    with bf16 frozen weights and the LoRA in fp32 with its gradient and 8-bit Adam's two moments. Not
+    counted: the latent/text cache's batch, the CUDA context and the allocator's slack (a few GB)."""
+    from ncp.families.dit import perceptual_errors
+    from ncp.models import adapters_disabled, add_lora
+
+    model = meta_dit(name)
+    n_frozen = sum(p.numel() for p in model.parameters())
+    lora = add_lora(model, lora_rank, float(lora_rank), list(lora_targets), 0.0) if lora_rank else []
+    blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
+    taps = list(taps) or [len(blocks) // 4 - 1, len(blocks) // 2 - 1]
+    spec = OBJECTIVES[objective]
+    n = 2 if spec.needs_losers else 1
+    x, velocity, features = _dit_call(model, resolution, n)
+    sigma = torch.empty(n, device="meta")
+    saved: list[int] = []
+    inputs_bytes: list[int] = []
+    inside: list[int] = []
+    marks: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * 2)
+        return t
+
+    def before(module, args, kwargs):
+        if torch.is_grad_enabled():
+            inputs_bytes.append(sum(v.numel() * 2 for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)))
+            marks.append(len(saved))
+
+    def after(module, args, kwargs, out):
+        if torch.is_grad_enabled():
+            inside.append(sum(saved[marks.pop():]))
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(before, with_kwargs=True),
+                                         b.register_forward_hook(after, with_kwargs=True))]
+
+    def step() -> None:
+        v = velocity(x, sigma)
+        if spec.space == "perceptual":
+            with adapters_disabled(model):
+                err = perceptual_errors(lambda z, s: features(z, s, taps), sigma, sigma, x, [v],
+                                        torch.empty_like(x), [1.0] * len(taps))[0]
+                if spec.needs_reference:
+                    with torch.no_grad():
+                        perceptual_errors(lambda z, s: features(z, s, taps), sigma, sigma, x,
+                                          [velocity(x, sigma)], torch.empty_like(x), [1.0] * len(taps))
+        else:
+            err = (v.float() ** 2).flatten(1).mean(1)
+            if spec.needs_reference:
+                with torch.no_grad(), adapters_disabled(model):
+                    velocity(x, sigma)
+        err.sum().backward()
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            flops = count_flops(step)
+    finally:
+        for h in hooks:
+            h.remove()
+    checkpointed = sum(inputs_bytes) + max(inside, default=0)
+    n_lora = sum(p.numel() for p in lora)
+    weights = 2 * n_frozen + (4 + 4 + 2) * n_lora  # bf16 frozen; LoRA fp32 + its grad + 8-bit Adam's moments
+    return {"model": name, "resolution": resolution, "objective": objective, "taps": taps, "images": n,
+            "params_frozen": n_frozen, "params_lora": n_lora, "flops_per_pair": flops,
+            "saved_bytes": sum(saved), "saved_bytes_checkpointed": checkpointed,
+            "peak_bytes_checkpointed": weights + checkpointed, "weight_bytes": weights}
