@@ -122,6 +122,7 @@ def test_every_goal_is_read_by_its_benchmark():
     step = _bench_module("step")
     e2e = _bench_module("e2e")
     default_seeds = _bench_module("default_seeds")
+    generate = _bench_module("generate")
     import goals  # the module the benchmarks imported (benchmarks/ is on sys.path now)
 
     goals.READ.clear()
@@ -142,6 +143,9 @@ def test_every_goal_is_read_by_its_benchmark():
     seeds = [{"gain_ci95": [0.01, 0.05]}] * 5
     assert default_seeds.goals({"mean_gain": 0.03, "seeds": seeds, "seeds_with_interval_above_0": 4}) == {
         "mean gain over seeds >= +0.02": True, "every seed's interval above 0": False}
+
+    assert generate.goals(0.95) == {"generate -> score -> write >= 0.9x sampling alone's images/s": True}
+    assert list(generate.goals(0.85).values()) == [False]
 
     unread = sorted(set(goals.names()) - goals.READ)
     assert not unread, f"goals.yaml thresholds no benchmark reads: {unread}"
