@@ -157,6 +157,162 @@ def gen_settings(model, prompts, **kw) -> Settings:
     return Settings(**(base | kw))
 
 
+def test_the_scorer_spec_is_checked_before_sampling_and_its_scorers_are_built_in_the_scoring_process_only(
+        tmp_path, monkeypatch):
+    """A bad spec (a missing CLIP folder, a module that does not import, a name it lacks) fails before sampling,
+    naming it; a good one is checked without constructing a scorer in the main process (a CLIP model would
+    otherwise be loaded twice: here and in the scoring process)."""
+    import re
+
+    import ncp.generate as gen
+    import ncp.scoring as scoring
+
+    class Sampling(Exception):
+        pass
+
+    def sample_all(*args, **kwargs):
+        raise Sampling
+
+    monkeypatch.setattr(gen, "sample_all", sample_all)
+    prompts = prompts_file(tmp_path, 2)
+    missing, empty = tmp_path / "no_such_clip", tmp_path / "no_config"
+    empty.mkdir()
+    for spec, error in ((f"judge,pickscore:{missing}@0.5", f"no such folder {missing}"),
+                        (f"hps:{empty}", f"no config.json in {empty}"),
+                        ("fn:no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+                        ("fn:gen_scorers:nope", "module 'gen_scorers' has no 'nope'"),
+                        ("judge.beauty", "judge part 'beauty'")):
+        with pytest.raises(GenerateError, match=re.escape(error)):
+            run(tmp_path / "bad", gen_settings("no-such-model", prompts, scorers=spec))
+    assert not (tmp_path / "bad").exists()  # failed before any setting was written, let alone a sample
+
+    def constructed(self, *args, **kwargs):
+        raise AssertionError(f"a {type(self).__name__} was constructed in the main process")
+
+    for cls in (scoring.CLIPScorer, scoring.FunctionScorer, scoring.JudgeScorer):
+        monkeypatch.setattr(cls, "__init__", constructed)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")  # not a model: loading it would fail
+    with pytest.raises(Sampling):
+        run(tmp_path / "good", gen_settings("no-such-model", prompts,
+                                            scorers=f"pickscore:{clip}@0.5,fn:gen_scorers:brightness,judge.quality"))
+
+
+# ---------------------------------------------------------------- pairs from the samples, shard by shard
+
+
+def write_sample_shards(out: Path, prompts_per_shard: list[int], n: int = 4, seed: int = 0) -> None:
+    """Sample shards as the scoring process writes them, without a model: scores on a 1/8 grid (ties within a
+    prompt and across shards), each shard's rows shuffled (the pairs follow prompt and image order, not the
+    file's), fake image bytes."""
+    import pyarrow as pa
+
+    from ncp.data.pairing import write_parquet_atomic
+    from ncp.generate import SAMPLES_SCHEMA_COLUMNS, shard_path
+
+    rng = np.random.default_rng(seed)
+    first = 0
+    for i, count in enumerate(prompts_per_shard):
+        rows = [{"prompt_index": pi, "prompt": f"prompt {pi}", "k": k, "seed": 1000 * pi + k, "uid": f"u-p{pi}-k{k}",
+                 "jpg": f"jpeg of p{pi} k{k}".encode(), "score": float(rng.integers(0, 9)) / 8,
+                 "scores": json.dumps({"x": float(k)}), "model": "m"}
+                for pi in range(first, first + count) for k in range(n)]
+        rows = [rows[j] for j in rng.permutation(len(rows))]
+        assert tuple(rows[0]) == SAMPLES_SCHEMA_COLUMNS
+        write_parquet_atomic(pa.Table.from_pylist(rows), shard_path(out, i))
+        first += count
+
+
+def all_at_once(out: Path, n_shards: int, seed: int, pair_rule, unpaired_rule):
+    """The pair and unpaired files, and the summary counts, made the way write_pairs did before it streamed:
+    every shard's samples in memory, the unpaired labels of all images at once (whatever the rule)."""
+    import pyarrow as pa
+
+    from ncp.data.pairing import (GENERATED_PAIR_SCHEMA, UNPAIRED_SCHEMA, Sample, pair_rows, select_unpaired,
+                                  unpaired_rows)
+
+    shards = []
+    for i in range(n_shards):
+        rows = sorted(pq.read_table(out / "samples" / f"samples-{i:05d}.parquet").to_pylist(),
+                      key=lambda r: (r["prompt_index"], r["k"]))
+        groups: dict[int, list] = {}
+        for r in rows:
+            groups.setdefault(r["prompt_index"], []).append(
+                Sample(r["prompt"], r["seed"], r["uid"], r["jpg"], r["score"], json.loads(r["scores"]), r["model"]))
+        shards.append(list(groups.values()))
+    files: dict[str, list[dict]] = {}
+    kept = 0
+    for i, sh in enumerate(shards):
+        rows, margins = pair_rows(sh, pair_rule, placement_seed=seed * 100_003 + i)
+        kept += len(margins)
+        if rows:
+            files[f"pairs/train-{i:05d}.parquet"] = pa.Table.from_pylist(rows, schema=GENERATED_PAIR_SCHEMA).to_pylist()
+    flat = [[x for g in sh for x in g] for sh in shards]
+    labels = select_unpaired([x.score for f in flat for x in f], unpaired_rule)
+    start = 0
+    for i, f in enumerate(flat):
+        rows = unpaired_rows(f, labels[start: start + len(f)])
+        start += len(f)
+        if rows:
+            files[f"unpaired/train-{i:05d}.parquet"] = pa.Table.from_pylist(rows, schema=UNPAIRED_SCHEMA).to_pylist()
+    scores = np.array([x.score for f in flat for x in f])
+    counts = {"prompts": sum(map(len, shards)), "images": len(scores), "kept": kept,
+              "desirable": int((labels == 1).sum()), "undesirable": int((labels == 0).sum()),
+              "mean": float(scores.mean()), "std": float(scores.std())}
+    return files, counts
+
+
+@pytest.mark.parametrize("pairs,tie_margin,unpaired", [("best-worst", 0.0, "quantile:0.25"),
+                                                       ("top-bottom:2", 0.125, "threshold:0.25:0.75"),
+                                                       ("margin:0.3", 0.0, "quantile:0.5")])
+def test_pairs_are_made_shard_by_shard_as_from_all_samples_at_once(tmp_path, monkeypatch, pairs, tie_margin, unpaired):
+    """The pairs and unpaired labels written shard by shard are those of all the samples at once (the same rows,
+    in the same order, in the same files, even quantile's, which ranks the whole run); a shard's images are read
+    only once the files of the shards before it are written, and quantile's ranking reads no image."""
+    import pyarrow.parquet
+
+    from ncp.data.pairing import PairRule, UnpairedRule
+    from ncp.generate import write_pairs
+
+    out = tmp_path / "gen"
+    write_sample_shards(out, [2, 2, 1], seed=len(pairs))
+    (out / "pairs").mkdir()
+    pq.write_table(pq.read_table(out / "samples" / "samples-00000.parquet"), out / "pairs" / "train-00007.parquet")
+    pair_rule, unpaired_rule = PairRule.parse(pairs, tie_margin), UnpairedRule.parse(unpaired)
+    expected, counts = all_at_once(out, 3, 5, pair_rule, unpaired_rule)
+
+    reads: list[tuple[str, bool, set[str]]] = []  # (file, images read?, the output files there were then)
+    read_table = pyarrow.parquet.read_table
+
+    def spy(path, *args, columns=None, **kwargs):
+        written = {f for f in expected if (out / f).exists()}
+        reads.append((Path(path).name, columns is None or "jpg" in columns, written))
+        return read_table(path, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pyarrow.parquet, "read_table", spy)
+    summary = write_pairs(out, Settings(seed=5), 3, pair_rule, unpaired_rule)
+    monkeypatch.undo()
+
+    got = {str(f.relative_to(out)): pq.read_table(f).to_pylist()
+           for sub in ("pairs", "unpaired") for f in sorted((out / sub).glob("*.parquet"))}
+    assert sorted(got) == sorted(expected)  # the stale train-00007 is gone too
+    assert got == expected
+    assert (summary["prompts"], summary["images"], summary["pairs"]["kept"]) == (counts["prompts"], counts["images"],
+                                                                                  counts["kept"])
+    assert (summary["unpaired"]["desirable"], summary["unpaired"]["undesirable"]) == (counts["desirable"],
+                                                                                      counts["undesirable"])
+    assert summary["score"]["mean"] == counts["mean"] and summary["score"]["std"] == counts["std"]
+    assert counts["kept"] and counts["desirable"] and counts["undesirable"]  # the input tests something
+
+    # quantile: first the scores of every shard, no image; then each shard's images once, after the files before it
+    assert [images for _, images, _ in reads] == [False] * (3 if unpaired_rule.kind == "quantile" else 0) + [True] * 3
+    with_images = [(name, written) for name, images, written in reads if images]
+    assert [name for name, _ in with_images] == [f"samples-{i:05d}.parquet" for i in range(3)]
+    for i, (_, written) in enumerate(with_images):
+        assert written == {f for f in expected if int(f.split("-")[1][:5]) < i}
+
+
 def test_generate_writes_pairs_the_loader_reads(tiny_sd15, tmp_path):
     prompts = prompts_file(tmp_path)
     (tmp_path / "exclude.txt").write_text("a picture number 4\n")

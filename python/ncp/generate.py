@@ -360,76 +360,91 @@ def sample_all(out: Path, s: Settings, rt: Runtime, p: Plan) -> dict[str, Any]:
 # ---------------------------------------------------------------- pairs
 
 
-def read_samples(out: Path, n_shards: int) -> list[list[list[Any]]]:
-    """Per shard, per prompt (in prompt order), the prompt's :class:`ncp.data.pairing.Sample` (in image order)."""
+def read_shard(out: Path, i: int, columns: list[str]) -> Any:
+    """The ``columns`` of sample shard ``i`` (a pyarrow Table), its rows in prompt order and, within a prompt, in
+    image order (a stable sort: the order pairs and labels are made in). Only the columns asked for are read, so
+    the scores alone of a shard cost no image bytes."""
     import pyarrow.parquet as pq
+
+    path = shard_path(out, i)
+    try:
+        table = pq.read_table(path, columns=list(dict.fromkeys(["prompt_index", "k", *columns])))
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise GenerateError(f"cannot read {path}: {err}") from err
+    return table.take(np.lexsort((table["k"].to_numpy(), table["prompt_index"].to_numpy())))
+
+
+def read_samples(out: Path, i: int) -> list[list[Any]]:
+    """Per prompt of shard ``i`` (in prompt order), the prompt's :class:`ncp.data.pairing.Sample` (in image order)."""
+    from itertools import groupby
 
     from ncp.data.pairing import Sample
 
-    shards = []
-    for i in range(n_shards):
-        path = shard_path(out, i)
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise GenerateError(f"cannot read {path}: {err}") from err
-        groups: dict[int, list[tuple[int, Sample]]] = {}
-        for r in rows:
-            groups.setdefault(r["prompt_index"], []).append(
-                (r["k"], Sample(r["prompt"], r["seed"], r["uid"], r["jpg"], r["score"], json.loads(r["scores"]),
-                                r["model"])))
-        shards.append([[x for _, x in sorted(groups[pi], key=lambda t: t[0])] for pi in sorted(groups)])
-    return shards
+    rows = read_shard(out, i, list(SAMPLES_SCHEMA_COLUMNS)).to_pylist()
+    return [[Sample(r["prompt"], r["seed"], r["uid"], r["jpg"], r["score"], json.loads(r["scores"]), r["model"])
+             for r in group] for _, group in groupby(rows, key=lambda r: r["prompt_index"])]
+
+
+def write_rows(path: Path, rows: list[dict], schema) -> None:
+    """``rows`` at ``path`` (atomically); no file for no rows, and none left from an earlier run."""
+    import pyarrow as pa
+
+    from ncp.data.pairing import write_parquet_atomic
+
+    if rows:
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_pairs(out: Path, s: Settings, n_shards: int, pair_rule, unpaired_rule) -> dict[str, Any]:
-    """Pairs (and unpaired labels) of every shard's samples, one output file per shard; stale files removed."""
-    import pyarrow as pa
+    """Pairs (and unpaired labels) of every shard's samples, one output file per shard; stale files removed.
 
+    Shard by shard, so that a run's images are never all in memory at once: a pair rule sees one prompt's
+    images and ``threshold`` labels one image, and a shard holds whole prompts. ``quantile`` alone ranks every
+    image of the run, so its labels come first, from the score column of every shard (no image bytes read)."""
     from ncp.data.pairing import (GENERATED_PAIR_SCHEMA, UNPAIRED_SCHEMA, margin_histogram, pair_rows,
-                                  select_unpaired, unpaired_rows, write_parquet_atomic)
+                                  select_unpaired, unpaired_rows)
 
-    shards = read_samples(out, n_shards)
-    summary: dict[str, Any] = {"prompts": sum(len(sh) for sh in shards),
-                               "images": sum(len(g) for sh in shards for g in sh)}
     for sub, rule in (("pairs", pair_rule), ("unpaired", unpaired_rule)):
         for f in (out / sub).glob("train-*.parquet"):
             if rule is None or int(f.stem.split("-")[1]) >= n_shards:
                 f.unlink()
-    if pair_rule is not None:
-        margins: list[float] = []
-        paired_prompts = 0
-        for i, sh in enumerate(shards):
-            rows, m = pair_rows(sh, pair_rule, placement_seed=s.seed * 100_003 + i)
+    ranked = None  # quantile: the label of every image of the run, in shard, prompt and image order
+    if unpaired_rule is not None and unpaired_rule.kind == "quantile":
+        ranked = select_unpaired(np.concatenate([read_shard(out, i, ["score"])["score"].to_numpy()
+                                                 for i in range(n_shards)]), unpaired_rule)
+    n_prompts, n_images, scores, labels, margins, paired_prompts = 0, 0, [], [], [], 0
+    for i in range(n_shards):
+        groups = read_samples(out, i)
+        flat = [x for g in groups for x in g]
+        scores.append(np.array([x.score for x in flat], dtype=np.float64))
+        if pair_rule is not None:
+            rows, m = pair_rows(groups, pair_rule, placement_seed=s.seed * 100_003 + i)
             margins += m
             paired_prompts += len({r["caption"] for r in rows})
-            path = out / "pairs" / f"train-{i:05d}.parquet"
-            if rows:
-                write_parquet_atomic(pa.Table.from_pylist(rows, schema=GENERATED_PAIR_SCHEMA), path)
+            write_rows(out / "pairs" / f"train-{i:05d}.parquet", rows, GENERATED_PAIR_SCHEMA)
+        if unpaired_rule is not None:
+            if ranked is None:  # threshold: an image's label is its own score's
+                mine = select_unpaired(scores[-1], unpaired_rule)
             else:
-                path.unlink(missing_ok=True)
+                mine = ranked[n_images: n_images + len(flat)]
+            labels.append(mine)
+            write_rows(out / "unpaired" / f"train-{i:05d}.parquet", unpaired_rows(flat, mine), UNPAIRED_SCHEMA)
+        n_prompts, n_images = n_prompts + len(groups), n_images + len(flat)
+    summary: dict[str, Any] = {"prompts": n_prompts, "images": n_images}
+    if pair_rule is not None:
         summary["pairs"] = {"rule": str(pair_rule), "tie_margin": pair_rule.tie_margin, "kept": len(margins),
                             "prompts_with_a_pair": paired_prompts,
                             "margin_mean": float(np.mean(margins)) if margins else math.nan,
                             "margin_histogram": margin_histogram(margins)}
     if unpaired_rule is not None:
-        flat = [x for sh in shards for g in sh for x in g]
-        labels = select_unpaired([x.score for x in flat], unpaired_rule)
-        start = 0
-        for i, sh in enumerate(shards):
-            mine = [x for g in sh for x in g]
-            rows = unpaired_rows(mine, labels[start: start + len(mine)])
-            start += len(mine)
-            path = out / "unpaired" / f"train-{i:05d}.parquet"
-            if rows:
-                write_parquet_atomic(pa.Table.from_pylist(rows, schema=UNPAIRED_SCHEMA), path)
-            else:
-                path.unlink(missing_ok=True)
-        summary["unpaired"] = {"rule": str(unpaired_rule), "desirable": int((labels == 1).sum()),
-                               "undesirable": int((labels == 0).sum()), "dropped": int((labels < 0).sum())}
-    scores = np.array([x.score for sh in shards for g in sh for x in g])
-    summary["score"] = {"mean": float(scores.mean()), "std": float(scores.std()),
-                        "min": float(scores.min()), "max": float(scores.max())}
+        lab = np.concatenate(labels)
+        summary["unpaired"] = {"rule": str(unpaired_rule), "desirable": int((lab == 1).sum()),
+                               "undesirable": int((lab == 0).sum()), "dropped": int((lab < 0).sum())}
+    all_scores = np.concatenate(scores)
+    summary["score"] = {"mean": float(all_scores.mean()), "std": float(all_scores.std()),
+                        "min": float(all_scores.min()), "max": float(all_scores.max())}
     return summary
 
 
@@ -455,10 +470,11 @@ def run(out: str | Path, s: Settings, rt: Runtime | None = None, pairs: str | No
         raise GenerateError(str(err)) from err
     if pair_rule and s.images_per_prompt < 2:
         raise GenerateError("--pairs needs at least 2 images per prompt (--images-per-prompt)")
-    from ncp.scoring import make_reward
+    from ncp.scoring import check_reward
 
     try:
-        make_reward(s.scorers) if not pairs_only else None  # a bad spec fails before any sampling
+        if not pairs_only:  # a bad spec fails before any sampling; the scoring process alone loads the scorers
+            check_reward(s.scorers)
     except ValueError as err:
         raise GenerateError(f"--scorers {s.scorers}: {err}") from err
     p = plan(s)

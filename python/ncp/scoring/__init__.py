@@ -13,13 +13,15 @@
 
 A spec is a comma list; ``@w`` after an item weighs it (default 1): ``make_scorers("judge,pickscore:DIR")``
 gives the scorers one by one (evaluation reports each), :func:`make_reward` their weighted sum, keeping
-each part's scores (``ncp.generate`` writes them as columns).
+each part's scores (``ncp.generate`` writes them as columns), and :func:`check_reward` checks a spec as
+``make_reward`` does, without loading a model.
 """
 from __future__ import annotations
 
 import importlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -27,8 +29,8 @@ import numpy as np
 from ncp.scoring.clip import CLIPScorer
 from ncp.scoring.judge import JudgeScorer
 
-__all__ = ["CLIPScorer", "FunctionScorer", "JudgeScorer", "Reward", "Scorer", "checked_scores", "make_reward",
-           "make_scorers", "parse_spec"]
+__all__ = ["CLIPScorer", "FunctionScorer", "JudgeScorer", "Reward", "Scorer", "check_reward", "checked_scores",
+           "make_reward", "make_scorers", "parse_spec", "resolve_function"]
 
 KINDS = "judge, judge.alignment, judge.quality, pickscore:DIR, hps:DIR, fn:module:function"
 
@@ -54,22 +56,27 @@ def checked_scores(name: str, scores, n: int) -> np.ndarray:
     return out
 
 
+def resolve_function(target: str) -> Callable:
+    """The function of ``fn:module:function``, imported, or a ValueError saying what is wrong with ``target``."""
+    module, sep, attr = target.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"scorer fn:{target}: expected fn:package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        raise ValueError(f"scorer fn:{target}: cannot import {module!r} ({err})") from err
+    except AttributeError as err:
+        raise ValueError(f"scorer fn:{target}: module {module!r} has no {attr!r}") from err
+    if not callable(fn):
+        raise ValueError(f"scorer fn:{target}: {attr!r} is not callable")
+    return fn
+
+
 class FunctionScorer:
     """A user's ``module:function`` taking (images, prompts) and returning one score per image."""
 
     def __init__(self, target: str):
-        module, sep, attr = target.partition(":")
-        if not sep or not module or not attr:
-            raise ValueError(f"scorer fn:{target}: expected fn:package.module:function")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except ImportError as err:
-            raise ValueError(f"scorer fn:{target}: cannot import {module!r} ({err})") from err
-        except AttributeError as err:
-            raise ValueError(f"scorer fn:{target}: module {module!r} has no {attr!r}") from err
-        if not callable(fn):
-            raise ValueError(f"scorer fn:{target}: {attr!r} is not callable")
-        self.fn: Callable = fn
+        self.fn: Callable = resolve_function(target)
         self.name = f"fn:{target}"
 
     def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
@@ -96,24 +103,49 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     return items
 
 
-def _make_one(item: str) -> Scorer:
+def _prepare(item: str) -> Callable[[], Scorer]:
+    """The constructor of one item's scorer, after the checks that need no model: its kind, its judge part, its
+    model folder, its function (imported). A bad item fails here, before anything is loaded."""
     kind, _, arg = item.partition(":")
-    if kind == "judge":
-        return JudgeScorer()
-    if kind.startswith("judge."):
-        return JudgeScorer(kind.split(".", 1)[1])
+    if kind == "judge" or kind.startswith("judge."):
+        part = kind.split(".", 1)[1] if "." in kind else "score"
+        if part not in JudgeScorer.PARTS:
+            raise ValueError(f"judge part {part!r}: known parts are {', '.join(JudgeScorer.PARTS)}")
+        return lambda: JudgeScorer(part)
     if kind in ("pickscore", "hps"):
         if not arg:
             raise ValueError(f"scorer {kind!r} needs a model folder: {kind}:DIR")
-        return CLIPScorer(arg, kind)
+        if not Path(arg).is_dir():
+            raise ValueError(f"scorer {item}: no such folder {arg}")
+        if not (Path(arg) / "config.json").is_file():
+            raise ValueError(f"scorer {item}: no config.json in {arg} (a saved CLIPModel + CLIPProcessor folder)")
+        return lambda: CLIPScorer(arg, kind)
     if kind == "fn":
-        return FunctionScorer(arg)
+        resolve_function(arg)
+        return lambda: FunctionScorer(arg)
     raise ValueError(f"unknown scorer {kind!r} (known: {KINDS})")
 
 
 def make_scorers(spec: str) -> list[Scorer]:
     """The scorers of a comma list, one by one (weights, if given, are ignored here: see :func:`make_reward`)."""
-    return [_make_one(item) for item, _ in parse_spec(spec)]
+    return [_prepare(item)() for item, _ in parse_spec(spec)]
+
+
+def _reward_items(spec: str) -> list[tuple[Callable[[], Scorer], float]]:
+    """(constructor, weight) of each scorer of a reward spec, every item checked (see :func:`_prepare`)."""
+    items = parse_spec(spec)
+    names = [item for item, _ in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"scorer {dup[0]!r} is named twice in {spec!r}")
+    return [(_prepare(item), w) for item, w in items]
+
+
+def check_reward(spec: str) -> None:
+    """Raise the ValueError :func:`make_reward` would raise for a bad ``spec``, without constructing a scorer:
+    ``ncp.generate`` checks its spec before sampling, but loads the scorers (a CLIP model, a user's model) in its
+    scoring process only, so they are never loaded twice nor held by the sampling process."""
+    _reward_items(spec)
 
 
 @dataclass
@@ -145,9 +177,5 @@ class Reward:
 
 def make_reward(spec: str) -> Reward:
     """The weighted sum of the scorers of ``spec`` (``judge@0.7,pickscore:DIR@0.3``)."""
-    items = parse_spec(spec)
-    names = [item for item, _ in items]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"scorer {dup[0]!r} is named twice in {spec!r}")
-    return Reward([_make_one(item) for item in names], [w for _, w in items])
+    items = _reward_items(spec)
+    return Reward([make() for make, _ in items], [w for _, w in items])
