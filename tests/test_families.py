@@ -57,7 +57,9 @@ def test_each_family_conditions_as_its_pipeline_does(tiny_sd15, tiny_sdxl):
 def test_a_new_family_is_one_subclass():
     """A family registered in FAMILIES is recognised and used without touching the core (the seam's point)."""
 
-    class Toy(Family):
+    from ncp.families.unet import UNetFamily
+
+    class Toy(UNetFamily):
         name = "toy"
         pipeline = "StableDiffusionPipeline"
         lora_loader = "StableDiffusionLoraLoaderMixin"

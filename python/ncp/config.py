@@ -45,6 +45,9 @@ class ModelConfig:
                 "off on a GPU (needs fp32 weights); 'tf32' the same with TF32 on; auto: fp32 under a bf16 policy "
                 "(fp16 over half-precision weights), else same. bf16 rounds NCP's branch difference away "
                 "(docs/method.md, Precision)")
+    sigma_sampling: Literal["logit_normal", "mode", "uniform"] = opt(
+        "logit_normal", "flow-matching families (sd3): the density of the training sigmas (SD3's logit-normal, "
+                        "its mode sampling, or uniform); the U-Net families draw DDPM timesteps uniformly")
     vae_path: str | None = opt(None, "a separate VAE folder (e.g. an fp16-safe SDXL VAE)")
     gradient_checkpointing: bool = opt(False, "recompute U-Net activations in backward to save memory")
     compile_unet: Literal[False, "regional", "full"] = opt(

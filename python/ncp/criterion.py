@@ -21,7 +21,7 @@ from torch import Tensor
 from ncp.config import ConfigError, ObjectiveConfig, unread_objective_keys
 from ncp.models import ConcatenatedTaps, Tap, TapWeights, resolve_taps
 from ncp.objectives import OBJECTIVES, Objective
-from ncp.schedule import NoiseSchedule
+from ncp.schedule import Schedule
 
 ERROR_SCALES = ("paper", "coef", "log", "log_t")
 
@@ -31,12 +31,13 @@ class Criterion:
     name: str  # the objective's name: dpo, ncp-dpo, kto, ...
     objective: Objective
     hyperparameters: Mapping[str, Any]  # the loss's keyword arguments, ``num_timesteps`` included where it reads it
-    schedule: NoiseSchedule
+    schedule: Schedule  # DDPM or flow (``ncp.schedule``), as the model's family trains
     taps: tuple[Tap, ...] = ()  # the perceptual encoder's taps (empty for latent objectives)
     tap_weights: TapWeights = field(default_factory=list)  # one weight per tap, or ConcatenatedTaps (taps=authors)
     error_scale: str = "paper"  # objective.error_scale (docs/error_scale.md)
     timestep_table: Tensor | None = None  # (T,) w(t): 1 / c_e(t)^2 for coef, calibrated for log_t
     encoder_dtype: torch.dtype | None = None  # model.perceptual_precision (None: the policy's precision)
+    kind: str = "sd15"  # the model family (``ncp.families``): how the step calls the denoiser and its encoder
 
     # ------------------------------------------------------------ what the objective needs
 
@@ -76,10 +77,11 @@ class Criterion:
     # ------------------------------------------------------------ building
 
     @classmethod
-    def from_config(cls, objective: ObjectiveConfig, schedule: NoiseSchedule, kind: str, num_down_blocks: int,
+    def from_config(cls, objective: ObjectiveConfig, schedule: Schedule, kind: str, num_down_blocks: int,
                     encoder_dtype: torch.dtype | None = None) -> "Criterion":
-        """The criterion of ``cfg.objective`` for a model of family ``kind`` whose U-Net has ``num_down_blocks``
-        down blocks. ``error_scale=log_t`` needs ``ncp.timestep_scale.calibrated`` before the first step."""
+        """The criterion of ``cfg.objective`` for a model of family ``kind`` whose denoiser has
+        ``num_down_blocks`` tappable blocks (``Family.tap_units``: U-Net down blocks, transformer blocks).
+        ``error_scale=log_t`` needs ``ncp.timestep_scale.calibrated`` before the first step."""
         if objective.name not in OBJECTIVES:
             raise ConfigError(f"objective.name={objective.name!r} is not one of {', '.join(OBJECTIVES)}")
         if objective.error_scale not in ERROR_SCALES:
@@ -99,10 +101,10 @@ class Criterion:
             weights = _tap_weights(objective, len(taps))
         table = schedule.noise_coefficient_table() if objective.error_scale == "coef" else None
         return cls(objective.name, obj, hyper, schedule, taps, weights, objective.error_scale, table,
-                   encoder_dtype if obj.space == "perceptual" else None)
+                   encoder_dtype if obj.space == "perceptual" else None, kind)
 
     @classmethod
-    def make(cls, name: str, schedule: NoiseSchedule, *, kind: str = "sd15", num_down_blocks: int = 4,
+    def make(cls, name: str, schedule: Schedule, *, kind: str = "sd15", num_down_blocks: int = 4,
              encoder_dtype: torch.dtype | None = None, **fields: Any) -> "Criterion":
         """The criterion of objective ``name`` with ``fields`` (``ObjectiveConfig`` fields: hyperparameters,
         ``taps``, ``tap_weights``, ``error_scale``...) over the config's defaults. A hyperparameter ``name``

@@ -17,14 +17,13 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
-from ncp.families import Conditioning, detect_kind, family  # noqa: F401 (re-exported: ncp.models is where callers look)
+from ncp.families import Conditioning, denoiser_family, denoiser_folders, detect_kind, family  # noqa: F401 (re-exported: ncp.models is where callers look)
+from ncp.families.unet import TAP_PRESETS, Tap, encoder_features  # noqa: F401 (re-exported)
 from ncp.paths import bundle_path
 
 logger = logging.getLogger(__name__)
 
-Tap = Union[int, str]  # a down block index, "conv_in" or "mid"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TAP_PRESETS = ("auto", "paper", "mid", "multiscale", "authors")
 
 
 class ModelLoadError(RuntimeError):
@@ -39,8 +38,9 @@ def resolve_model_path(path: str) -> str:
         return str(folder)
     local = Path(path).expanduser()
     if local.exists():
-        if not local.is_dir() or not (local / "unet").is_dir():
-            raise ModelLoadError(f"model.path {local} is not a diffusers pipeline folder (no unet/ subfolder)")
+        if not local.is_dir() or not any((local / d).is_dir() for d in denoiser_folders()):
+            raise ModelLoadError(f"model.path {local} is not a diffusers pipeline folder (no "
+                                 f"{' or '.join(d + '/' for d in denoiser_folders())} subfolder)")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model.path {path} does not exist (and is not a hub id of the form org/name)")
@@ -78,12 +78,12 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
 @dataclass
 class Models:
-    kind: str  # the model family (ncp.families): "sd15", "sdxl"
-    unet: nn.Module  # with LoRA adapters (the policy)
+    kind: str  # the model family (ncp.families): "sd15", "sdxl", "sd3"
+    unet: nn.Module  # the denoiser (U-Net or transformer) with LoRA adapters: the policy
     vae: nn.Module
     text_encoders: list[nn.Module]
     tokenizers: list
-    scheduler: object  # diffusers DDPMScheduler
+    scheduler: object  # the family's diffusers scheduler (DDPM, flow matching)
     weight_dtype: torch.dtype
     device: torch.device
 
@@ -119,25 +119,28 @@ def load_models(
     path: str, kind: str, device: torch.device, weight_dtype: torch.dtype, vae_path: str | None = None,
     encoders_on_device: bool = True, with_unet: bool = True,
 ) -> Models:
-    """Load a diffusers-format pipeline: frozen VAE and text encoder(s), U-Net, DDPM scheduler.
+    """Load a diffusers-format pipeline: frozen VAE and text encoder(s), the denoiser (``Models.unet``: the
+    family's U-Net or transformer) and its scheduler.
 
     With ``encoders_on_device=False`` (training from the latent cache) the VAE and
     text encoders stay on the CPU, leaving the accelerator's memory to the U-Net.
     With ``with_unet=False`` (writing the latent cache) there is no U-Net and no
     scheduler, and ``path`` is taken as it is (a folder of the VAE and text encoder(s) will do).
     """
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path) if with_unet else path
     kind = detect_kind(path) if kind == "auto" else kind
-    scheduler = _from_pretrained(DDPMScheduler, path, "scheduler") if with_unet else None
+    fam = family(kind)
+    scheduler = _from_pretrained(getattr(diffusers, fam.scheduler_class), path, "scheduler") if with_unet else None
     # diffusers models get their dtype at load: ModelMixin.to(dtype=...) warns on every cast (diffusers 0.42)
-    unet = _from_pretrained(UNet2DConditionModel, path, "unet", torch_dtype=weight_dtype) if with_unet else None
+    unet = (_from_pretrained(getattr(diffusers, fam.denoiser_class), path, fam.denoiser, torch_dtype=weight_dtype)
+            if with_unet else None)
     vae = _from_pretrained(AutoencoderKL, vae_path or path, None if vae_path else "vae",
                            torch_dtype=weight_dtype if encoders_on_device else torch.float32)
-    fam = family(kind)
     tokenizers = [_from_pretrained(AutoTokenizer, path, tok) for tok, _, _ in fam.text_encoders]
     text_encoders = [_from_pretrained(getattr(transformers, cls), path, enc) for _, enc, cls in fam.text_encoders]
     for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
@@ -180,21 +183,15 @@ def _short_name(path: str) -> str:
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
-    """The adapter weights in the diffusers LoRA format (keys ``unet.…lora.down/up.weight``-style)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The adapter weights as the denoiser's pipeline LoRA loader writes them (U-Net: ``…lora.down/up.weight``)."""
+    return denoiser_family(unet).lora_state_dict(unet)
 
 
 def save_lora(unet: nn.Module, out_dir: str | Path, kind: str) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``."""
     # the pipelines' own LoRA writers, without importing a pipeline module (and the image processors it imports)
-    pipeline_cls = family(kind).lora_loader_class()
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    metadata = unet.peft_config["default"].to_dict()
-    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
-                                   unet_lora_adapter_metadata=metadata)
+    family(kind).save_lora(out_dir, state, unet.peft_config["default"].to_dict())
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
@@ -207,15 +204,15 @@ def load_lora_into(unet: nn.Module, lora_dir: str | Path) -> None:
     if not file.is_file():
         raise ModelLoadError(f"no LoRA weights at {file}")
     try:
-        state = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
+        state = load_file(str(file))
     except Exception as err:  # safetensors raises its own error type on a damaged file
         raise ModelLoadError(f"{file} is unreadable ({err})") from err
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    fam = denoiser_family(unet)
+    state = {k.removeprefix(f"{fam.denoiser}."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, fam.peft_state_dict(state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ModelLoadError(f"LoRA {file} does not fit this U-Net: unexpected keys {unexpected[:3]}...")
+        raise ModelLoadError(f"LoRA {file} does not fit this {fam.denoiser}: unexpected keys {unexpected[:3]}...")
 
 
 @contextlib.contextmanager
@@ -285,30 +282,10 @@ def encode_prompts(models: Models, captions: list[str]) -> Conditioning:
 # ---------------------------------------------------------------- perceptual encoder
 
 
-def resolve_taps(spec: list[str], kind: str, num_down_blocks: int) -> list[Tap]:
-    """Expand a preset or explicit list into "conv_in", down block indices and/or "mid", in forward order."""
-    if len(spec) == 1 and spec[0] in TAP_PRESETS:
-        preset = spec[0]
-        # "auto" and "authors" mean what the family says (the authors: SD1.5 all scales, SDXL the last block)
-        preset = family(kind).tap_presets.get(preset, preset)
-        return {"paper": [num_down_blocks - 1], "mid": ["mid"], "multiscale": [*range(num_down_blocks), "mid"],
-                "authors": ["conv_in", *range(num_down_blocks), "mid"]}[preset]
-    taps: list[Tap] = []
-    for item in spec:
-        if item in ("mid", "conv_in"):
-            taps.append(item)
-        elif str(item).lstrip("-").isdigit() and 0 <= int(item) < num_down_blocks:
-            taps.append(int(item))
-        else:
-            raise ValueError(f"objective.taps: {item!r} is neither a preset ({', '.join(TAP_PRESETS)}), "
-                             f"'conv_in', 'mid', nor a down block index in 0..{num_down_blocks - 1}")
-    if len(set(taps)) != len(taps):
-        raise ValueError(f"objective.taps lists a tap twice: {spec}")
-    return sorted(taps, key=lambda t: _tap_order(t, num_down_blocks))
-
-
-def _tap_order(tap: Tap, num_down_blocks: int) -> int:
-    return -1 if tap == "conv_in" else num_down_blocks if tap == "mid" else int(tap)
+def resolve_taps(spec: list[str], kind: str, units: int) -> list[Tap]:
+    """``objective.taps`` for a model of family ``kind`` with ``units`` tappable blocks (``Family.tap_units``:
+    U-Net down blocks, transformer blocks), in forward order (``Family.resolve_taps``)."""
+    return family(kind).resolve_taps(spec, units)
 
 
 def concatenation_weights(shapes: list[tuple[int, int, int]], normalize: bool) -> list[float]:
@@ -342,45 +319,12 @@ class ConcatenatedTaps:
 TapWeights = Union[list[float], ConcatenatedTaps]
 
 
-def encoder_features(unet: nn.Module, sample: Tensor, timestep: Tensor, cond: Conditioning,
-                     taps: list[Tap]) -> list[Tensor]:
-    """E(x, t, c): the U-Net's conv_in (a tap of its own), time/added embeddings, down blocks and (if tapped)
-    the mid block.
-
-    Mirrors ``UNet2DConditionModel.forward`` and stops after the last tap. Returns
-    the tapped activations in the order of ``taps``. Call it with adapters
-    disabled to get the frozen base encoder.
-    """
-    ehs = cond.hidden_states
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=cond.added_cond_kwargs())
-    emb = emb + aug if aug is not None else emb
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=cond.added_cond_kwargs())
-    h = unet.conv_in(sample)
-    found: dict[Tap, Tensor] = {"conv_in": h}
-    last = max(_tap_order(t, len(unet.down_blocks)) for t in taps)
-    for i, block in enumerate(unet.down_blocks[: last + 1]):
-        if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
-        else:
-            h, _ = block(hidden_states=h, temb=emb)
-        found[i] = h
-    if "mid" in taps:
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            found["mid"] = unet.mid_block(h, emb, encoder_hidden_states=ehs)
-        else:
-            found["mid"] = unet.mid_block(h, emb)
-    return [found[t] for t in taps]
-
-
 # ---------------------------------------------------------------- speed levers (model.compile_unet, attention_backend)
 
-# The regions of ``compile_unet="regional"``: the blocks diffusers checkpoints one by one, so a compiled
-# region is exactly what gradient checkpointing recomputes (and what ``frozen_checkpointing`` recomputes
-# with the adapters off). Everything between them (conv_in, embeddings, down/upsamplers, conv_out) stays eager.
-COMPILE_REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")
+# The regions of ``compile_unet="regional"`` (``Family.compile_regions``): the blocks diffusers checkpoints one
+# by one, so a compiled region is exactly what gradient checkpointing recomputes (and what
+# ``frozen_checkpointing`` recomputes with the adapters off). Everything between them (U-Net: conv_in,
+# embeddings, down/upsamplers, conv_out) stays eager.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Graphs per compiled code object: one per (block shape, grad mode, input requires_grad, adapters on/off)
 # seen in a step. SD1.5 / SDXL reach a few dozen, all in the first step; torch's default limit (8) would
@@ -391,7 +335,8 @@ RECOMPILE_LIMIT = 128
 def compile_unet(unet: nn.Module, how: str | bool, mode: str = "default", backend: str = "inductor") -> nn.Module:
     """torch.compile the U-Net as ``model.compile_unet`` says; returns the module the policy runs.
 
-    - ``"regional"``: each ResnetBlock2D and BasicTransformerBlock is compiled in place with static
+    - ``"regional"``: each block of the family's ``compile_regions`` (U-Net: ResnetBlock2D and
+      BasicTransformerBlock; transformers: their joint blocks) is compiled in place with static
       shapes. The policy, the reference (adapters off, no grad) and the perceptual encoder passes all run
       compiled code: dynamo compiles one graph per variant it meets in the first step (adapters on/off,
       grad on/off, batch 2B or KxB, block shape) and reuses them afterwards, so toggling adapters never
@@ -414,10 +359,11 @@ def compile_unet(unet: nn.Module, how: str | bool, mode: str = "default", backen
     _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     _dynamo.config.accumulated_recompile_limit = max(_dynamo.config.accumulated_recompile_limit,
                                                      8 * RECOMPILE_LIMIT)
-    regions = [m for m in unet.modules() if type(m).__name__ in COMPILE_REGIONS]
+    names = denoiser_family(getattr(unet, "module", unet)).compile_regions  # (DDP wraps the denoiser in .module)
+    regions = [m for m in unet.modules() if type(m).__name__ in names]
     for module in regions:
         module.compile(dynamic=False, **kwargs)
-    logger.info("compile_unet=regional: %d blocks compiled (%s)", len(regions), ", ".join(COMPILE_REGIONS))
+    logger.info("compile_unet=regional: %d blocks compiled (%s)", len(regions), ", ".join(names))
     return unet
 
 

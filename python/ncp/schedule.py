@@ -1,7 +1,15 @@
-"""DDPM schedule quantities for one training step (docs/method.md, "One training step", steps 1-4)."""
+"""The noise schedules of one training step (docs/method.md, "One training step", steps 1-4): DDPM
+(:class:`NoiseSchedule`, the U-Net families) and rectified flow (:class:`FlowSchedule`, SD3 / Flux).
+
+Both answer the step's questions the same way (``ncp.step.branch_errors`` never asks which it has): draw
+training timesteps, noise a latent, the prediction target, the model's timestep input, and the reverse step
+the perceptual objectives run every branch through, ``x' = c_x x - c_e e + sigma z`` with ``e`` what the step
+is linear in (``step_estimate``: the noise estimate for DDPM, the velocity for flow) and the encoder's timestep
+input after it (``next_model_timestep``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -29,6 +37,31 @@ class NoiseSchedule:
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator) -> Tensor:
+        return self.uniform_timesteps(self.num_timesteps, batch, generator, self.betas.device)
+
+    @staticmethod
+    def uniform_timesteps(num_timesteps: int, batch: int, generator: torch.Generator,
+                          device: torch.device) -> Tensor:
+        """Uniform training timesteps in [1, T) (t = 0 has no reverse step)."""
+        return torch.randint(1, num_timesteps, (batch,), generator=generator, device=device)
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        """The U-Net's timestep input: t itself."""
+        return t
+
+    def next_model_timestep(self, t: Tensor) -> Tensor:
+        """Where the reverse step lands, as the encoder's timestep input: t - 1."""
+        return t - 1
+
+    def step_estimate(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """What the reverse step is linear in, from a prediction: the noise estimate (``to_epsilon``)."""
+        return self.to_epsilon(pred, x_t, t)
+
+    def step_truth(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The true value of ``step_estimate``: the noise."""
+        return eps
 
     def _bcast(self, values: Tensor, like: Tensor) -> Tensor:
         return values.view(-1, *([1] * (like.dim() - 1)))
@@ -89,6 +122,9 @@ class NoiseSchedule:
         return c_e.pow(-2).float()
 
 
+SIGMA_SAMPLING = ("logit_normal", "mode", "uniform")
+
+
 @dataclass
 class FlowSchedule:
     """The rectified-flow (flow matching) schedule of SD3 / SD3.5 and Flux.1, on the training grid of the
@@ -100,19 +136,55 @@ class FlowSchedule:
     sigmas: Tensor  # (T,) descending
     num_train_timesteps: int = 1000
     prediction_type: str = "flow"
+    weighting: str = "logit_normal"  # the training indices' density (``sample_indices``)
 
     @classmethod
-    def from_scheduler(cls, scheduler, device: torch.device) -> "FlowSchedule":
+    def from_scheduler(cls, scheduler, device: torch.device, weighting: str = "logit_normal") -> "FlowSchedule":
+        if weighting not in SIGMA_SAMPLING:
+            raise ValueError(f"sigma sampling {weighting!r}: expected one of {', '.join(SIGMA_SAMPLING)}")
         n = scheduler.config.num_train_timesteps
         sigmas = scheduler.sigmas[:n].to(device=device, dtype=torch.float32)
         if sigmas.shape[0] != n:
             raise ValueError(f"the scheduler holds {sigmas.shape[0]} sigmas, not its {n} training ones: build the "
                              f"schedule before set_timesteps")
-        return cls(sigmas, n)
+        return cls(sigmas, n, weighting=weighting)
 
     @property
     def num_timesteps(self) -> int:
         return self.sigmas.shape[0]
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator) -> Tensor:
+        """Training indices by ``weighting`` (``sample_indices``)."""
+        return self.sample_indices(batch, generator, self.weighting)
+
+    def model_timestep(self, index: Tensor) -> Tensor:
+        return self.timesteps(index)
+
+    def next_model_timestep(self, index: Tensor) -> Tensor:
+        """The timestep input at the next lower sigma (0 after the last index)."""
+        return self.next_sigma(index) * self.num_train_timesteps
+
+    def step_estimate(self, pred: Tensor, x_t: Tensor, index: Tensor) -> Tensor:
+        """The Euler step is linear in the velocity, which the model predicts."""
+        return pred
+
+    def step_truth(self, x0: Tensor, eps: Tensor, index: Tensor) -> Tensor:
+        """The true velocity ``eps - x0`` (its Euler step lands on the latent at the next sigma)."""
+        return self.target(x0, eps, index)
+
+    def reverse_coefficients(self, index: Tensor) -> Tensor:
+        """(N, 3) fp32 ``[c_x, c_e, sigma] = [1, sigma_i - sigma_{i+1}, 0]``: the Euler step
+        ``x + (sigma_{i+1} - sigma_i) v`` in the DDPM step's form ``c_x x - c_e v + sigma z`` (no noise), so the
+        fused reverse-step op runs it unchanged."""
+        c_e = self.step_coefficient(index).float()
+        return torch.stack([torch.ones_like(c_e), c_e, torch.zeros_like(c_e)], dim=1)
+
+    def noise_coefficient_table(self) -> Tensor:
+        """(T,) fp32 ``1 / (sigma_i - sigma_{i+1})^2``: ``error_scale=coef``'s per-index scale, the Euler step's
+        coefficient squared (as the DDPM table's ``c_e(t)^2``), in float64."""
+        sig = self.sigmas.double()
+        step = sig - torch.cat([sig[1:], sig.new_zeros(1)])
+        return step.pow(-2).float()
 
     def _sigma(self, index: Tensor, like: Tensor) -> Tensor:
         return self.sigmas[index].view(-1, *([1] * (like.dim() - 1)))
@@ -156,5 +228,8 @@ class FlowSchedule:
         elif weighting == "uniform":
             u = torch.rand(batch, generator=generator, device=device)
         else:
-            raise ValueError(f"sigma sampling {weighting!r}: expected logit_normal, mode or uniform")
+            raise ValueError(f"sigma sampling {weighting!r}: expected one of {', '.join(SIGMA_SAMPLING)}")
         return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+
+
+Schedule = Union[NoiseSchedule, FlowSchedule]

@@ -14,21 +14,27 @@ from torch import Tensor, nn
 
 from ncp import ops
 from ncp.criterion import Criterion
-from ncp.models import Conditioning, Tap, adapters_disabled, encoder_features, frozen_checkpointing
+from ncp.families import Family, family
+from ncp.models import Conditioning, Tap, adapters_disabled, frozen_checkpointing
+from ncp.schedule import NoiseSchedule, Schedule
 
 
 @dataclass
 class StepNoise:
     """The randomness of one step, shared by the winner and the loser of each pair."""
 
-    t: Tensor  # (B,) long in [1, T-1]
+    t: Tensor  # (B,) long: DDPM timesteps in [1, T-1], flow sigma indices in [0, T-1]
     eps: Tensor  # (B, C, h, w)
-    z: Tensor  # (B, C, h, w) the reverse step's noise
+    z: Tensor  # (B, C, h, w) the reverse step's noise (the flow's Euler step adds none)
 
 
-def sample_noise(batch: int, latent_shape: tuple[int, ...], num_timesteps: int,
+def sample_noise(batch: int, latent_shape: tuple[int, ...], schedule: Schedule | int,
                  generator: torch.Generator, device: torch.device) -> StepNoise:
-    t = torch.randint(1, num_timesteps, (batch,), generator=generator, device=device)
+    """One step's timesteps, as the schedule draws them (an int ``T``: DDPM's, uniform in [1, T)), and noise."""
+    if isinstance(schedule, int):
+        t = NoiseSchedule.uniform_timesteps(schedule, batch, generator, device)
+    else:
+        t = schedule.sample_timesteps(batch, generator)
     eps = torch.randn((batch, *latent_shape), generator=generator, device=device)
     z = torch.randn((batch, *latent_shape), generator=generator, device=device)
     return StepNoise(t, eps, z)
@@ -45,7 +51,7 @@ def _pair(x: Tensor, n: int) -> Tensor:
     return x.repeat(n, *([1] * (x.dim() - 1)))
 
 
-def frozen_encoder_features(base: nn.Module, x: Tensor, t: Tensor, cond: Conditioning,
+def frozen_encoder_features(fam: Family, base: nn.Module, x: Tensor, t: Tensor, cond: Conditioning,
                             taps: list[Tap]) -> list[Tensor]:
     """E(x, t, c) with gradients to ``x`` through the frozen base weights (adapters off).
 
@@ -55,7 +61,7 @@ def frozen_encoder_features(base: nn.Module, x: Tensor, t: Tensor, cond: Conditi
     of the policy's own checkpointed pass, not that of the whole encoder's activations.
     """
     with adapters_disabled(base), frozen_checkpointing(base):
-        return list(encoder_features(base, x, t, cond, taps))
+        return list(fam.encoder_features(base, x, t, cond, taps))
 
 
 def encoder_precision(dtype: torch.dtype | None, device: torch.device):
@@ -107,36 +113,40 @@ def branch_errors(criterion: Criterion, unet: nn.Module, base: nn.Module, x0: Te
     Returns fp32 (nB,) tensors.
     """
     schedule, taps, encoder_dtype = criterion.schedule, list(criterion.taps), criterion.encoder_dtype
+    fam = family(criterion.kind)
     n = x0.shape[0] // noise.t.shape[0]
     t, eps, z = _pair(noise.t, n), _pair(noise.eps, n), _pair(noise.z, n)
     cond = cond.repeat(n)
     x_t = schedule.add_noise(x0, eps.to(x0.dtype), t)  # (nB, C, h, w)
-    kwargs = dict(encoder_hidden_states=cond.hidden_states, added_cond_kwargs=cond.added_cond_kwargs())
-    pred = unet(x_t, t, **kwargs).sample  # policy, with grad
+    timestep = schedule.model_timestep(t)
+    pred = fam.denoise(unet, x_t, timestep, cond)  # policy, with grad
     ref = None
     if criterion.needs_reference:
         with torch.no_grad(), adapters_disabled(base):
-            ref = base(x_t, t, **kwargs).sample
+            ref = fam.denoise(base, x_t, timestep, cond)
 
     if not criterion.perceptual:
         target = schedule.target(x0, eps.to(x0.dtype), t)
         err, err_ref = ops.multiscale_error([pred], [ref] if ref is not None else [], [target], [1.0])
         return err, (err_ref if ref is not None else None)
 
-    # Perceptual: reverse step of every branch to t-1, then the frozen encoder at t-1.
+    # Perceptual: reverse step of every branch to the next lower noise level (DDPM t-1, the flow's next sigma),
+    # then the frozen encoder there. The step is linear in the noise estimate (DDPM) or the velocity (flow).
     coef = schedule.reverse_coefficients(t)  # (nB, 3)
-    eps_policy = schedule.to_epsilon(pred, x_t, t)
-    others = [schedule.to_epsilon(ref, x_t, t)] if ref is not None else []
-    others = torch.stack([*others, eps.to(pred.dtype)])  # (K, nB, C, h, w): [reference,] true noise
+    eps_policy = schedule.step_estimate(pred, x_t, t)
+    others = [schedule.step_estimate(ref, x_t, t)] if ref is not None else []
+    truth = schedule.step_truth(x0, eps, t).to(pred.dtype)
+    others = torch.stack([*others, truth])  # (K, nB, C, h, w): [reference,] true noise (or velocity)
     x_in = x_t
     if encoder_dtype is not None:  # the branches differ by c_e(t) (e - eps) only: the reverse step in fp32
         x_in, eps_policy, others = x_t.float(), eps_policy.float(), others.float()
     prev_policy, prev_other = ops.reverse_step(x_in, eps_policy, others, z.to(x_in.dtype), coef)
     k = prev_other.shape[0]
+    t_next = schedule.next_model_timestep(t)
     with encoder_precision(encoder_dtype, x_t.device):
         with torch.no_grad(), adapters_disabled(base):
-            feats_other = encoder_features(base, prev_other.flatten(0, 1), (t - 1).repeat(k), cond.repeat(k), taps)
-        feats_policy = frozen_encoder_features(base, prev_policy, t - 1, cond, taps)
+            feats_other = fam.encoder_features(base, prev_other.flatten(0, 1), t_next.repeat(k), cond.repeat(k), taps)
+        feats_policy = frozen_encoder_features(fam, base, prev_policy, t_next, cond, taps)
     split = [f.unflatten(0, (k, -1)) for f in feats_other]  # each (K, nB, ...)
     target = [f[-1] for f in split]
     reference = [f[0] for f in split] if ref is not None else []

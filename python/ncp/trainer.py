@@ -27,7 +27,6 @@ from ncp.models import (DTYPES, Conditioning, Models, add_lora, attention_backen
                         family, load_lora_into, load_models, resolve_model_path, save_lora)
 from ncp.objectives import OBJECTIVES
 from ncp.optim import build_optimizer
-from ncp.schedule import NoiseSchedule
 from ncp.step import perceptual_dtype, preference_step, sample_noise
 from ncp.timestep_scale import calibrated
 
@@ -98,8 +97,9 @@ def setup(cfg: Config) -> Trainer:
                                         accelerator.num_processes)
     source = build_source(options, resolve_model_path(cfg.model.path))
     policy_dtype = DTYPES[precision] if precision != "no" else weight_dtype
-    criterion = Criterion.from_config(cfg.objective, NoiseSchedule.from_scheduler(models.scheduler, accelerator.device),
-                                      models.kind, len(models.unet.down_blocks),
+    fam = family(models.kind)
+    schedule = fam.training_schedule(models.scheduler, accelerator.device, cfg.model.sigma_sampling)
+    criterion = Criterion.from_config(cfg.objective, schedule, models.kind, fam.tap_units(models.unet),
                                       encoder_dtype(cfg, policy_dtype, weight_dtype, accelerator.device))
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +136,8 @@ def criterion_for(tr: Trainer, name: str, **fields: Any) -> Criterion:
     """The criterion of objective ``name`` on this trainer's model and schedule: the config's objective settings
     with ``fields`` over them (the study benchmarks compare objectives on one setup)."""
     objective = dataclasses.replace(tr.cfg.objective, name=name, **fields)
-    return Criterion.from_config(objective, tr.criterion.schedule, tr.models.kind, len(tr.base.down_blocks),
-                                 tr.criterion.encoder_dtype)
+    return Criterion.from_config(objective, tr.criterion.schedule, tr.models.kind,
+                                 family(tr.models.kind).tap_units(tr.base), tr.criterion.encoder_dtype)
 
 
 def calibrated_criterion(tr: Trainer, source: PairSource) -> Criterion:
@@ -224,7 +224,7 @@ def micro_step(tr: Trainer, batch: Batch, micro: int):
     cfg, models = tr.cfg, tr.models
     gen = step_generator(cfg.train.seed, tr.step, micro, tr.accelerator.process_index, models.device)
     x0, cond = batch_inputs(tr, batch, gen)
-    noise = sample_noise(len(batch), tuple(x0.shape[1:]), tr.criterion.schedule.num_timesteps, gen, models.device)
+    noise = sample_noise(len(batch), tuple(x0.shape[1:]), tr.criterion.schedule, gen, models.device)
     desirable = None
     if isinstance(batch, UnpairedBatch):
         if not tr.criterion.per_image:  # the config refuses this first (data.format); a source built by hand may not

@@ -5,11 +5,12 @@ a prompt becomes the denoiser's condition (:class:`Conditioning`: hidden states,
 size/crop ids), which pipeline class samples it and which LoRA loader writes its adapters, which encoder taps
 its tap presets mean, and how kohya-style tools name its modules. The training core asks ``family(kind)`` and
 never tests a family's name; adding a family is one module here (registered in :data:`FAMILIES`) and its
-test. The noise target and the reverse step come from the model's scheduler config (eps or v prediction) and
-stay in ``ncp.schedule`` until a family changes them (flow matching).
+test. A family also answers the training step's questions: its denoiser (class, folder, how it is called), its
+noise schedule (``ncp.schedule``: DDPM for the U-Nets, flow matching for the transformers), its perceptual
+encoder's taps and features, and its LoRA format (``unet.py`` holds what SD1.5 and SDXL share).
 
-A new family: a module here with a Family subclass, listed in FAMILIES, and its test. This package is a
-leaf: it imports no other ncp module but ``ncp.pipelines``.
+A new family: a module here with a Family subclass, listed in FAMILIES, and its test. This package imports
+no other ncp module but the leaves ``ncp.pipelines`` and ``ncp.schedule``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ncp.families.base import Conditioning, Family
 from ncp.families.sd15 import SD15
 from ncp.families.sdxl import SDXL
 
-__all__ = ["Conditioning", "FAMILIES", "Family", "detect_kind", "family"]
+__all__ = ["Conditioning", "FAMILIES", "Family", "denoiser_family", "denoiser_folders", "detect_kind", "family"]
 
 # every family, by name; a folder is the first whose ``matches`` accepts its model_index.json
 FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL(), SD15())}
@@ -41,3 +42,19 @@ def detect_kind(path: str) -> str:
         spec = json.loads(index.read_text())
         return next((f.name for f in FAMILIES.values() if f.matches(spec)), "sd15")
     return "sdxl" if "xl" in path.lower() else "sd15"
+
+
+def denoiser_folders() -> list[str]:
+    """The pipeline folders a denoiser lives in, over the families (``unet``, ``transformer``)."""
+    return sorted({f.denoiser for f in FAMILIES.values()})
+
+
+def denoiser_family(model) -> Family:
+    """A family whose denoiser class ``model`` is: what its LoRA format and tapping depend on (SD1.5 and SDXL
+    share the U-Net's)."""
+    name = type(model).__name__
+    for fam in FAMILIES.values():
+        if fam.denoiser_class == name:
+            return fam
+    raise ValueError(f"no model family has a {name} denoiser (known: "
+                     f"{', '.join(sorted({f.denoiser_class for f in FAMILIES.values()}))})")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -46,6 +46,48 @@ class Family:
     kohya_names: ClassVar[str] = "diffusers"  # how kohya-style tools name its modules: "diffusers" or "sgm"
     vae_overflows_in_fp16: ClassVar[bool] = False
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}  # extra from_pretrained / constructor arguments
+    denoiser: ClassVar[str]  # the pipeline's denoiser component and its folder: "unet", "transformer"
+    denoiser_class: ClassVar[str]  # its diffusers class
+    scheduler_class: ClassVar[str]  # the diffusers scheduler its training schedule is read from (scheduler/)
+    compile_regions: ClassVar[tuple[str, ...]] = ()  # the block classes model.compile_unet=regional compiles
+
+    # ---------------------------------------------------------------- the training step's questions
+
+    def training_schedule(self, scheduler, device: torch.device, sigma_sampling: str = "logit_normal"):
+        """The step's noise schedule (``ncp.schedule``: DDPM or flow) from the model's scheduler."""
+        raise NotImplementedError
+
+    def denoise(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        """The denoiser's prediction for noised latents ``x`` at ``timestep`` (the schedule's model input)."""
+        raise NotImplementedError
+
+    def tap_units(self, model: nn.Module) -> int:
+        """How many tappable blocks the denoiser has (U-Net down blocks, transformer blocks)."""
+        raise NotImplementedError
+
+    def resolve_taps(self, spec: list[str], units: int) -> list:
+        """``objective.taps`` (a preset or a list) as this family's taps, in forward order; ValueError if bad."""
+        raise NotImplementedError
+
+    def encoder_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Conditioning,
+                         taps: list) -> list[Tensor]:
+        """The perceptual encoder's tapped features of ``x`` at ``timestep`` (call with the adapters off)."""
+        raise NotImplementedError
+
+    def lora_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The adapter's weights as the family's pipeline LoRA loader reads them (without the denoiser prefix)."""
+        raise NotImplementedError
+
+    def peft_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``lora_state_dict``'s format back to peft's names (for ``set_peft_model_state_dict``)."""
+        raise NotImplementedError
+
+    def save_lora(self, out_dir, state: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` with the pipeline's own LoRA writer (keys prefixed with
+        the denoiser's name, the adapter's config as metadata), so ``pipe.load_lora_weights`` reads it."""
+        self.lora_loader_class().save_lora_weights(
+            out_dir, safe_serialization=True,
+            **{f"{self.denoiser}_lora_layers": state, f"{self.denoiser}_lora_adapter_metadata": metadata})
 
     def matches(self, model_index: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -72,8 +114,8 @@ class Family:
         return getattr(diffusers.loaders, self.lora_loader)
 
     def training_pipeline(self, vae, text_encoders: list, tokenizers: list, unet, scheduler):
-        """The family's pipeline around existing modules (validation draws with the training U-Net)."""
-        parts: dict[str, Any] = {"vae": vae, "unet": unet, "scheduler": scheduler}
+        """The family's pipeline around existing modules (validation draws with the training denoiser)."""
+        parts: dict[str, Any] = {"vae": vae, self.denoiser: unet, "scheduler": scheduler}
         for i, (tok, enc) in enumerate(zip(tokenizers, text_encoders)):
             suffix = "" if i == 0 else f"_{i + 1}"
             parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tok, enc

@@ -5,10 +5,11 @@ from typing import Any
 
 import torch
 
-from ncp.families.base import Conditioning, Family, token_ids
+from ncp.families.base import Conditioning, token_ids
+from ncp.families.unet import UNetFamily
 
 
-class SD15(Family):
+class SD15(UNetFamily):
     name = "sd15"
     pipeline = "StableDiffusionPipeline"
     lora_loader = "StableDiffusionLoraLoaderMixin"

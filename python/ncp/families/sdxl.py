@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ncp.families.base import Conditioning, Family, token_ids
+from ncp.families.base import Conditioning, token_ids
+from ncp.families.unet import UNetFamily
 
 
-class SDXL(Family):
+class SDXL(UNetFamily):
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
     lora_loader = "StableDiffusionXLLoraLoaderMixin"
