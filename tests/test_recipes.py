@@ -27,7 +27,26 @@ def _path(model: str) -> Path:
 
 
 def test_one_recipe_per_model_and_nothing_else():
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == {_path(m).name for m in MODELS} | {"default.yaml"}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {_path(m).name for m in MODELS} | {"default.yaml", "sd3.yaml"}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_the_sd3_recipe_loads_for_every_objective(objective):
+    """SD3.5's recipe (not the paper's: it has no SD3 runs): the sd3 family, SD3's logit-normal sigmas, LoRA on
+    both streams' joint-attention projections, the transformer's own taps, and the documented effective batch."""
+    path = _path("sd3")
+    cfg = load_config(path, [f"objective.name={objective}"])
+    assert cfg.model.kind == "sd3" and cfg.model.sigma_sampling == "logit_normal"
+    assert set(cfg.lora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out"}
+    assert cfg.data.resolution == 1024
+    if objective.startswith("ncp-"):
+        assert cfg.objective.taps == ["auto"]
+    text = path.read_text()
+    bs, accum, gpus, total = map(int, re.search(r"batch_size (\d+) x grad_accum (\d+) x (\d+) GPUs? = (\d+) pairs",
+                                                text).groups())
+    assert (bs, accum) == (cfg.data.batch_size, cfg.train.grad_accum) and bs * accum * gpus == total
+    assert "-m ncp.train --config sd3 objective.name=" in text.split("\n\n", 1)[0]
 
 
 @pytest.mark.parametrize("model,objective", RECIPES)

@@ -35,7 +35,7 @@ ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
 @dataclass
 class ModelConfig:
     path: str = opt("bundle", "diffusers pipeline folder or hub id; 'bundle' is the small model shipped with ncp")
-    kind: Literal["auto", "sd15", "sdxl"] = opt("auto", "model family; 'auto' reads model_index.json")
+    kind: Literal["auto", "sd15", "sdxl", "sd3"] = opt("auto", "model family; 'auto' reads model_index.json")
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "dtype of the frozen weights (auto: bf16 on GPU, fp32 on CPU; fp32 for the ncp-* objectives when "
                 "perceptual_precision is auto, tf32 or fp32)")
@@ -438,7 +438,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 RECIPES = Path(__file__).resolve().parent / "configs"  # the shipped recipes (python -m ncp.train --config NAME)
-RECIPE_NAMES = ("default", "sd15", "sdxl")  # default: the bundled world's; sd15, sdxl: the paper's, per family
+RECIPE_NAMES = ("default", "sd15", "sdxl", "sd3")  # default: the bundled world's; sd15, sdxl: the paper's, per
+# family; sd3: SD3.5's (flow matching)
 DEFAULT_CONFIG = RECIPES / "default.yaml"
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ncp.criterion import Criterion
+from ncp.families.dit import default_taps
 from ncp.models import Conditioning, add_lora
 from ncp.objectives import OBJECTIVES
 from ncp.schedule import NoiseSchedule
@@ -291,7 +292,7 @@ def dit_step_budget(name: str, resolution: int = 1024, objective: str = "ncp-dpo
     n_frozen = sum(p.numel() for p in model.parameters())
     lora = add_lora(model, lora_rank, float(lora_rank), list(lora_targets), 0.0) if lora_rank else []
     blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
-    taps = list(taps) or [len(blocks) // 4 - 1, len(blocks) // 2 - 1]
+    taps = list(taps) or default_taps(len(blocks))
     spec = OBJECTIVES[objective]
     n = 2 if spec.needs_losers else 1
     x, velocity, features = _dit_call(model, resolution, n)

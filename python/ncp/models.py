@@ -359,7 +359,7 @@ def compile_unet(unet: nn.Module, how: str | bool, mode: str = "default", backen
     _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     _dynamo.config.accumulated_recompile_limit = max(_dynamo.config.accumulated_recompile_limit,
                                                      8 * RECOMPILE_LIMIT)
-    names = denoiser_family(getattr(unet, "module", unet)).compile_regions  # (DDP wraps the denoiser in .module)
+    names = denoiser_family(unet).compile_regions
     regions = [m for m in unet.modules() if type(m).__name__ in names]
     for module in regions:
         module.compile(dynamic=False, **kwargs)

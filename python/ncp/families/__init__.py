@@ -18,13 +18,15 @@ import json
 from pathlib import Path
 
 from ncp.families.base import Conditioning, Family
+from ncp.families.sd3 import SD3
 from ncp.families.sd15 import SD15
 from ncp.families.sdxl import SDXL
 
 __all__ = ["Conditioning", "FAMILIES", "Family", "denoiser_family", "denoiser_folders", "detect_kind", "family"]
 
-# every family, by name; a folder is the first whose ``matches`` accepts its model_index.json
-FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL(), SD15())}
+# every family, by name; a folder is the first whose ``matches`` accepts its model_index.json (SD3 before SDXL:
+# both have a second text encoder)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD3(), SDXL(), SD15())}
 
 
 def family(kind: str) -> Family:
@@ -51,7 +53,9 @@ def denoiser_folders() -> list[str]:
 
 def denoiser_family(model) -> Family:
     """A family whose denoiser class ``model`` is: what its LoRA format and tapping depend on (SD1.5 and SDXL
-    share the U-Net's)."""
+    share the U-Net's). Wrappers are looked through: DDP's ``.module``, torch.compile's ``._orig_mod``."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
     name = type(model).__name__
     for fam in FAMILIES.values():
         if fam.denoiser_class == name:

@@ -19,6 +19,27 @@ from torch import Tensor
 Features = Callable[[Tensor, Tensor], list[Tensor]]  # (latents, sigmas) -> one (B, N, D) map per tap
 
 
+def default_taps(n_blocks: int) -> list[int]:
+    """``objective.taps=auto`` for a transformer: the blocks at a quarter and at half its depth (0-based), the
+    early blocks whose image tokens are still spatial features and not yet the velocity."""
+    return sorted({max(n_blocks // 4 - 1, 0), max(n_blocks // 2 - 1, 0)})
+
+
+def resolve_block_taps(spec: Sequence[str], n_blocks: int) -> list[int]:
+    """``objective.taps`` for a transformer: ``auto`` or 0-based block indices, in forward order."""
+    if list(spec) == ["auto"]:
+        return default_taps(n_blocks)
+    taps = []
+    for item in spec:
+        if not str(item).isdigit() or not 0 <= int(item) < n_blocks:
+            raise ValueError(f"objective.taps: {item!r} is not 'auto' nor a block index in 0..{n_blocks - 1} "
+                             f"(a transformer's taps are its blocks; the U-Net presets do not apply)")
+        taps.append(int(item))
+    if len(set(taps)) != len(taps):
+        raise ValueError(f"objective.taps lists a block twice: {list(spec)}")
+    return sorted(taps)
+
+
 def sd3_block_features(transformer, x: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                        pooled: Tensor, taps: Sequence[int]) -> list[Tensor]:
     """Image-token hidden states (B, N, D) of an ``SD3Transformer2DModel`` after each joint block in ``taps``
