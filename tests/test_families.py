@@ -24,8 +24,8 @@ def test_folders_are_recognised(tiny_sd15, tiny_sdxl, tmp_path):
     (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     assert detect_kind(str(tmp_path / "m")) == "sdxl"
     assert detect_kind("org/some-xl-model") == "sdxl" and detect_kind("org/sd-v1-5") == "sd15"  # no folder: by name
-    with pytest.raises(ValueError, match=r"unknown model family 'flux' \(known: sd15, sd3, sdxl\)"):
-        family("flux")
+    with pytest.raises(ValueError, match=r"unknown model family 'kandinsky' \(known: flux, sd15, sd3, sdxl\)"):
+        family("kandinsky")
 
 
 def test_config_offers_exactly_the_registered_families():

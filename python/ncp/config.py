@@ -35,7 +35,7 @@ ObjectiveName = Literal[OBJECTIVE_NAMES]  # type: ignore[valid-type]
 @dataclass
 class ModelConfig:
     path: str = opt("bundle", "diffusers pipeline folder or hub id; 'bundle' is the small model shipped with ncp")
-    kind: Literal["auto", "sd15", "sdxl", "sd3"] = opt("auto", "model family; 'auto' reads model_index.json")
+    kind: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = opt("auto", "model family; 'auto' reads model_index.json")
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "dtype of the frozen weights (auto: bf16 on GPU, fp32 on CPU; fp32 for the ncp-* objectives when "
                 "perceptual_precision is auto, tf32 or fp32)")
@@ -46,7 +46,7 @@ class ModelConfig:
                 "(fp16 over half-precision weights), else same. bf16 rounds NCP's branch difference away "
                 "(docs/method.md, Precision)")
     sigma_sampling: Literal["logit_normal", "mode", "uniform"] = opt(
-        "logit_normal", "flow-matching families (sd3): the density of the training sigmas (SD3's logit-normal, "
+        "logit_normal", "flow-matching families (sd3, flux): the density of the training sigmas (SD3's logit-normal, "
                         "its mode sampling, or uniform); the U-Net families draw DDPM timesteps uniformly")
     vae_path: str | None = opt(None, "a separate VAE folder (e.g. an fp16-safe SDXL VAE)")
     gradient_checkpointing: bool = opt(False, "recompute U-Net activations in backward to save memory")

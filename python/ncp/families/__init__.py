@@ -18,15 +18,16 @@ import json
 from pathlib import Path
 
 from ncp.families.base import Conditioning, Family
+from ncp.families.flux import Flux
 from ncp.families.sd3 import SD3
 from ncp.families.sd15 import SD15
 from ncp.families.sdxl import SDXL
 
 __all__ = ["Conditioning", "FAMILIES", "Family", "denoiser_family", "denoiser_folders", "detect_kind", "family"]
 
-# every family, by name; a folder is the first whose ``matches`` accepts its model_index.json (SD3 before SDXL:
-# both have a second text encoder)
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD3(), SDXL(), SD15())}
+# every family, by name; a folder is the first whose ``matches`` accepts its model_index.json (SD3 and Flux
+# before SDXL: they too have a second text encoder)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD3(), Flux(), SDXL(), SD15())}
 
 
 def family(kind: str) -> Family:

@@ -10,6 +10,11 @@ made in-process with the ``tokenizers`` library (a Unigram over the world's
 words, no sentencepiece file), and ``FlowMatchEulerDiscreteScheduler(shift=3)``.
 Nothing is downloaded; the same seed gives bit-identical weights.
 
+``build_tiny_flux(folder, seed)`` writes a ``FluxPipeline`` folder from the same
+parts: a ``FluxTransformer2DModel`` (guidance-embedded, as FLUX.1 [dev]), one
+``CLIPTextModel`` (its pooled output), the T5 encoder, the 16-channel VAE with
+Flux's scaling / shift factors and Flux's dynamic-shift scheduler config.
+
 How the sizes fit together (what ``StableDiffusion3Pipeline`` assumes):
 
 * ``vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)``: four VAE
@@ -32,14 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5TokenizerFast)
 
 from ncp.scoring.scenes import world_vocabulary
 from ncp.world.tokenizer import build_tokenizer, save_tokenizer
 
 SD3_SCALING_FACTOR = 1.5305  # SD3's VAE config
 SD3_SHIFT_FACTOR = 0.0609
+FLUX_SCALING_FACTOR = 0.3611  # Flux.1's VAE config
+FLUX_SHIFT_FACTOR = 0.1159
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in T5
 
 
@@ -103,8 +112,9 @@ def build_t5_tokenizer(words: list[str] | None = None, max_length: int = 256) ->
                            extra_ids=0, additional_special_tokens=[], model_max_length=max_length)
 
 
-def _clip(tok: CLIPTokenizer, hidden: int, projection: int, spec: FlowSpec) -> CLIPTextModelWithProjection:
-    return CLIPTextModelWithProjection(CLIPTextConfig(
+def _clip(tok: CLIPTokenizer, hidden: int, projection: int, spec: FlowSpec,
+          cls=CLIPTextModelWithProjection) -> CLIPTextModelWithProjection:
+    return cls(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=spec.clip_layers,
         num_attention_heads=spec.clip_heads, max_position_embeddings=tok.model_max_length, projection_dim=projection,
         hidden_act="quick_gelu", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -122,13 +132,13 @@ def _t5(tok: T5TokenizerFast, spec: FlowSpec) -> T5EncoderModel:
     )).eval()
 
 
-def _vae(spec: FlowSpec) -> AutoencoderKL:
+def _vae(spec: FlowSpec, scaling_factor: float = SD3_SCALING_FACTOR, shift_factor: float = SD3_SHIFT_FACTOR) -> AutoencoderKL:
     n = len(spec.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=spec.vae_channels, layers_per_block=1,
         latent_channels=spec.latent_channels, norm_num_groups=8, sample_size=spec.resolution,
-        scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR, use_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
         use_post_quant_conv=False, mid_block_add_attention=False,
     ).eval()
 
@@ -167,4 +177,54 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0, spec: FlowSpec = TINY_FLOW
     pipe.save_pretrained(out)
     for name in ("tokenizer", "tokenizer_2"):
         save_tokenizer(tok, out / name)  # adds CLIP's classic vocab.json / merges.txt
+    return out
+
+
+@dataclass(frozen=True)
+class FluxSpec:
+    """Sizes of the tiny Flux.1 pipeline (the VAE, CLIP and T5 of :class:`FlowSpec`)."""
+
+    flow: FlowSpec = TINY_FLOW_SPEC
+    num_layers: int = 2  # double-stream blocks
+    num_single_layers: int = 2
+    attention_head_dim: int = 8
+    num_attention_heads: int = 2
+    axes_dims_rope: tuple[int, int, int] = (2, 2, 4)  # sums to attention_head_dim
+    t5_max_length: int = 512  # FluxPipeline's default max_sequence_length
+
+
+TINY_FLUX_SPEC = FluxSpec()
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Flux.1's scheduler config: resolution-dependent shift at sampling, the unshifted sigmas in training."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def build_tiny_flux(folder: str | Path, seed: int = 0, spec: FluxSpec = TINY_FLUX_SPEC) -> Path:
+    """Write a random-weight ``FluxPipeline`` folder (FLUX.1 [dev]'s layout: guidance embedding on); the same
+    seed, the same weights. Latents are 16 channels, packed 2x2 into 64-channel tokens (``patch_size`` 1);
+    CLIP (``CLIPTextModel``) gives the pooled condition, T5 the token condition."""
+    flow = spec.flow
+    if sum(spec.axes_dims_rope) != spec.attention_head_dim:
+        raise ValueError(f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim {spec.attention_head_dim}")
+    out = Path(folder)
+    tok = build_tokenizer(flow.clip_tokens)
+    tok2 = build_t5_tokenizer(max_length=spec.t5_max_length)
+    torch.manual_seed(seed)  # every module draws its init from here, in this fixed order
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=flow.latent_channels * 4, num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.num_attention_heads, joint_attention_dim=flow.t5_d_model,
+        pooled_projection_dim=flow.clip_hidden[0], guidance_embeds=True, axes_dims_rope=spec.axes_dims_rope,
+    ).eval()
+    vae = _vae(flow, FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR)
+    text_encoder = _clip(tok, flow.clip_hidden[0], flow.clip_projection[0], flow, cls=CLIPTextModel)
+    text_encoder_2 = _t5(tok2, flow)
+    pipe = FluxPipeline(transformer=transformer, scheduler=flux_scheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok2)
+    pipe.save_pretrained(out)
+    save_tokenizer(tok, out / "tokenizer")  # adds CLIP's classic vocab.json / merges.txt
     return out
