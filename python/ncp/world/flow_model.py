@@ -191,6 +191,7 @@ class FluxSpec:
     num_attention_heads: int = 2
     axes_dims_rope: tuple[int, int, int] = (2, 2, 4)  # sums to attention_head_dim
     t5_max_length: int = 512  # FluxPipeline's default max_sequence_length
+    guidance_embeds: bool = True  # FLUX.1 [dev]; False: [schnell]
 
 
 TINY_FLUX_SPEC = FluxSpec()
@@ -218,7 +219,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, spec: FluxSpec = TINY_FLU
         patch_size=1, in_channels=flow.latent_channels * 4, num_layers=spec.num_layers,
         num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
         num_attention_heads=spec.num_attention_heads, joint_attention_dim=flow.t5_d_model,
-        pooled_projection_dim=flow.clip_hidden[0], guidance_embeds=True, axes_dims_rope=spec.axes_dims_rope,
+        pooled_projection_dim=flow.clip_hidden[0], guidance_embeds=spec.guidance_embeds, axes_dims_rope=spec.axes_dims_rope,
     ).eval()
     vae = _vae(flow, FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR)
     text_encoder = _clip(tok, flow.clip_hidden[0], flow.clip_projection[0], flow, cls=CLIPTextModel)
