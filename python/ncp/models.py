@@ -78,7 +78,7 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
 @dataclass
 class Models:
-    kind: str  # the model family (ncp.families): "sd15", "sdxl", "sd3"
+    kind: str  # the model family (ncp.families): "sd15", "sdxl", "sd3", "flux"
     unet: nn.Module  # the denoiser (U-Net or transformer) with LoRA adapters: the policy
     vae: nn.Module
     text_encoders: list[nn.Module]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ncp.families.base import Conditioning, Family
+from ncp.families.base import Conditioning, Family, unwrap
 from ncp.families.flux import Flux
 from ncp.families.sd3 import SD3
 from ncp.families.sd15 import SD15
@@ -55,9 +55,7 @@ def denoiser_folders() -> list[str]:
 def denoiser_family(model) -> Family:
     """A family whose denoiser class ``model`` is: what its LoRA format and tapping depend on (SD1.5 and SDXL
     share the U-Net's). Wrappers are looked through: DDP's ``.module``, torch.compile's ``._orig_mod``."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    name = type(model).__name__
+    name = type(unwrap(model)).__name__
     for fam in FAMILIES.values():
         if fam.denoiser_class == name:
             return fam

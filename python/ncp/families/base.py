@@ -27,6 +27,13 @@ class Conditioning:
         return Conditioning(rep(self.hidden_states), rep(self.pooled), rep(self.time_ids))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The denoiser inside its wrappers: DDP's ``.module``, torch.compile's ``._orig_mod``."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 def token_ids(tokenizer, captions: list[str], device: torch.device) -> Tensor:
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids.to(device)

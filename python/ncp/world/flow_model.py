@@ -132,7 +132,8 @@ def _t5(tok: T5TokenizerFast, spec: FlowSpec) -> T5EncoderModel:
     )).eval()
 
 
-def _vae(spec: FlowSpec, scaling_factor: float = SD3_SCALING_FACTOR, shift_factor: float = SD3_SHIFT_FACTOR) -> AutoencoderKL:
+def _vae(spec: FlowSpec, scaling_factor: float = SD3_SCALING_FACTOR,
+         shift_factor: float = SD3_SHIFT_FACTOR) -> AutoencoderKL:
     n = len(spec.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
@@ -210,7 +211,8 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, spec: FluxSpec = TINY_FLU
     CLIP (``CLIPTextModel``) gives the pooled condition, T5 the token condition."""
     flow = spec.flow
     if sum(spec.axes_dims_rope) != spec.attention_head_dim:
-        raise ValueError(f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim {spec.attention_head_dim}")
+        raise ValueError(f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim "
+                         f"{spec.attention_head_dim}")
     out = Path(folder)
     tok = build_tokenizer(flow.clip_tokens)
     tok2 = build_t5_tokenizer(max_length=spec.t5_max_length)
@@ -219,7 +221,8 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, spec: FluxSpec = TINY_FLU
         patch_size=1, in_channels=flow.latent_channels * 4, num_layers=spec.num_layers,
         num_single_layers=spec.num_single_layers, attention_head_dim=spec.attention_head_dim,
         num_attention_heads=spec.num_attention_heads, joint_attention_dim=flow.t5_d_model,
-        pooled_projection_dim=flow.clip_hidden[0], guidance_embeds=spec.guidance_embeds, axes_dims_rope=spec.axes_dims_rope,
+        pooled_projection_dim=flow.clip_hidden[0], guidance_embeds=spec.guidance_embeds,
+        axes_dims_rope=spec.axes_dims_rope,
     ).eval()
     vae = _vae(flow, FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR)
     text_encoder = _clip(tok, flow.clip_hidden[0], flow.clip_projection[0], flow, cls=CLIPTextModel)
