@@ -52,7 +52,7 @@ def test_help_shows_what_each_recipe_sets():
     """--help shows the values a run gets: each shipped recipe's where one differs from the code's."""
     out = subprocess.run([sys.executable, "-m", "ncp.train", "--help"], capture_output=True, text=True, check=True)
     text = " ".join(out.stdout.split())  # argparse wraps nothing in the epilog (raw), but be safe
-    assert "lora.rank = 8 (default) | 64 (sd15) | 64 (sdxl) | 64 (sd3) [int]; a --config file without it: 64" in text
+    assert "lora.rank = 8 (default) | 64 (sd15) | 64 (sdxl) | 64 (sd3) | 64 (flux) [int]; a --config file without it: 64" in text
     assert "model.vae_path = None [str | None]" in text  # no recipe sets it: the code's default alone
 
 

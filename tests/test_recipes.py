@@ -27,16 +27,19 @@ def _path(model: str) -> Path:
 
 
 def test_one_recipe_per_model_and_nothing_else():
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == {_path(m).name for m in MODELS} | {"default.yaml", "sd3.yaml"}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {_path(m).name for m in MODELS} | {"default.yaml", "sd3.yaml", "flux.yaml"}
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_the_sd3_recipe_loads_for_every_objective(objective):
-    """SD3.5's recipe (not the paper's: it has no SD3 runs): the sd3 family, SD3's logit-normal sigmas, LoRA on
-    both streams' joint-attention projections, the transformer's own taps, and the documented effective batch."""
-    path = _path("sd3")
+FLOW_SIGMAS = {"sd3": "logit_normal", "flux": "uniform"}  # each as diffusers' LoRA script of the family draws them
+
+
+@pytest.mark.parametrize("model,objective", [(m, o) for m in FLOW_SIGMAS for o in OBJECTIVES])
+def test_the_flow_recipes_load_for_every_objective(model, objective):
+    """SD3.5's and Flux.1's recipes (not the paper's: it has no runs of them): the family, its sigma density,
+    LoRA on both streams' attention projections, the transformer's own taps, and the documented effective batch."""
+    path = _path(model)
     cfg = load_config(path, [f"objective.name={objective}"])
-    assert cfg.model.kind == "sd3" and cfg.model.sigma_sampling == "logit_normal"
+    assert cfg.model.kind == model and cfg.model.sigma_sampling == FLOW_SIGMAS[model]
     assert set(cfg.lora.target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                                             "add_v_proj", "to_add_out"}
     assert cfg.data.resolution == 1024
@@ -46,7 +49,8 @@ def test_the_sd3_recipe_loads_for_every_objective(objective):
     bs, accum, gpus, total = map(int, re.search(r"batch_size (\d+) x grad_accum (\d+) x (\d+) GPUs? = (\d+) pairs",
                                                 text).groups())
     assert (bs, accum) == (cfg.data.batch_size, cfg.train.grad_accum) and bs * accum * gpus == total
-    assert "-m ncp.train --config sd3 objective.name=" in text.split("\n\n", 1)[0]
+    assert bs * accum * gpus == EFFECTIVE_BATCH and cfg.optim.lr == pytest.approx(1e-8 * EFFECTIVE_BATCH)
+    assert f"-m ncp.train --config {model} objective.name=" in text.split("\n\n", 1)[0]
 
 
 @pytest.mark.parametrize("model,objective", RECIPES)

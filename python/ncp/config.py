@@ -438,8 +438,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 RECIPES = Path(__file__).resolve().parent / "configs"  # the shipped recipes (python -m ncp.train --config NAME)
-RECIPE_NAMES = ("default", "sd15", "sdxl", "sd3")  # default: the bundled world's; sd15, sdxl: the paper's, per
-# family; sd3: SD3.5's (flow matching)
+RECIPE_NAMES = ("default", "sd15", "sdxl", "sd3", "flux")  # default: the bundled world's; sd15, sdxl: the paper's,
+# per family; sd3, flux: SD3.5's and Flux.1's (flow matching)
 DEFAULT_CONFIG = RECIPES / "default.yaml"
 
 
