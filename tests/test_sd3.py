@@ -256,3 +256,13 @@ def test_training_from_the_cache_gives_the_pixel_losses(tiny_sd3, tiny_parquet, 
         losses[name] = [m["loss"] for m in _metrics(out)]
     assert len(losses["pixels"]) == 2
     torch.testing.assert_close(torch.tensor(losses["cache"]), torch.tensor(losses["pixels"]), rtol=1e-4, atol=1e-6)
+
+
+def test_the_unet_only_exports_refuse_a_flow_model_by_name(tiny_sd3, tmp_path):
+    from ncp.export import ExportError, export_kohya, export_merged
+
+    for export in (lambda: export_kohya(tmp_path / "lora", str(tiny_sd3), tmp_path / "k.safetensors"),
+                   lambda: export_merged(tmp_path / "lora", str(tiny_sd3), tmp_path / "merged")):
+        with pytest.raises(ExportError, match=r"is a sd3 model.*StableDiffusion3Pipeline.*load_lora_weights"):
+            export()
+    assert not (tmp_path / "merged").exists()

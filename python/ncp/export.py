@@ -155,12 +155,24 @@ def to_kohya(modules: dict[str, tuple[Tensor, Tensor]], alpha: float, kind: str,
     return out
 
 
+def unet_family(model_path: str) -> str:
+    """The model's family, which must have a U-Net: the kohya names and the merge are written for those (the
+    flow transformers' LoRAs load as they are, with their pipeline's ``load_lora_weights``)."""
+    kind = detect_kind(model_path)
+    fam = family(kind)
+    if fam.denoiser != "unet":
+        raise ExportError(f"export: {model_path} is a {kind} model; the kohya and merged exports are written for "
+                          f"the U-Net families (sd15, sdxl). Its LoRA folder loads as it is: "
+                          f"{fam.pipeline}.from_pretrained(...).load_lora_weights(<run>/lora)")
+    return kind
+
+
 def export_kohya(lora_dir: Path, model: str, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     model_path = resolve_model_path(model)
-    kind = detect_kind(model_path)
+    kind = unet_family(model_path)
     unet_config = dict(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     modules, alpha, rank = read_lora(lora_dir)
     state = to_kohya(modules, alpha, kind, unet_config, dtype)
@@ -191,6 +203,7 @@ def export_merged(lora_dir: Path, model: str, out_dir: Path) -> Path:
     """The base pipeline with the LoRA fused into its U-Net weights, saved whole (no adapter left) into a
     temporary folder beside ``out_dir`` and renamed to it at the end (``out_dir``: new or empty)."""
     model_path = resolve_model_path(model)
+    unet_family(model_path)
     check_merge_target(model_path, out_dir)
     bind_pil_image_processors()
     from diffusers import DiffusionPipeline
