@@ -266,3 +266,20 @@ def test_the_unet_only_exports_refuse_a_flow_model_by_name(tiny_sd3, tmp_path):
         with pytest.raises(ExportError, match=r"is a sd3 model.*StableDiffusion3Pipeline.*load_lora_weights"):
             export()
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective", ["dpo", "ncp-dpo"])
+def test_a_gpu_step_measures_the_errors_the_cpu_does(objective, tiny_sd3, tiny_parquet, tmp_path):
+    """One step on the GPU under bf16 autocast (the perceptual path in fp32: model.perceptual_precision=auto)
+    measures the first step's errors as the CPU's fp32 run does, within bf16's rounding; the LoRA is finite."""
+    from ncp.train import main
+
+    runs = {}
+    for device, extra in (("cpu", ()), ("cuda", ("train.device=cuda", "train.mixed_precision=bf16"))):
+        out = tmp_path / device
+        assert main(_args(tiny_sd3, tiny_parquet, out, f"objective.name={objective}", "train.max_steps=1", *extra)) == 0
+        runs[device] = _metrics(out)[0]
+    for key in ("err/policy_winner", "err/policy_loser", "err/reference_winner"):
+        assert runs["cuda"][key] == pytest.approx(runs["cpu"][key], rel=0.05), key
+    assert torch.isfinite(torch.tensor(runs["cuda"]["loss"]))
