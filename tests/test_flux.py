@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from fixtures import cli_args
+from flow_checks import (CAPTIONS, check_cache_gives_pixel_losses, check_gpu_step, check_lora_in_pipeline,
+                         check_resume_is_bit_identical, flow_args, metrics)
 
 from ncp.objectives import OBJECTIVES
 
@@ -202,13 +203,6 @@ def test_transformer_taps_are_block_indices(models):
         resolve_taps(["mid"], "flux", 4)
 
 
-def _args(model, data, out, *extra):
-    return cli_args(model, data, out, "data.resolution=64", "train.max_steps=2", "optim.lr=1e-3",
-                    "train.cpu_threads=1", *extra)
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
@@ -220,8 +214,8 @@ def test_every_objective_trains_flux(objective, tiny_flux, tiny_parquet, tmp_pat
     from ncp.train import main
 
     out = tmp_path / "run"
-    assert main(_args(tiny_flux, tiny_parquet, out, f"objective.name={objective}", TARGETS)) == 0
-    lines = _metrics(out)
+    assert main(flow_args(tiny_flux, tiny_parquet, out, f"objective.name={objective}", TARGETS)) == 0
+    lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
     keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
@@ -231,20 +225,7 @@ def test_every_objective_trains_flux(objective, tiny_flux, tiny_parquet, tmp_pat
 
 
 def test_flux_resume_is_bit_identical(tiny_flux, tiny_parquet, tmp_path):
-    from safetensors.torch import load_file
-
-    from ncp.train import main
-
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    args = ("objective.name=ncp-kto", "train.checkpoint_every=1")
-    assert main(_args(tiny_flux, tiny_parquet, whole, *args, "train.max_steps=3")) == 0
-    assert main(_args(tiny_flux, tiny_parquet, cut, *args, "train.max_steps=1")) == 0
-    assert main(_args(tiny_flux, tiny_parquet, cut, *args, "train.max_steps=3", "--resume", "auto")) == 0
-    a, b = (load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (whole, cut))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [m["loss"] for m in _metrics(whole)] == [m["loss"] for m in _metrics(cut)]
+    check_resume_is_bit_identical(tiny_flux, tiny_parquet, tmp_path)
 
 
 def test_the_lora_loads_in_the_pipeline_as_it_trained(tiny_flux, tiny_parquet, tmp_path):
@@ -252,12 +233,11 @@ def test_the_lora_loads_in_the_pipeline_as_it_trained(tiny_flux, tiny_parquet, t
     outputs, and so the same images."""
     from diffusers import FluxPipeline
 
-    from ncp.families import family
     from ncp.models import add_lora, load_lora_into, load_models
     from ncp.train import main
 
     out = tmp_path / "run"
-    assert main(_args(tiny_flux, tiny_parquet, out, "objective.name=dpo", "optim.lr=3e-2", TARGETS)) == 0
+    assert main(flow_args(tiny_flux, tiny_parquet, out, "objective.name=dpo", "optim.lr=3e-2", TARGETS)) == 0
     lora = json.loads((out / "step-000002" / "config.json").read_text())["lora"]
     mine = load_models(str(tiny_flux), "auto", torch.device("cpu"), torch.float32)
     add_lora(mine.unet, lora["rank"], lora["alpha"], lora["target_modules"], 0.0)
@@ -268,40 +248,13 @@ def test_the_lora_loads_in_the_pipeline_as_it_trained(tiny_flux, tiny_parquet, t
     call = dict(hidden_states=x, timestep=torch.tensor([0.4]), guidance=torch.tensor([3.5]), encoder_hidden_states=text,
                 pooled_projections=pooled, txt_ids=torch.zeros(7, 3),
                 img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, x.device, x.dtype))
-    with torch.no_grad():
-        before = pipe.transformer(**call).sample
-        pipe.load_lora_weights(str(out / "lora"))
-        after = pipe.transformer(**call).sample
-        trained = mine.unet(**call).sample
-    assert float((after - before).abs().max()) > 1e-6  # the LoRA does something
-    torch.testing.assert_close(after, trained, rtol=1e-5, atol=1e-6)
-    training = family("flux").training_pipeline(mine.vae, mine.text_encoders, mine.tokenizers, mine.unet,
-                                                mine.scheduler)  # what validation draws with
-    draw = lambda p: p(prompt=CAPTIONS[0], num_inference_steps=2, height=64, width=64, output_type="np",  # noqa: E731
-                       generator=torch.Generator().manual_seed(1)).images
-    a, b = draw(pipe), draw(training)
-    assert a.shape == (1, 64, 64, 3)
-    assert abs(a - b).max() < 1e-5
+    check_lora_in_pipeline(pipe, mine, "flux", out / "lora", call)
 
 
 def test_training_from_the_cache_gives_the_pixel_losses(tiny_flux, tiny_parquet, tmp_path):
     """The latent and text cache holds Flux's 16-channel latents, its T5 embeddings and CLIP pooled
     embeddings: ``ncp.train`` on the cache gives the losses of training on the pixels (Rust loader)."""
-    pytest.importorskip("ncp_dataloader", reason="the Rust loader wheel is not installed")
-    from ncp.data.cache.key import read_index
-    from ncp.data.cache.write import build_cache
-    from ncp.train import main
-
-    cache_dir = build_cache(str(tiny_flux), [str(tiny_parquet)], tmp_path / "cache", 64, flip=True, batch_size=4)
-    assert read_index(cache_dir)["key"]["model_kind"] == "flux"
-    losses = {}
-    for name, extra in (("pixels", "data.backend=rust"), ("cache", f"data.cache_dir={cache_dir}")):
-        out = tmp_path / name
-        assert main(_args(tiny_flux, tiny_parquet, out, "objective.name=ncp-dpo", "objective.beta=5000",
-                          "data.num_workers=1", "data.empty_prompt_prob=0.5", extra)) == 0
-        losses[name] = [m["loss"] for m in _metrics(out)]
-    assert len(losses["pixels"]) == 2
-    torch.testing.assert_close(torch.tensor(losses["cache"]), torch.tensor(losses["pixels"]), rtol=1e-4, atol=1e-6)
+    check_cache_gives_pixel_losses(tiny_flux, tiny_parquet, tmp_path, "flux")
 
 
 @pytest.mark.cuda
@@ -309,13 +262,4 @@ def test_training_from_the_cache_gives_the_pixel_losses(tiny_flux, tiny_parquet,
 def test_a_gpu_step_measures_the_errors_the_cpu_does(objective, tiny_flux, tiny_parquet, tmp_path):
     """One step on the GPU under bf16 autocast (the perceptual path in fp32: model.perceptual_precision=auto)
     measures the first step's errors as the CPU's fp32 run does, within bf16's rounding; the LoRA is finite."""
-    from ncp.train import main
-
-    runs = {}
-    for device, extra in (("cpu", ()), ("cuda", ("train.device=cuda", "train.mixed_precision=bf16"))):
-        out = tmp_path / device
-        assert main(_args(tiny_flux, tiny_parquet, out, f"objective.name={objective}", "train.max_steps=1", *extra)) == 0
-        runs[device] = _metrics(out)[0]
-    for key in ("err/policy_winner", "err/policy_loser", "err/reference_winner"):
-        assert runs["cuda"][key] == pytest.approx(runs["cpu"][key], rel=0.05), key
-    assert torch.isfinite(torch.tensor(runs["cuda"]["loss"]))
+    check_gpu_step(objective, tiny_flux, tiny_parquet, tmp_path)
