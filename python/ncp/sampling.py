@@ -89,14 +89,18 @@ def scheduler_class(name: str):
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, batch_size: int = 64, desc: str | None = None) -> list[np.ndarray]:
-    """uint8 (H, W, 3) images, one per (prompt, seed)."""
+    """uint8 (H, W, 3) images, one per (prompt, seed), conditioned as the family trains (its
+    ``sampling_kwargs``: the T5 length of SD3 and Flux)."""
+    from ncp.families import pipeline_family
+
+    extra = pipeline_family(pipe).sampling_kwargs(pipe)
     out: list[np.ndarray] = []
     bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False)
     for i in range(0, len(prompts), batch_size):
         ps, ss = prompts[i: i + batch_size], seeds[i: i + batch_size]
         gens = [torch.Generator().manual_seed(int(s)) for s in ss]  # CPU noise: the same images on any device
         imgs = pipe(prompt=ps, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                    output_type="np").images
+                    output_type="np", **extra).images
         out.extend((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
         bar.update(len(ps))
     bar.close()

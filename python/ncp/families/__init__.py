@@ -23,7 +23,8 @@ from ncp.families.sd3 import SD3
 from ncp.families.sd15 import SD15
 from ncp.families.sdxl import SDXL
 
-__all__ = ["Conditioning", "FAMILIES", "Family", "denoiser_family", "denoiser_folders", "detect_kind", "family"]
+__all__ = ["Conditioning", "FAMILIES", "Family", "denoiser_family", "denoiser_folders", "detect_kind", "family",
+           "pipeline_family"]
 
 # every family, by name; a folder is the first whose ``matches`` accepts its model_index.json (SD3 and Flux
 # before SDXL: they too have a second text encoder)
@@ -61,3 +62,14 @@ def denoiser_family(model) -> Family:
             return fam
     raise ValueError(f"no model family has a {name} denoiser (known: "
                      f"{', '.join(sorted({f.denoiser_class for f in FAMILIES.values()}))})")
+
+
+def pipeline_family(pipe) -> Family:
+    """The family whose diffusers pipeline class ``pipe`` is (``StableDiffusion3Pipeline`` -> SD3), or a
+    ValueError naming the known pipeline classes."""
+    name = type(pipe).__name__
+    for fam in FAMILIES.values():
+        if fam.pipeline == name:
+            return fam
+    raise ValueError(f"no model family samples with a {name} (known: "
+                     f"{', '.join(sorted(f.pipeline for f in FAMILIES.values()))})")

@@ -34,6 +34,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def t5_length(default: int, tokenizer) -> int:
+    """T5 tokens a flow family encodes a prompt to: the pipeline's default ``max_sequence_length``, or the
+    tokenizer's ``model_max_length`` where that is shorter (a small model trained on short prompts)."""
+    return min(default, int(tokenizer.model_max_length))
+
+
 def token_ids(tokenizer, captions: list[str], device: torch.device) -> Tensor:
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids.to(device)
@@ -102,6 +108,10 @@ class Family:
     def encode(self, tokenizers: list, encoders: list, captions: list[str], device: torch.device,
                dtype: torch.dtype) -> Conditioning:
         raise NotImplementedError
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        """What the pipeline's ``__call__`` needs to condition as training does (SD3, Flux: the T5 length)."""
+        return {}
 
     def time_ids(self, original_sizes: Tensor, crop_top_left: Tensor, resolution: int) -> Tensor | None:
         """Added size and crop conditions of a batch (None: the family has none)."""

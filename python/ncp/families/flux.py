@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ncp.families.base import Conditioning, Family, token_ids, unwrap
+from ncp.families.base import Conditioning, Family, t5_length, token_ids, unwrap
 from ncp.families.dit import flux_block_features, resolve_block_taps
 from ncp.schedule import FlowSchedule
 
@@ -54,7 +54,7 @@ class Flux(Family):
     denoiser_class = "FluxTransformer2DModel"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     compile_regions = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
-    max_sequence_length = 512  # T5 tokens, the pipeline's default
+    max_sequence_length = 512  # T5 tokens: the pipeline's default (``t5_length``: or the tokenizer's, if shorter)
     # The distilled guidance [dev] is trained with: diffusers' train_dreambooth_lora_flux.py default
     # (--guidance_scale 3.5, passed whenever transformer.config.guidance_embeds), also the pipeline's sampling
     # default. [schnell] has no guidance embedding and gets None.
@@ -69,10 +69,13 @@ class Flux(Family):
         clip_tok, clip = tokenizers[0], encoders[0]
         pooled = clip(token_ids(clip_tok, captions, clip.device), output_hidden_states=False).pooler_output
         t5_tok, t5 = tokenizers[1], encoders[1]
-        ids = t5_tok(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+        ids = t5_tok(captions, padding="max_length", max_length=t5_length(self.max_sequence_length, t5_tok), truncation=True,
                      return_tensors="pt").input_ids.to(t5.device)
         states = t5(ids, output_hidden_states=False)[0]
         return Conditioning(states.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype))
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        return {"max_sequence_length": t5_length(self.max_sequence_length, pipe.tokenizer_2)}
 
     # ---------------------------------------------------------------- the training step
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ncp.families.base import Conditioning, Family, token_ids
+from ncp.families.base import Conditioning, Family, t5_length, token_ids
 from ncp.families.dit import default_taps, resolve_block_taps, sd3_block_features
 from ncp.schedule import FlowSchedule
 
@@ -27,7 +27,7 @@ class SD3(Family):
     denoiser_class = "SD3Transformer2DModel"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     compile_regions = ("JointTransformerBlock",)
-    max_sequence_length = 256  # T5 tokens, the pipeline's default
+    max_sequence_length = 256  # T5 tokens: the pipeline's default (``t5_length``: or the tokenizer's, if shorter)
 
     def matches(self, model_index: dict[str, Any]) -> bool:
         return model_index.get("_class_name", "").startswith("StableDiffusion3")
@@ -42,13 +42,16 @@ class SD3(Family):
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
         t5_tok, t5 = tokenizers[2], encoders[2]
-        ids = t5_tok(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+        ids = t5_tok(captions, padding="max_length", max_length=t5_length(self.max_sequence_length, t5_tok), truncation=True,
                      add_special_tokens=True, return_tensors="pt").input_ids.to(t5.device)
         t5_hidden = t5(ids)[0]
         clip = torch.cat(hidden, dim=-1)
         clip = nn.functional.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
         states = torch.cat([clip.to(t5_hidden.dtype), t5_hidden], dim=-2)
         return Conditioning(states.to(device=device, dtype=dtype), torch.cat(pooled, dim=-1).to(device=device, dtype=dtype))
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        return {"max_sequence_length": t5_length(self.max_sequence_length, pipe.tokenizer_3)}
 
     # ---------------------------------------------------------------- the training step
 

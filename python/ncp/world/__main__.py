@@ -1,4 +1,6 @@
-"""``python -m ncp.world build [--out DIR] [--seed N] [--tiny]``: build the world bundle."""
+"""``python -m ncp.world build [--out DIR] [--seed N] [--tiny] [--family sd15|sd3]``: build the world bundle
+(``sd15``, the default: the shipped SD1.5 world; ``sd3``: the flow world, a small SD3 pipeline on the same
+scenes, judge and captioner)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="pretrain the base model and make the preference data")
     b.add_argument("--out", default=str(BUNDLE_DIR), help=f"output folder (default: the shipped bundle, {BUNDLE_DIR})")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--family", choices=("sd15", "sd3"), default="sd15",
+                   help="the base model: sd15 (a U-Net, the shipped world) or sd3 (an MM-DiT, the flow world)")
     b.add_argument("--tiny", action="store_true", help="toy sizes, seconds (for tests)")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps the build bit-reproducible)")
     b.add_argument("--keep-stages", action="store_true", help="keep the pretrained stages in OUT/.stages")
@@ -23,9 +27,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep OUT/model and redo only the preference data and held-out statistics")
     args = parser.parse_args(argv)
 
-    from ncp.world.build import BuildConfig, build_world, tiny_config
+    from ncp.world.build import build_world, default_config, tiny_config
 
-    cfg = tiny_config(args.seed) if args.tiny else BuildConfig(seed=args.seed)
+    if args.family == "sd3" and args.out == str(BUNDLE_DIR):
+        parser.error("--family sd3 needs --out: the shipped bundle folder holds the SD1.5 world")
+    cfg = (tiny_config if args.tiny else default_config)(args.seed, args.family)
     cfg.threads = args.threads
     t0 = time.time()
     world = build_world(args.out, cfg, reuse_stages=args.reuse_stages, keep_stages=args.keep_stages,

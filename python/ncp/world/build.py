@@ -1,7 +1,9 @@
 """Builds the bundled world: base pipeline, Pick-a-Pic-style preferences, held-out prompts.
 
-``python -m ncp.world build [--out DIR] [--seed N] [--tiny]``. The same seed
-gives the same files (single-threaded CPU math). Layout of ``DIR``::
+``python -m ncp.world build [--out DIR] [--seed N] [--tiny] [--family sd15|sd3]``. The same seed
+gives the same files (single-threaded CPU math). ``--family sd3`` builds the flow world: the same scenes,
+judge, captioner and preference data on a small Stable Diffusion 3 pipeline (``ncp.world.flow_world``).
+Layout of ``DIR``::
 
     model/                     diffusers pipeline folder (save_pretrained)
     data/train-00000.parquet   Pick-a-Pic v2 schema
@@ -26,16 +28,21 @@ from transformers import CLIPTextModel
 from ncp.sampling import generate, load_pipeline
 from ncp.scoring.judge import judge_many
 from ncp.scoring.scenes import sample_prompt
+from ncp.world.flow_model import FlowSpec
+from ncp.world.flow_world import FLOW_PRETRAIN, TINY_WORLD_FLOW_SPEC, WORLD_FLOW_SPEC, pretrain_sd3
 from ncp.world.model import TINY_SPEC, ModelSpec, assemble_pipeline, build_scheduler, build_text_encoder, build_unet, build_vae, n_params
 from ncp.world.prefdata import AnnotatorConfig, make_rows, pair_stats, write_parquet
 from ncp.world.pretrain import PretrainConfig, SceneStream, to_unit, train_denoiser, train_vae
 from ncp.world.tokenizer import build_tokenizer, save_tokenizer
 
 
+FAMILIES = ("sd15", "sd3")
+
+
 @dataclass
 class BuildConfig:
     seed: int = 0
-    spec: ModelSpec = field(default_factory=ModelSpec)
+    spec: ModelSpec | FlowSpec = field(default_factory=ModelSpec)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     n_heldout: int = 64
@@ -46,11 +53,27 @@ class BuildConfig:
     eval_seeds: int = 8  # 64 held-out prompts x 8 seeds = 512 paired images per model in the report
     threads: int = 1
 
+    @property
+    def family(self) -> str:
+        """The base model's family, from the spec's type: "sd15" (a U-Net) or "sd3" (an MM-DiT)."""
+        return "sd3" if isinstance(self.spec, FlowSpec) else "sd15"
 
-def tiny_config(seed: int = 0) -> BuildConfig:
+
+def default_config(seed: int = 0, family: str = "sd15") -> BuildConfig:
+    """The full build of ``family``: the bundled world ("sd15") or the flow world ("sd3")."""
+    if family == "sd15":
+        return BuildConfig(seed=seed)
+    if family == "sd3":
+        return BuildConfig(seed=seed, spec=WORLD_FLOW_SPEC, pretrain=FLOW_PRETRAIN)
+    raise ValueError(f"unknown world family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def tiny_config(seed: int = 0, family: str = "sd15") -> BuildConfig:
     """A seconds-long build for tests: same code paths, toy sizes."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown world family {family!r}; choose one of {', '.join(FAMILIES)}")
     return BuildConfig(
-        seed=seed, spec=TINY_SPEC,
+        seed=seed, spec=TINY_SPEC if family == "sd15" else TINY_WORLD_FLOW_SPEC,
         pretrain=PretrainConfig(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1, latent_pool=16,
                                  more_unet_steps=(2,), more_unet_lr=(5e-4,)),
         n_heldout=4, n_train_prompts=6, samples_per_prompt=3, sample_steps=3, eval_seeds=1,
@@ -79,6 +102,13 @@ def _vae_recon_summary(vae, stream: SceneStream, n: int) -> dict[str, float]:
         rec = vae.decode(vae.encode(to_unit(imgs)).latent_dist.mean).sample
     rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return judge_summary(list(rec), caps)
+
+
+def _logged_vae_recon(vae, cfg: BuildConfig, log: Callable[[str], None]) -> dict[str, float]:
+    recon = _vae_recon_summary(vae, SceneStream(cfg.seed + 2, cfg.spec.resolution, set()),
+                               64 if cfg.n_heldout > 8 else 4)
+    log(f"vae reconstructions, judge: {recon}")
+    return recon
 
 
 def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = print,
@@ -128,7 +158,8 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
         "annotator": asdict(cfg.annotator), "n_heldout": cfg.n_heldout, "n_train_prompts": cfg.n_train_prompts,
         "samples_per_prompt": k,
         "sampling": {"steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "eval_seeds": cfg.eval_seeds},
-        "params": {"unet": n_params(pipe.unet), "vae": n_params(pipe.vae), "text_encoder": n_params(pipe.text_encoder)},
+        "family": cfg.family,
+        "params": {name: n_params(getattr(pipe, name)) for name in _COMPONENTS[cfg.family]},
         "stats": {"vae_reconstruction": vae_recon, "base_heldout": base, "pairs": pair_stats(rows),
                   "preference_samples": judge_summary(imgs, prompts)},
         "timings": {k2: round(v, 1) for k2, v in timings.items()},
@@ -144,6 +175,10 @@ def build_world(out: str | Path, cfg: BuildConfig, log: Callable[[str], None] = 
     return world
 
 
+_COMPONENTS = {"sd15": ("unet", "vae", "text_encoder"),
+               "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
+
+
 def _sample_and_judge_heldout(pipe, heldout: list[str], cfg: BuildConfig) -> dict[str, float]:
     prompts = [p for p in heldout for _ in range(cfg.eval_seeds)]
     seeds = [s for _ in heldout for s in range(cfg.eval_seeds)]
@@ -155,6 +190,9 @@ def _pretrain(out: Path, cfg: BuildConfig, log: Callable[[str], None], reuse_sta
               timings: dict[str, float], heldout: list[str]):
     """Trains (or reloads from ``out/.stages``) the VAE and the denoiser; saves ``out/model``."""
     res = cfg.spec.resolution
+    if cfg.family == "sd3":
+        pipe = pretrain_sd3(out, cfg.spec, cfg.pretrain, cfg.seed, heldout, log, reuse_stages, timings)
+        return pipe, _logged_vae_recon(pipe.vae, cfg, log)
     t0 = time.time()
     tokenizer = build_tokenizer(cfg.spec.max_tokens)
     vae, unet = build_vae(cfg.spec), build_unet(cfg.spec)
@@ -167,8 +205,7 @@ def _pretrain(out: Path, cfg: BuildConfig, log: Callable[[str], None], reuse_sta
         train_vae(vae, SceneStream(cfg.seed + 1, res, set(heldout)), cfg.pretrain, log)
         vae.save_pretrained(stages / "vae")
     timings["vae_s"] = time.time() - t0
-    vae_recon = _vae_recon_summary(vae, SceneStream(cfg.seed + 2, res, set()), 64 if cfg.n_heldout > 8 else 4)
-    log(f"vae reconstructions, judge: {vae_recon}")
+    vae_recon = _logged_vae_recon(vae, cfg, log)
 
     t0 = time.time()
     for phase, (steps, lr) in enumerate(cfg.pretrain.phases()):

@@ -159,9 +159,9 @@ def _transformer(spec: FlowSpec) -> SD3Transformer2DModel:
     ).eval()
 
 
-def build_tiny_sd3(folder: str | Path, seed: int = 0, spec: FlowSpec = TINY_FLOW_SPEC) -> Path:
-    """Write a random-weight ``StableDiffusion3Pipeline`` folder; the same seed, the same weights."""
-    out = Path(folder)
+def sd3_pipeline(spec: FlowSpec = TINY_FLOW_SPEC, seed: int = 0, shift: float = 3.0) -> StableDiffusion3Pipeline:
+    """A random-weight ``StableDiffusion3Pipeline`` of ``spec``'s sizes (not saved: :func:`save_sd3`); the same
+    seed, the same weights. ``shift``: the scheduler's sigma shift (SD3's 3.0 is for 1024 px)."""
     tok = build_tokenizer(spec.clip_tokens)
     tok3 = build_t5_tokenizer(max_length=spec.t5_max_length)
     torch.manual_seed(seed)  # every module draws its init from here, in this fixed order
@@ -170,15 +170,25 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0, spec: FlowSpec = TINY_FLOW
     text_encoder = _clip(tok, spec.clip_hidden[0], spec.clip_projection[0], spec)
     text_encoder_2 = _clip(tok, spec.clip_hidden[1], spec.clip_projection[1], spec)
     text_encoder_3 = _t5(tok3, spec)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
         vae=vae, text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok,
         text_encoder_3=text_encoder_3, tokenizer_3=tok3,
     )
+
+
+def save_sd3(pipe: StableDiffusion3Pipeline, folder: str | Path) -> Path:
+    """``save_pretrained`` plus CLIP's classic vocab.json / merges.txt in both CLIP tokenizer folders."""
+    out = Path(folder)
     pipe.save_pretrained(out)
     for name in ("tokenizer", "tokenizer_2"):
-        save_tokenizer(tok, out / name)  # adds CLIP's classic vocab.json / merges.txt
+        save_tokenizer(getattr(pipe, name), out / name)
     return out
+
+
+def build_tiny_sd3(folder: str | Path, seed: int = 0, spec: FlowSpec = TINY_FLOW_SPEC) -> Path:
+    """Write a random-weight ``StableDiffusion3Pipeline`` folder; the same seed, the same weights."""
+    return save_sd3(sd3_pipeline(spec, seed), folder)
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,11 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def train_vae(vae: AutoencoderKL, stream: SceneStream, cfg: PretrainConfig, log: Callable[[str], None] = print) -> float:
-    """Reconstruction (L1 + MSE) with a small KL term; sets ``scaling_factor`` to 1 / latent std."""
+def train_vae(vae: AutoencoderKL, stream: SceneStream, cfg: PretrainConfig, log: Callable[[str], None] = print,
+              shift: bool = False) -> float:
+    """Reconstruction (L1 + MSE) with a small KL term; sets ``scaling_factor`` to 1 / latent std and, with
+    ``shift`` (SD3's and Flux's convention, ``z = (mean - shift_factor) * scaling_factor``), ``shift_factor`` to
+    the latents' mean, both measured on 256 fresh scenes. Returns the scale."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.vae_steps))
     vae.train()
@@ -160,6 +163,8 @@ def train_vae(vae: AutoencoderKL, stream: SceneStream, cfg: PretrainConfig, log:
         z = vae.encode(to_unit(imgs)).latent_dist.mean
     scale = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale)
+    if shift:
+        vae.register_to_config(shift_factor=float(z.mean()))
     return scale
 
 
