@@ -34,6 +34,19 @@ def test_bad_override_names_the_key(override, message):
         load_config(None, [override])
 
 
+def test_unquoted_on_off_no_are_the_options_they_spell(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans: an option spelled that way is the option, in an override or a
+    file; a real boolean option keeps its boolean."""
+    cfg = load_config(None, ["optim.use_8bit=off", "train.mixed_precision=no", "model.compile_unet=false"])
+    assert cfg.optim.use_8bit == "off" and cfg.train.mixed_precision == "no" and cfg.model.compile_unet is False
+    assert load_config(None, ["optim.use_8bit=on"]).optim.use_8bit == "on"
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  use_8bit: off\ntrain:\n  mixed_precision: no\n")
+    assert load_config(f).optim.use_8bit == "off" and load_config(f).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of auto, no, bf16, fp16; got True"):
+        load_config(None, ["train.mixed_precision=yes"])  # no option spelled yes or on
+
+
 def test_bad_yaml_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  max_step: 3\n")

@@ -302,6 +302,9 @@ def _check(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: unexpected value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:  # YAML 1.1 reads an unquoted on/off/yes/no as a bool
+            spelled = [a for a in (("on", "yes") if value else ("off", "no")) if a in args]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
