@@ -23,6 +23,19 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def check_tflops_logged(lines, model, objective: str, targets: str, text_len: int) -> None:
+    """Every step logs perf/tflops: the transformer's own step counted on meta by ``ncp.flops.dit_step_budget``
+    (64 px, 8 x 8 latents, rank 4, the run's targets and text length) times the step's pairs/s."""
+    from ncp.flops import dit_step_budget
+
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    per_pair = dit_step_budget(config, 64, objective, (), 4, targets.split("=[")[1].rstrip("]").split(","),
+                               text_len=text_len, latent_side=8)["flops_per_pair"]
+    assert per_pair > 0
+    for m in lines:
+        assert m["perf/tflops"] == pytest.approx(per_pair * m["perf/pairs_per_s"] / 1e12, rel=1e-6)
+
+
 def check_resume_is_bit_identical(model, parquet, tmp_path) -> None:
     """3 steps in one go, and 1 step then a resume to 3 (NCP-KTO, a checkpoint every step): the same LoRA bit
     for bit and the same losses."""

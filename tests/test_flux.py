@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flow_checks import (CAPTIONS, check_cache_gives_pixel_losses, check_gpu_step, check_lora_in_pipeline,
-                         check_resume_is_bit_identical, flow_args, metrics)
+                         check_resume_is_bit_identical, check_tflops_logged, flow_args, metrics)
 
 from ncp.objectives import OBJECTIVES
 
@@ -218,6 +218,7 @@ def test_every_objective_trains_flux(objective, tiny_flux, tiny_parquet, tmp_pat
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    check_tflops_logged(lines, tiny_flux, objective, TARGETS, text_len=512)  # T5 tokens
     keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("transformer.") for k in keys)
     assert any(".add_q_proj.lora_A" in k for k in keys) and any(".to_q.lora_B" in k for k in keys)

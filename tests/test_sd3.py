@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flow_checks import (CAPTIONS, check_cache_gives_pixel_losses, check_gpu_step, check_lora_in_pipeline,
-                         check_resume_is_bit_identical, flow_args, metrics)
+                         check_resume_is_bit_identical, check_tflops_logged, flow_args, metrics)
 
 from ncp.objectives import OBJECTIVES
 
@@ -173,6 +173,7 @@ def test_every_objective_trains_sd3(objective, tiny_sd3, tiny_parquet, tmp_path)
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    check_tflops_logged(lines, tiny_sd3, objective, targets, text_len=24 + 256)  # CLIP + T5 tokens
     keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("transformer.") for k in keys)
     assert any(".add_q_proj.lora_A" in k for k in keys) and any(".to_q.lora_B" in k for k in keys)

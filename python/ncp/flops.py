@@ -193,13 +193,20 @@ class Throughput:
 
 def training_throughput(unet: torch.nn.Module, criterion: Criterion, *, kind: str, resolution: int, text_len: int,
                         lora_rank: int, lora_targets: Sequence[str], device: torch.device, precision: str,
-                        world_size: int, peak_tflops: float | None = None) -> Throughput:
+                        world_size: int, peak_tflops: float | None = None,
+                        latent_side: int | None = None) -> Throughput:
     """The trainer's ``Throughput``: the FLOPs of ``criterion``'s step counted once (a failure to count is logged
     and leaves perf/tflops out; it never stops training). ``precision``: the autocast or weight dtype (bf16,
-    fp16, fp32)."""
+    fp16, fp32). A flow transformer (SD3, Flux) is counted by ``dit_step_budget`` with its own config, the
+    trainer's text length and ``latent_side`` (the latent's side in pixels of the VAE; default resolution / 8)."""
     try:
-        flops = step_flops(unet.config, kind, resolution, criterion.name, [str(t) for t in criterion.taps] or ["mid"],
-                           text_len, lora_rank, lora_targets)
+        if dict(unet.config).get("_class_name") in DIT_TEXT_TOKENS:  # a flow transformer: count it as one
+            flops = dit_step_budget(dict(unet.config), resolution, criterion.name,
+                                    [int(t) for t in criterion.taps], lora_rank, lora_targets,
+                                    text_len=text_len, latent_side=latent_side)["flops_per_pair"]
+        else:
+            flops = step_flops(unet.config, kind, resolution, criterion.name,
+                               [str(t) for t in criterion.taps] or ["mid"], text_len, lora_rank, lora_targets)
     except Exception as err:  # noqa: BLE001 - a metric must not stop a run
         logger.warning("could not count the step's FLOPs (%s): no perf/tflops, perf/mfu", err)
         flops = None
@@ -229,26 +236,32 @@ DIT_TEXT_TOKENS = {"SD3Transformer2DModel": 333, "FluxTransformer2DModel": 512}
 DIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def meta_dit(name: str) -> torch.nn.Module:
+def meta_dit(name: str | Mapping[str, Any]) -> torch.nn.Module:
+    """A frozen meta transformer: a ``DIT_CONFIGS`` name, or a diffusers config (``_class_name`` names the class)."""
     import diffusers
 
-    config = dict(DIT_CONFIGS[name])
-    cls = getattr(diffusers, config.pop("_class"))
+    if isinstance(name, str):
+        config = dict(DIT_CONFIGS[name])
+        cls = getattr(diffusers, config.pop("_class"))
+    else:
+        config = {k: v for k, v in dict(name).items() if not k.startswith("_")}
+        cls = getattr(diffusers, dict(name)["_class_name"])
     with torch.device("meta"):
-        model = cls(**config)
+        model = cls.from_config(config) if not isinstance(name, str) else cls(**config)
     return model.requires_grad_(False)
 
 
-def _dit_call(model, resolution: int, n: int):
+def _dit_call(model, resolution: int, n: int, text_len: int | None = None, latent_side: int | None = None):
     """(latents, a function (latents, sigma) -> velocity, a function (latents, sigma, taps) -> features) of a
-    meta transformer at ``resolution`` px for ``n`` images."""
+    meta transformer at ``resolution`` px for ``n`` images (``text_len`` tokens: default the pipeline's;
+    ``latent_side``: default resolution / 8)."""
     from ncp.families.dit import flux_block_features, sd3_block_features
 
     cfg = model.config
-    text_len = DIT_TEXT_TOKENS[type(model).__name__]
+    text_len = text_len or DIT_TEXT_TOKENS[type(model).__name__]
     text = torch.empty(n, text_len, cfg.joint_attention_dim, device="meta")
     pooled = torch.empty(n, cfg.pooled_projection_dim, device="meta")
-    side = resolution // 8
+    side = latent_side or resolution // 8
     if type(model).__name__ == "FluxTransformer2DModel":  # packed 2x2: (n, (side / 2)^2, 4 x 16)
         x = torch.empty(n, (side // 2) ** 2, cfg.in_channels, device="meta")
         txt_ids, img_ids = torch.zeros(text_len, 3, device="meta"), torch.zeros((side // 2) ** 2, 3, device="meta")
@@ -272,8 +285,9 @@ def _dit_call(model, resolution: int, n: int):
     return x, velocity, features
 
 
-def dit_step_budget(name: str, resolution: int = 1024, objective: str = "ncp-dpo", taps: Sequence[int] = (),
-                    lora_rank: int = 64, lora_targets: Sequence[str] = DIT_LORA_TARGETS) -> dict[str, Any]:
+def dit_step_budget(name: str | Mapping[str, Any], resolution: int = 1024, objective: str = "ncp-dpo",
+                    taps: Sequence[int] = (), lora_rank: int = 64, lora_targets: Sequence[str] = DIT_LORA_TARGETS,
+                    text_len: int | None = None, latent_side: int | None = None) -> dict[str, Any]:
     """One pair's training micro-step of a flow transformer (``DIT_CONFIGS``), counted on meta tensors with
     the definition of docs/method.md ("NCP for flow-matching transformers"): the policy's velocities of both
     images (with grad), the reference's (adapters off, no grad) and, for a perceptual objective, the frozen
@@ -295,7 +309,7 @@ def dit_step_budget(name: str, resolution: int = 1024, objective: str = "ncp-dpo
     taps = list(taps) or default_taps(len(blocks))
     spec = OBJECTIVES[objective]
     n = 2 if spec.needs_losers else 1
-    x, velocity, features = _dit_call(model, resolution, n)
+    x, velocity, features = _dit_call(model, resolution, n, text_len, latent_side)
     sigma = torch.empty(n, device="meta")
     saved: list[int] = []
     inputs_bytes: list[int] = []
@@ -344,7 +358,7 @@ def dit_step_budget(name: str, resolution: int = 1024, objective: str = "ncp-dpo
     checkpointed = sum(inputs_bytes) + max(inside, default=0)
     n_lora = sum(p.numel() for p in lora)
     weights = 2 * n_frozen + (4 + 4 + 2) * n_lora  # bf16 frozen; LoRA fp32 + its grad + 8-bit Adam's moments
-    return {"model": name, "resolution": resolution, "objective": objective, "taps": taps, "images": n,
+    return {"model": name if isinstance(name, str) else dict(name)["_class_name"], "resolution": resolution, "objective": objective, "taps": taps, "images": n,
             "params_frozen": n_frozen, "params_lora": n_lora, "flops_per_pair": flops,
             "saved_bytes": sum(saved), "saved_bytes_checkpointed": checkpointed,
             "peak_bytes_checkpointed": weights + checkpointed, "weight_bytes": weights}

@@ -105,7 +105,8 @@ def setup(cfg: Config) -> Trainer:
     output_dir.mkdir(parents=True, exist_ok=True)
     throughput = training_throughput(
         models.unet, criterion, kind=models.kind, resolution=cfg.data.resolution,
-        text_len=models.tokenizers[0].model_max_length, lora_rank=cfg.lora.rank,
+        text_len=fam.text_tokens(models.tokenizers), lora_rank=cfg.lora.rank,
+        latent_side=cfg.data.resolution // 2 ** (len(models.vae.config.block_out_channels) - 1),
         lora_targets=cfg.lora.target_modules, device=accelerator.device,
         precision=precision if precision != "no" else next(k for k, v in DTYPES.items() if v == weight_dtype),
         world_size=accelerator.num_processes, peak_tflops=cfg.logging.peak_tflops)

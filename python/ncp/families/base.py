@@ -109,6 +109,10 @@ class Family:
                dtype: torch.dtype) -> Conditioning:
         raise NotImplementedError
 
+    def text_tokens(self, tokenizers: list) -> int:
+        """The length of ``encode``'s token sequence (the U-Nets: the first tokenizer's)."""
+        return tokenizers[0].model_max_length
+
     def sampling_kwargs(self, pipe) -> dict[str, Any]:
         """What the pipeline's ``__call__`` needs to condition as training does (SD3, Flux: the T5 length)."""
         return {}

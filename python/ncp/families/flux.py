@@ -74,6 +74,9 @@ class Flux(Family):
         states = t5(ids, output_hidden_states=False)[0]
         return Conditioning(states.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype))
 
+    def text_tokens(self, tokenizers: list) -> int:
+        return t5_length(self.max_sequence_length, tokenizers[1])  # T5's tokens only (CLIP gives the pooled)
+
     def sampling_kwargs(self, pipe) -> dict[str, Any]:
         return {"max_sequence_length": t5_length(self.max_sequence_length, pipe.tokenizer_2)}
 

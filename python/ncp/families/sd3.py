@@ -50,6 +50,9 @@ class SD3(Family):
         states = torch.cat([clip.to(t5_hidden.dtype), t5_hidden], dim=-2)
         return Conditioning(states.to(device=device, dtype=dtype), torch.cat(pooled, dim=-1).to(device=device, dtype=dtype))
 
+    def text_tokens(self, tokenizers: list) -> int:
+        return tokenizers[0].model_max_length + t5_length(self.max_sequence_length, tokenizers[2])  # CLIP, then T5
+
     def sampling_kwargs(self, pipe) -> dict[str, Any]:
         return {"max_sequence_length": t5_length(self.max_sequence_length, pipe.tokenizer_3)}
 
