@@ -569,3 +569,14 @@ def test_generate_on_the_gpu_scores_like_the_cpu(tiny_sd15, tmp_path):
     assert [r["seed"] for r in a] == [r["seed"] for r in b]
     for ra, rb in zip(a, b):
         assert ra["score"] == pytest.approx(rb["score"], abs=5e-3)
+
+
+def test_judge_part_is_checked_in_one_place():
+    """A spec and a JudgeScorer built by hand refuse an unknown part with the same message; known ones pass."""
+    from ncp import scoring
+
+    for build in (lambda: scoring.JudgeScorer("beauty"), lambda: scoring.JudgeScorer.check_part("beauty")):
+        with pytest.raises(ValueError, match=r"judge part 'beauty': known parts are score, alignment, quality"):
+            build()
+    assert scoring.JudgeScorer("alignment").name == "judge.alignment"
+    assert scoring.JudgeScorer.check_part("quality") == "quality"

@@ -108,9 +108,7 @@ def _prepare(item: str) -> Callable[[], Scorer]:
     model folder, its function (imported). A bad item fails here, before anything is loaded."""
     kind, _, arg = item.partition(":")
     if kind == "judge" or kind.startswith("judge."):
-        part = kind.split(".", 1)[1] if "." in kind else "score"
-        if part not in JudgeScorer.PARTS:
-            raise ValueError(f"judge part {part!r}: known parts are {', '.join(JudgeScorer.PARTS)}")
+        part = JudgeScorer.check_part(kind.split(".", 1)[1] if "." in kind else "score")
         return lambda: JudgeScorer(part)
     if kind in ("pickscore", "hps"):
         if not arg:

@@ -195,10 +195,15 @@ class JudgeScorer:
 
     PARTS = ("score", "alignment", "quality")
 
+    @classmethod
+    def check_part(cls, part: str) -> str:
+        """``part``, or a ValueError naming the known parts."""
+        if part not in cls.PARTS:
+            raise ValueError(f"judge part {part!r}: known parts are {', '.join(cls.PARTS)}")
+        return part
+
     def __init__(self, part: str = "score"):
-        if part not in self.PARTS:
-            raise ValueError(f"judge part {part!r}: known parts are {', '.join(self.PARTS)}")
-        self.part = part
+        self.part = self.check_part(part)
         self.name = "judge" if part == "score" else f"judge.{part}"
 
     def __call__(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
