@@ -23,6 +23,28 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+FLOW_TARGETS = "lora.target_modules=[to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out]"
+
+
+def check_objective_trains(objective: str, model, parquet, tmp_path, text_len: int) -> dict:
+    """``python -m ncp.train`` with ``objective`` on a flow folder: two steps with finite losses and perf/tflops
+    (``check_tflops_logged``), a LoRA on the attention projections of both streams. Returns the LoRA's tensors."""
+    from safetensors.torch import load_file
+
+    from ncp.train import main
+
+    out = tmp_path / "run"
+    assert main(flow_args(model, parquet, out, f"objective.name={objective}", FLOW_TARGETS)) == 0
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    check_tflops_logged(lines, model, objective, FLOW_TARGETS, text_len)
+    keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("transformer.") for k in keys)
+    assert any(".add_q_proj.lora_A" in k for k in keys) and any(".to_q.lora_B" in k for k in keys)
+    return keys
+
+
 def check_tflops_logged(lines, model, objective: str, targets: str, text_len: int) -> None:
     """Every step logs perf/tflops: the transformer's own step counted on meta by ``ncp.flops.dit_step_budget``
     (64 px, 8 x 8 latents, rank 4, the run's targets and text length) times the step's pairs/s."""
