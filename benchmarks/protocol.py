@@ -78,7 +78,7 @@ def run_overrides(variant: list[str], seed: int, args, run_dir: Path) -> list[st
     return ["data.absolute_winners=true", f"train.seed={seed}", f"train.max_steps={args.steps}",
             f"train.checkpoint_every={args.eval_every}", f"train.keep_checkpoints={n_ckpt}",
             f"train.output_dir={run_dir}", "train.report=false", "logging.progress=false",
-            "logging.tensorboard=false", *args.override, *variant]
+            "logging.tensorboard=false", f"train.cpu_threads={args.threads}", *args.override, *variant]
 
 
 def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-prompts", type=int, default=0, help="first N held-out prompts (0: all)")
     p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt")
     p.add_argument("--sample-steps", type=int, default=0, help="sampling steps (0: the world's)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, training (train.cpu_threads: the default config's 2 would oversubscribe "
+                        "two runs side by side on 2 cores, ~10x slower) and sampling")
     p.add_argument("--override", action="append", default=[], help="section.key=value for every run")
     p.add_argument("--world", default=None, help="a world folder (model/, data/) instead of the bundle")
     p.add_argument("--runs", default="runs/protocol")

@@ -145,7 +145,8 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
         f"data.absolute_winners={'true' if spec.data == 'filtered' else 'false'}",
         f"train.seed={spec.seed}", f"train.max_steps={args.steps}", f"train.checkpoint_every={args.eval_every}",
         f"train.keep_checkpoints={n_ckpt}", f"train.output_dir={run_dir}", "train.report=false",
-        "logging.progress=false", "logging.tensorboard=false", f"objective.beta={args.beta}",
+        "logging.progress=false", "logging.tensorboard=false", f"train.cpu_threads={args.threads}",
+        f"objective.beta={args.beta}",
         f"objective.beta_cpo={args.beta_cpo}", f"objective.cpo_lambda={args.cpo_lambda}",
         *(f"objective.{name}={getattr(args, name)}" for names in OWN_ARGS.values() for name in names
           if not name.startswith("ncp_")),
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-prompts", type=int, default=0, help="first N held-out prompts (0: all)")
     p.add_argument("--eval-seeds", type=int, default=1, help="images per held-out prompt")
     p.add_argument("--sample-steps", type=int, default=0, help="sampling steps (0: the world's)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, training (train.cpu_threads) and sampling")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for every run")
     p.add_argument("--ncp-scale", default="auto",
                    help="multiply beta, beta_cpo and cpo_lambda of the NCP objectives by this ('auto': the measured "
