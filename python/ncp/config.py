@@ -155,7 +155,9 @@ class TrainConfig:
         "auto", "where to train (auto: cuda when available); cuda without a CUDA device is an error. Each process "
                 "takes the GPU of its local rank: pick GPUs with CUDA_VISIBLE_DEVICES")
     cpu_threads: int = opt(0, "torch intra-op threads while training (0: torch's default; the report after "
-                            "training uses torch's default); tiny models on a busy CPU run faster on 1")
+                            "training uses torch's default); tiny models on a busy CPU run faster on 1. Runs side by side: "
+                            "at most cores / runs each (two runs at 2 threads on 2 cores: 4.6 s/step against "
+                            "0.35 alone, OpenMP oversubscribed)")
 
 
 @dataclass
