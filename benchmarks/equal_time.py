@@ -9,8 +9,8 @@ one training thread, the first ``--warmup`` steps not counted) measure the media
 same minutes of the same machine. Their ratio turns the default's steps into the candidate's:
 ``steps = round(base_steps * t_base / t_candidate)``. Then ``default_seeds.py`` trains the candidate
 with those steps for each seed, writes its report and the gain over the base with its interval, and this
-adds the gain per training minute of both (the default's from its committed 5-seed record,
-``--base-record``).
+compares the mean gain with the default's committed 5-seed record (``--base-record``): at equal time,
+gain per minute compares as gain does. Each seed's training minutes (its summed step times) are kept.
 
     python benchmarks/equal_time.py --name ncp-kto-coef --seeds 0,1,2,3,4 \\
         objective.name=ncp-kto objective.taps=[mid] objective.error_scale=coef objective.beta_kto=130
@@ -37,6 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from default_seeds import run_seed  # noqa: E402
+from quality import _write_json_atomic, read_metrics  # noqa: E402
 
 ENV = os.environ | {"PYTHONPATH": str(HERE.parent / "python")}
 # The default run's recipe that the candidate keeps (python/ncp/configs/default.yaml, with the 5-seed
@@ -52,7 +53,7 @@ def step_time(overrides: list[str], steps: int, warmup: int) -> float:
         proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
+        rows = read_metrics(Path(tmp))
     times = [r["perf/step_s"] for r in rows if "perf/step_s" in r][warmup:]
     if not times:
         raise SystemExit(f"{' '.join(cmd)}: no perf/step_s after {warmup} warm-up steps")
@@ -79,8 +80,7 @@ def equal_steps(base_steps: int, ratio: float) -> int:
 
 def training_minutes(run_dir: Path) -> float:
     """Sum of the run's logged step times (training only: no setup, export or report), in minutes."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return sum(r["perf/step_s"] for r in rows if "perf/step_s" in r) / 60
+    return sum(r["perf/step_s"] for r in read_metrics(run_dir) if "perf/step_s" in r) / 60
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         timing = json.loads(timing_file.read_text())
     else:
         timing = measure_ratio(base, args.overrides, args.rounds, args.probe_steps, args.warmup)
-        timing_file.write_text(json.dumps(timing, indent=2) + "\n")
+        _write_json_atomic(timing_file, timing)
     steps = equal_steps(args.base_steps, timing["ratio"])
     print(f"step-time ratio {timing['ratio']:.3f}: {args.name} gets {steps} steps for the default's "
           f"{args.base_steps}", flush=True)
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{res['mean_gain']:+.4f} over {len(rows)} seeds, {res['seeds_with_interval_above_0']} intervals above 0; "
           f"the default {base_gain:+.4f} ({res['gain_ratio_vs_base']:.2f}x)")
     out = Path(args.out or HERE / "results" / f"equal_time_{args.name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(out)
+    _write_json_atomic(out, res)
     print(f"wrote {out}")
     return res
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
 
 from quality import (_read_for_settings, _write_json_atomic, at_time, cumulative_time, curve,  # noqa: E402
-                     training_fit, win_rate)
+                     read_metrics, training_fit, win_rate)
 
 DRIFT_WINDOW = 100  # steps at the end of a run over which the policy's error drift is averaged
 
@@ -90,7 +90,7 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     t0 = time.time()
     train(cfg)
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    recs = read_metrics(run_dir)
     ckpts = {int(p.name.split("-")[1]): str(p) for p in sorted(run_dir.glob("step-*")) if p.is_dir()}
     return {"checkpoints": ckpts, "wall_s": time.time() - t0,
             "step_s": [r.get("perf/step_s", float("nan")) for r in recs],

@@ -87,6 +87,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run folder's ``metrics.jsonl``, one dict per logged step."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _read_for_settings(path: Path, key: dict) -> dict | None:
     """What ``path`` holds if it was written for the settings ``key``; None otherwise."""
     cached = json.loads(path.read_text()) if path.is_file() else {}
@@ -116,7 +121,7 @@ def calibrate_ncp_scale(args, runs_dir: Path) -> float:
                                       "ncp_lambda_scale": 1.0,
                                       "override": [*args.override, "optim.lr=1e-12"]})
         run = train_run(RunSpec(obj, "full", 0), probe, runs_dir / f"calibrate-{obj}")
-        recs = [json.loads(x) for x in (runs_dir / f"calibrate-{obj}" / "metrics.jsonl").read_text().splitlines() if x]
+        recs = read_metrics(runs_dir / f"calibrate-{obj}")
         means[obj] = float(np.mean([r["err/policy_winner"] + r["err/policy_loser"] for r in recs]))
         del run
     return means["dpo"] / means["ncp-dpo"]
@@ -162,7 +167,7 @@ def train_run(spec: RunSpec, args, run_dir: Path) -> dict[str, Any]:
 
 def read_run(spec: RunSpec, run_dir: Path, max_step: int | None = None) -> dict[str, Any]:
     """A run folder's checkpoints and per-step curves (up to ``max_step``: a run cut off later)."""
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = read_metrics(run_dir)
     recs = recs[:max_step] if max_step else recs
     ckpts = {int(p.name.split("-")[1]): str(p) for p in sorted(run_dir.glob("step-*")) if p.is_dir()}
     ckpts = {s: d for s, d in ckpts.items() if max_step is None or s <= max_step}
