@@ -30,10 +30,7 @@ the tables.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shutil
 import sys
 import time
@@ -47,7 +44,7 @@ sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
 
 from quality import (_read_for_settings, _write_json_atomic, at_time, cumulative_time, curve,  # noqa: E402
-                     read_metrics, training_fit, win_rate)
+                     read_metrics, training_fit, win_rate, write_result)
 
 DRIFT_WINDOW = 100  # steps at the end of a run over which the policy's error drift is averaged
 
@@ -269,17 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = analyse(runs, evaluator.base, args.baseline)
     res["settings"] = common | {"variants": variants, "seeds": seeds, "threads": args.threads}
     res["command"] = "python benchmarks/protocol.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                      "python": platform.python_version(), "torch": torch.__version__}
-    res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    res["total_s"] = round(time.time() - t_start, 1)
-    out = Path(args.out)
-    _write_json_atomic(out, res)
-    png = out.with_name(out.stem + "_reward_vs_steps.png")
-    plot(res, png)
-    print(format_tables(res))
-    print(f"wrote {out} and {png}")
-    return res
+    return write_result(res, Path(args.out), t_start, args.threads, plot, format_tables)
 
 
 if __name__ == "__main__":

@@ -80,11 +80,28 @@ BETA_LOG = 100.0  # beta of the log-error variants: median |logit| ~1 across t (
 PLAN_KEYS = ("objectives", "data", "taps", "seeds", "threads")  # settings that do not change a run's result
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
+
+
+def write_result(res: dict, out: Path, t_start: float, threads: int, plot_fn, format_fn) -> dict:
+    """Stamp a benchmark's result with the machine, date and total time, write it atomically, plot it to
+    ``<out stem>_reward_vs_steps.png`` beside it and print its tables (quality.py and protocol.py)."""
+    import torch
+
+    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
+                      "python": platform.python_version(), "torch": torch.__version__}
+    res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    res["total_s"] = round(time.time() - t_start, 1)
+    _write_json_atomic(out, res, indent=2)
+    png = out.with_name(out.stem + "_reward_vs_steps.png")
+    plot_fn(res, png)
+    print(format_fn(res))
+    print(f"wrote {out} and {png}")
+    return res
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -552,19 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
     res["settings"] = settings
     res["ncp_scale"] = args.ncp_scale
     res["ncp_lambda_scale"] = args.ncp_lambda_scale
-    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                      "python": platform.python_version(), "torch": torch.__version__}
     res["partial_step"] = args.partial or None
-    res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    res["total_s"] = round(time.time() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    png = out.with_name(out.stem + "_reward_vs_steps.png")
-    plot(res, png)
-    print(format_tables(res))
-    print(f"wrote {out} and {png}")
-    return res
+    return write_result(res, Path(args.out), t_start, args.threads, plot, format_tables)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,26 @@ def test_truncated_run_keeps_what_it_had_at_the_step():
     assert sorted(cut["scores"]) == ["300", "600"]
     assert len(cut["step_s"]) == len(cut["loss"]) == len(cut["accuracy"]) == 600
     assert cut["spec"] == run["spec"] and len(run["step_s"]) == 900  # the original is left as it was
+
+
+def test_write_result_stamps_writes_atomically_plots_and_prints(tmp_path, capsys):
+    """quality.py and protocol.py end through write_result: the JSON gets the machine, date and total time,
+    is written whole (no .tmp left beside it), the plot goes beside it, and the tables are printed."""
+    import json
+    import time
+
+    out = tmp_path / "sub" / "p.json"
+    plotted = []
+
+    def plot_fn(res, png):
+        plotted.append(png)
+        png.write_bytes(b"png")
+
+    res = quality.write_result({"variants": {"dpo": 1}}, out, time.time() - 2.0, 3, plot_fn,
+                               lambda r: f"TABLE {sorted(r)}")
+    back = json.loads(out.read_text())
+    assert back == res and back["variants"] == {"dpo": 1}
+    assert back["machine"]["torch_threads"] == 3 and back["total_s"] >= 2.0 and back["date"].endswith("+00:00")
+    assert plotted == [tmp_path / "sub" / "p_reward_vs_steps.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.json", "p_reward_vs_steps.png"]
+    assert "TABLE ['date', 'machine', 'total_s', 'variants']" in capsys.readouterr().out
