@@ -35,6 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(HERE))
 
+from quality import _write_json_atomic  # noqa: E402
 from step import machine  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -106,7 +107,8 @@ def main() -> None:
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
     objective = [f"objective.name={a.objective}"] + [o for o in a.overrides.split(",") if o]
-    common = objective + [f"model.path={model_path}", "train.report=false", "logging.progress=false",
+    # every run on the world's recipe (default.yaml), whichever world: a model folder alone would get its family's
+    common = ["--config", "default"] + objective + [f"model.path={model_path}", "train.report=false", "logging.progress=false",
                           "logging.tensorboard=false", f"train.cpu_threads={a.threads}", f"train.seed={a.seed}"]
     py = sys.executable
 
@@ -161,8 +163,7 @@ def main() -> None:
               "machine": machine("cpu"), "command": " ".join(sys.argv), "settings": vars(a),
               "budget_s": budget, "s_per_step": s_per_step, "on_policy_wall_s": t_c, "eval_s": t_eval,
               "variants": variants, "rewards": table, "comparisons": comparisons, "scores": scores}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    _write_json_atomic(Path(a.out), result, indent=2)
 
     print(f"\n{a.world}, {a.objective}: budget {budget:.0f} s ({s_per_step:.3f} s a step)")
     print(f"| variant | steps | wall s | judge reward | gain over base [95 %] | alignment gain | quality gain |")

@@ -226,3 +226,23 @@ def test_a_named_model_does_not_inherit_the_bundled_world(tiny_sd15, capsys):
     cfg = yaml.safe_load(out.stdout)
     assert cfg["data"]["resolution"] == 512 and cfg["lora"]["rank"] == 64  # sd15.yaml, not default.yaml's 32 / 8
     assert cfg["objective"]["name"] == "ncp-dpo" and "recipe: " in out.stderr and "sd15.yaml" in out.stderr
+
+
+def test_a_world_built_by_ncp_world_gets_the_worlds_recipe(tmp_path):
+    """`python -m ncp.world build --out DIR` then `ncp.train model.path=DIR/model` used to get the sd15 GPU recipe
+    (512 px, 8-bit AdamW, which stops a CPU run); an SD1.5 world trains on the bundled world's default.yaml, a
+    flow world on its family's recipe, and a world.json that is not JSON is named in the error."""
+    from ncp.config import ConfigError
+    from ncp.train import recipe as recipe_of
+
+    for name, family in (("w15", "sd15"), ("w3", "sd3")):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "world.json").write_text(json.dumps({"seed": 1, "family": family}))
+    path, why = recipe_of(None, [f"model.path={tmp_path / 'w15' / 'model'}"])
+    assert path.name == "default.yaml" and "world.json" in why
+    path, _ = recipe_of(None, [f"model.path={tmp_path / 'w3' / 'model'}", "model.kind=sd3"])
+    assert path.name == "sd3.yaml"
+    (tmp_path / "w15" / "world.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"w15/world\.json"):
+        recipe_of(None, [f"model.path={tmp_path / 'w15' / 'model'}"])
+    assert recipe_of("sd15", [f"model.path={tmp_path / 'w15' / 'model'}"])[0].name == "sd15.yaml"  # --config wins

@@ -7,6 +7,7 @@ LoRA, report.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -142,8 +143,10 @@ def world_report(cfg: Config, lora_dir: Path, output_dir: Path) -> dict:
 
 def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
     """The YAML file a run starts from, and why. ``--config``: a file, or a shipped recipe by name (default,
-    sd15, sdxl). Without it: the bundled world's default.yaml for the bundled model only; a run naming another
-    model (``model.path=``) gets its family's recipe (``model.kind``, else ``ncp.models.detect_kind``)."""
+    sd15, sdxl). Without it: the bundled world's default.yaml for the bundled model and for the model of an SD1.5
+    world built by ``python -m ncp.world build --out DIR`` (``DIR/model``, with ``DIR/world.json`` beside it); a
+    run naming another model (``model.path=``) gets its family's recipe (``model.kind``, else
+    ``ncp.models.detect_kind``)."""
     if config:
         named = RECIPES / f"{config}.yaml"
         return (named, f"--config {config}") if named.is_file() else (Path(config), f"--config {config}")
@@ -151,6 +154,14 @@ def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
     path = given.get("model.path", "bundle").strip()
     if path == "bundle":
         return DEFAULT_CONFIG, "the bundled model's recipe"
+    world = Path(path).parent / "world.json"  # a world built by python -m ncp.world: DIR/model beside DIR/world.json
+    if world.is_file():
+        try:
+            family = json.loads(world.read_text()).get("family", "sd15")
+        except (ValueError, AttributeError) as err:
+            raise ConfigError(f"{world}: not a world's JSON ({err}); give the recipe with --config") from err
+        if family == "sd15":
+            return DEFAULT_CONFIG, f"the bundled world's recipe ({world}: a world built by python -m ncp.world)"
     kind = given.get("model.kind", "auto").strip()
     kind = detect_kind(path) if kind == "auto" else kind
     if not (RECIPES / f"{kind}.yaml").is_file():
