@@ -24,6 +24,7 @@ from ncp.data.batch import DataError
 from ncp.data.contract import endless
 from ncp.metrics import MetricsLogger
 from ncp.models import ModelLoadError, compile_counters, detect_kind, resolve_model_path
+from ncp.paths import bundle_path
 from ncp.preempt import Preempted, SignalStop
 from ncp.report import after_training
 from ncp.sampling import read_prompts, sampling_defaults
@@ -157,10 +158,10 @@ def recipe(config: str | None, overrides: list[str]) -> tuple[Path, str]:
     world = Path(path).parent / "world.json"  # a world built by python -m ncp.world: DIR/model beside DIR/world.json
     if world.is_file():
         try:
-            family = json.loads(world.read_text()).get("family", "sd15")
+            family = json.loads(world.read_text()).get("family") or detect_kind(path)  # older worlds: no key
         except (ValueError, AttributeError) as err:
             raise ConfigError(f"{world}: not a world's JSON ({err}); give the recipe with --config") from err
-        if family == "sd15":
+        if family == detect_kind(str(bundle_path("model"))):  # a world of the bundled world's family
             return DEFAULT_CONFIG, f"the bundled world's recipe ({world}: a world built by python -m ncp.world)"
     kind = given.get("model.kind", "auto").strip()
     kind = detect_kind(path) if kind == "auto" else kind
