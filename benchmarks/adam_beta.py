@@ -20,38 +20,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(HERE))
 
+from onpolicy import sh  # noqa: E402
 from quality import _write_json_atomic, read_metrics  # noqa: E402
 from step import machine  # noqa: E402
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+CLIP = 1.0  # optim.max_grad_norm of every arm: a clipped step breaks Adam's scale invariance
 
 
-def lora_deltas(path: Path) -> dict:
-    """Each LoRA module's delta ``up @ down`` (float64), by module name, from a saved LoRA file."""
-    import torch
-    from safetensors.torch import load_file
+def lora_deltas(lora_dir: Path) -> dict:
+    """What a LoRA folder (``ncp.train``'s ``<run>/lora``) adds to each module: ``alpha / rank x up @ down``
+    (float64, kernels flattened), by module name."""
+    from ncp.export import read_lora
 
-    w = load_file(str(path))
-    downs = sorted(k for k in w if k.endswith("lora.down.weight"))
-    if not downs:
-        raise ValueError(f"{path}: no '*.lora.down.weight' tensors (not a LoRA written by ncp.train?)")
-    out = {}
-    for k in downs:
-        up = k.replace("lora.down", "lora.up")
-        if up not in w:
-            raise ValueError(f"{path}: {k} has no {up}")
-        out[k.removesuffix(".lora.down.weight")] = w[up].double().flatten(1) @ w[k].double().flatten(1)
-    return out
+    modules, alpha, rank = read_lora(lora_dir)
+    return {name: alpha / rank * up.double().flatten(1) @ down.double().flatten(1)
+            for name, (down, up) in modules.items()}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -66,9 +58,9 @@ def compare(a: dict, b: dict) -> dict:
             "norm_a": float(va.norm()), "norm_b": float(vb.norm())}
 
 
-def grad_stats(run: Path, clip: float) -> dict:
+def grad_stats(run: Path) -> dict:
     g = sorted(r["train/grad_norm"] for r in read_metrics(run) if "train/grad_norm" in r)
-    return {"grad_norm_median": g[len(g) // 2], "clipped_fraction": sum(x > clip for x in g) / len(g)}
+    return {"grad_norm_median": g[len(g) // 2], "clipped_fraction": sum(x > CLIP for x in g) / len(g)}
 
 
 def main() -> None:
@@ -88,19 +80,17 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     common = [f"objective.name={a.objective}", *[o for o in a.overrides.split(",") if o], f"train.max_steps={a.steps}",
               "train.report=false", "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
-              f"train.cpu_threads={a.threads}", "train.seed=0", "optim.max_grad_norm=1.0"]
+              f"train.cpu_threads={a.threads}", "train.seed=0", f"optim.max_grad_norm={CLIP}"]
     arms = {"a": (a.low, a.eps), "b": (a.high, a.eps), "c": (a.low, a.eps * a.low / a.high)}
     for name, (beta, eps) in arms.items():
         out = runs / name
         cmd = [sys.executable, "-m", "ncp.train", *common, f"objective.beta={beta}", f"optim.eps={eps}",
                f"train.output_dir={out}", "--overwrite"]
         print(f"({name}) beta {beta:g}, eps {eps:.3g}", flush=True)
-        with (runs / f"{name}.log").open("w") as log:
-            if subprocess.run(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT).returncode:
-                raise SystemExit(f"{' '.join(cmd)} failed; see {runs / f'{name}.log'}")
-    deltas = {n: lora_deltas(runs / n / "lora" / "pytorch_lora_weights.safetensors") for n in arms}
+        sh(cmd, runs / f"{name}.log")
+    deltas = {n: lora_deltas(runs / n / "lora") for n in arms}
     res = {"benchmark": "adam_beta", "command": " ".join(sys.argv), "settings": vars(a),
-           "arms": {n: {"beta": b, "eps": e, **grad_stats(runs / n, 1.0)} for n, (b, e) in arms.items()},
+           "arms": {n: {"beta": b, "eps": e, **grad_stats(runs / n)} for n, (b, e) in arms.items()},
            "a_vs_b": compare(deltas["a"], deltas["b"]), "c_vs_b": compare(deltas["c"], deltas["b"]),
            "machine": machine("cpu"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "total_s": round(time.time() - t0, 1)}

@@ -33,9 +33,8 @@ from torch import Tensor
 
 from ncp.files import written_whole
 from ncp.models import ModelLoadError, detect_kind, family, resolve_model_path
-from ncp.pipelines import bind_pil_image_processors
+from ncp.pipelines import LORA_FILE, bind_pil_image_processors
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -105,6 +104,9 @@ def read_lora(lora_dir: Path) -> tuple[dict[str, tuple[Tensor, Tensor]], float, 
             raise ExportError(f"unexpected key {key} (ncp LoRAs adapt the U-Net only)")
         part = {"A": "down", "B": "up"}.get(m[2], m[2])
         modules.setdefault(m[1], {})[part] = value
+    for name, parts in modules.items():
+        if parts.keys() != {"down", "up"}:
+            raise ExportError(f"{lora_dir / LORA_FILE}: module {name} has its lora {', '.join(parts)} weight only")
     return {k: (v["down"], v["up"]) for k, v in modules.items()}, float(cfg["lora_alpha"]), int(cfg["r"])
 
 
